@@ -1,0 +1,9 @@
+"""The one exception type for user mistakes (bad file, bad config, missing cache).
+
+The CLI prints it as a single line and exits non-zero; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class VidpipeError(Exception):
+    """A problem the user can fix; the message names the file and the problem."""
