@@ -22,11 +22,202 @@ def cli() -> None:
 
 # --- extract ------------------------------------------------------------------------------
 
+@cli.command()
+@click.argument("videos_dir", type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="Feature cache folder (created; rerun to resume or update it).")
+@click.option("--config", default=None, type=click.Path(path_type=str),
+              help="Feature settings YAML (default: built-in defaults = configs/extract.yaml).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
+@click.option("--flow", "flow_method", type=click.Choice(["auto", "tvl1", "dis", "raft"]), default=None,
+              help="Optical flow: tvl1 (standard, slow), dis (fast CPU), raft (GPU); "
+                   "auto = raft on CUDA, tvl1 on CPU.")
+@click.option("--rgb-backbone", default=None, help="timm model for the RGB stream (default resnet50).")
+@click.option("--flow-backbone", default=None, help="timm model for the flow stream (default resnet50).")
+@click.option("--rgb-weights", default=None, type=click.Path(path_type=str),
+              help="Local weights file for the RGB backbone instead of the hub's.")
+@click.option("--flow-weights", default=None, type=click.Path(path_type=str),
+              help="Local weights file for the flow backbone (RGB ImageNet weights are "
+                   "adapted to the flow channels; a flow network's own weights load as they are).")
+@click.option("--random-init", is_flag=True, default=None,
+              help="Seeded random weights instead of pretrained ones (tests, demos, offline); "
+                   "the seed is --set seed=N (default 0).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Threads decoding videos ahead of the model.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting, e.g. --set dis_preset=fast --set batch_size=32 (repeatable).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def extract(videos_dir: str, out: str, config: str | None, device: str | None,
+            flow_method: str | None, rgb_backbone: str | None, flow_backbone: str | None,
+            rgb_weights: str | None, flow_weights: str | None, random_init: bool | None,
+            workers: int, overrides: tuple[str, ...], no_progress: bool) -> None:
+    """Extract two-stream features of every video under VIDEOS_DIR into the cache --out.
+
+    Videos (mp4, mkv, webm, avi, mov, ...) are resampled to 24 fps; each chunk of 6 frames
+    gives one RGB and one flow vector (TSN convention). Videos already cached unchanged are
+    skipped; bad files are reported at the end (exit code 1 if any failed). Under torchrun
+    (e.g. `torchrun --nproc-per-node 4 --no-python vidpipe extract ...`) each rank takes
+    its share of the videos.
+    """
+    from pipeline.extract import extract_folder, load_settings
+
+    settings = load_settings(config, overrides, flow_method=flow_method, rgb_backbone=rgb_backbone,
+                             flow_backbone=flow_backbone, rgb_weights=rgb_weights,
+                             flow_weights=flow_weights, random_init=random_init)
+    summary = extract_folder(videos_dir, out, settings, device=device, workers=workers,
+                             progress=not no_progress)
+    click.echo(summary.report())
+    if not summary.ok:
+        sys.exit(1)
+
+
 # --- labels / import ----------------------------------------------------------------------
+
+@cli.command()
+@click.argument("annotations", type=click.Path(path_type=str))
+@click.option("--cache", required=True, type=click.Path(path_type=str),
+              help="Feature cache whose step timestamps the labels are built on.")
+@click.option("--classes", default=None,
+              help="Class order: comma-separated names, or a text file with one per line "
+                   "(default: the file's own list, else its labels sorted).")
+@click.option("--out", default=None, type=click.Path(path_type=str),
+              help="Output labels file (default: CACHE/labels.h5).")
+@click.option("--skip-missing", is_flag=True,
+              help="Skip annotated videos that are not in the cache instead of failing.")
+def labels(annotations: str, cache: str, classes: str | None, out: str | None,
+           skip_missing: bool) -> None:
+    """Turn ANNOTATIONS into per-step targets on a cache's steps.
+
+    ANNOTATIONS is a CSV file (video,label,start_s,end_s[,split]), a JSON file, or a
+    THUMOS'14 folder of <Class>_val.txt / <Class>_test.txt files (see pipeline/labels.py).
+    """
+    from pipeline.labels import write_labels
+
+    write_labels(cache, annotations, classes=classes, out=out, skip_missing=skip_missing)
+
+
+@cli.command("import-features")
+@click.argument("root", type=click.Path(path_type=str))
+@click.option("--format", "layout", type=click.Choice(["lstr"]), default="lstr", show_default=True,
+              help="Layout of ROOT: lstr = rgb_*/, flow_*/, target_perframe/ with VID.npy (T, D).")
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="Cache folder to create (features + labels.h5).")
+@click.option("--dataset", type=click.Choice(["thumos", "tvseries"]), default=None,
+              help="Class names and split (default: recognised from the target columns).")
+@click.option("--rgb-dir", default=None, help="RGB feature folder in ROOT (default: the only rgb_*).")
+@click.option("--flow-dir", default=None, help="Flow feature folder in ROOT (default: the only flow_*).")
+def import_features(root: str, layout: str, out: str, dataset: str | None,
+                    rgb_dir: str | None, flow_dir: str | None) -> None:
+    """Convert public precomputed features (LSTR/TeSTra/MAT layout) in ROOT into a cache."""
+    from pipeline.importers import import_lstr
+
+    report = import_lstr(root, out, dataset=dataset, rgb_dir=rgb_dir, flow_dir=flow_dir)
+    click.echo(f"{out}: {len(report.imported)} videos imported, {len(report.skipped)} already there"
+               + (f", {len(report.unsplit)} in no split" if report.unsplit else ""))
+
 
 # --- model / train / eval -----------------------------------------------------------------
 
+@cli.command()
+@click.option("--config", default=None, type=click.Path(path_type=str),
+              help="Model + training config (configs/*.yaml); optional with --resume.")
+@click.option("--cache", required=True, type=click.Path(path_type=str), help="Feature cache folder.")
+@click.option("--labels", default=None, type=click.Path(path_type=str),
+              help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder, e.g. runs/NAME.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set model.sparse_k=290 (repeatable).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
+def train(config: str | None, cache: str, labels: str | None, out: str, resume: bool,
+          overrides: tuple[str, ...], device: str | None) -> None:
+    """Train MALT on the train split of CACHE; the same command under torchrun uses DDP."""
+    from malt.train import train as train_model
+
+    if config is None and not resume:
+        raise click.UsageError("--config is required (except with --resume)")
+    history = train_model(config, cache, out, labels=labels, overrides=overrides,
+                          resume=resume, device=device)
+    if history:
+        click.echo(f"{out}: {len(history)} epochs; last: "
+                   + ", ".join(f"{k}={v:.4g}" for k, v in history[-1].items()
+                               if k.startswith(("train_loss", "test_"))))
+
+
+@cli.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=str), help="e.g. runs/NAME/best.pt")
+@click.option("--cache", required=True, type=click.Path(path_type=str), help="Feature cache folder.")
+@click.option("--labels", default=None, type=click.Path(path_type=str),
+              help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
+@click.option("--split", default=None, help="Split to evaluate (default: the config's test split).")
+@click.option("--out", default=None, type=click.Path(path_type=str), help="Write the results as JSON.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
+@click.option("--batch-size", default=64, show_default=True, help="Windows per forward pass.")
+def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
+                 out: str | None, device: str | None, batch_size: int) -> None:
+    """Per-frame mAP (THUMOS protocol) and mcAP (TVSeries protocol) of a checkpoint."""
+    from malt.evaluate import evaluate
+    from malt.metrics import format_table
+
+    report = evaluate(checkpoint, cache, labels=labels, split=split, out=out, device=device,
+                      batch_size=batch_size)
+    click.echo(format_table(report))
+    click.echo(f"{report['num_videos']} videos, {report['num_frames']} frames (split "
+               f"'{report['split']}'): mAP {100 * report['mAP']:.2f}, mcAP {100 * report['mcAP']:.2f}"
+               + (f"; written to {out}" if out else ""))
+
+@cli.command("model-info")
+@click.option("--config", "config_path", type=click.Path(), default=None,
+              help="YAML config (its `model:` section); default: the paper's THUMOS settings.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Dotted override, e.g. model.decoder=cascaded (repeatable).")
+def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Parameters per block and multiply-adds per streaming step / per window."""
+    from malt.info import print_model_info
+    print_model_info(config_path, overrides)
+
+
 # --- detect / demo ------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("source_arg", metavar="[SOURCE]", required=False)
+@click.option("--source", "source_opt", metavar="SOURCE",
+              help="Video file, folder of videos, RTSP/HTTP URL or device (/dev/video0); "
+                   "same as the SOURCE argument.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=str),
+              help="Trained model (run folder's best.pt or last.pt).")
+@click.option("--out", default=None, type=click.Path(path_type=str),
+              help="Output folder (default: <checkpoint's run folder>/detections).")
+@click.option("--cache", default=None, type=click.Path(path_type=str),
+              help="Feature cache to reuse: videos it holds are not decoded again.")
+@click.option("--live", is_flag=True, help="Print start/end events as they are decided.")
+@click.option("--threshold", default=0.5, show_default=True, type=float,
+              help="Probability above which a class is active.")
+@click.option("--class-threshold", multiple=True, metavar="NAME=VALUE",
+              help="Threshold for one class (repeatable).")
+@click.option("--min-duration", default=0.5, show_default=True, type=float,
+              help="Drop segments shorter than this (seconds).")
+@click.option("--merge-gap", default=0.5, show_default=True, type=float,
+              help="Merge same-class segments separated by at most this (seconds).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present).")
+@click.option("--no-picture", is_flag=True, help="Skip the PNG timeline.")
+@click.option("--rgb-weights", default=None, help="Weights file the RGB features were made with.")
+@click.option("--flow-weights", default=None, help="Weights file the flow features were made with.")
+@click.option("--raft-weights", default=None, help="RAFT weights file the flow was made with.")
+def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, class_threshold,
+           min_duration, merge_gap, device, no_picture, rgb_weights, flow_weights,
+           raft_weights) -> None:
+    """Online action detection on a video, stream or folder -> timeline JSON / CSV / PNG."""
+    from pipeline.detect import detect as run_detect, timeline_settings
+
+    if (source_arg is None) == (source_opt is None):
+        raise click.UsageError("give the source once: as an argument or with --source")
+    weights = {k: v for k, v in (("rgb", rgb_weights), ("flow", flow_weights),
+                                 ("raft", raft_weights)) if v}
+    run_detect(source_arg or source_opt, checkpoint, out=out, cache=cache, live=live,
+               settings=timeline_settings(threshold, class_threshold, min_duration, merge_gap),
+               device=device, picture=not no_picture, weights=weights)
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,8 +7,10 @@ cache folder by default.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,3 +81,343 @@ class LabelSet:
                 )
         except (OSError, KeyError) as exc:
             raise VidpipeError(f"{path}: not a vidpipe labels file ({exc})") from None
+
+
+# --- annotations -> LabelSet ------------------------------------------------------------------
+#
+# Three annotation formats, one meaning: a list of (video, label, start_s, end_s) segments in
+# seconds of the source video, plus optionally each video's split.
+#
+#   CSV   header `video,label,start_s,end_s[,split]` (the header line is optional when the
+#         columns come in this order). `split` is `train` or `test`.
+#   THUMOS'14  a folder (or one file) of per-class `<Class>_val.txt` / `<Class>_test.txt`
+#         files, one `video_name start end` per line; `_val` videos are the training split,
+#         `_test` videos the test split (the standard protocol).
+#   JSON  {"classes": ["Bounce", "Spin", ...],              (optional: column order)
+#          "videos": {"clip01": {"split": "train",         (optional)
+#                                "segments": [{"label": "Bounce", "start_s": 1.0, "end_s": 3.5},
+#                                             ...]}}}
+#
+# In every format the label `Ambiguous` (any case) marks steps that metrics and losses
+# ignore, and the label `background` only lists a video (so a video without any action can
+# be labelled); its times are ignored.
+#
+# Rule from segments to per-step targets: step i covers [t_i, t_i + step_seconds) and takes
+# the labels of the segments that contain its centre t_i + step_seconds / 2 (half-open
+# [start, end)). A segment shorter than a step that contains no centre labels the step it
+# overlaps most, so no annotation is lost. A step inside several segments of different
+# classes gets a soft multi-label row (1/k on each of its k classes, as LSTR's targets); a
+# step inside none is background (column 0).
+
+AMBIGUOUS = "ambiguous"
+SPLITS = ("train", "test")
+CSV_COLUMNS = ("video", "label", "start_s", "end_s", "split")
+
+
+@dataclass
+class Segment:
+    video: str
+    label: str
+    start_s: float
+    end_s: float
+    where: str  # "file:line", for error messages
+
+
+@dataclass
+class Annotations:
+    """What an annotation file says, before it meets a cache."""
+    segments: list[Segment]
+    videos: list[str]                          # every video named, in file order
+    splits: dict[str, str] = field(default_factory=dict)
+    classes: list[str] | None = None           # the file's own class order, if it has one
+
+
+def read_annotations(path: str | Path) -> Annotations:
+    """Parse a CSV / JSON file or a THUMOS'14 folder or file, by its name."""
+    path = Path(path)
+    if not path.exists():
+        raise VidpipeError(f"{path}: annotation file not found")
+    if path.is_dir() or path.suffix.lower() == ".txt":
+        return _read_thumos(path)
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path)
+    if path.suffix.lower() == ".json":
+        return _read_json(path)
+    raise VidpipeError(f"{path}: unknown annotation format (expected .csv, .json, "
+                       "or a THUMOS'14 folder of <Class>_val.txt / <Class>_test.txt files)")
+
+
+def _segment(video: str, label: str, start: str | float, end: str | float,
+             where: str) -> Segment:
+    label = label.strip()
+    if not video.strip() or not label:
+        raise VidpipeError(f"{where}: empty video name or label")
+    if label.lower() == BACKGROUND:
+        return Segment(video.strip(), BACKGROUND, 0.0, 0.0, where)
+    try:
+        start_s, end_s = float(start), float(end)
+    except (TypeError, ValueError):
+        raise VidpipeError(f"{where}: start/end must be numbers of seconds, "
+                           f"got {start!r}, {end!r}") from None
+    if not (np.isfinite(start_s) and np.isfinite(end_s)) or start_s < 0 or end_s <= start_s:
+        raise VidpipeError(f"{where}: bad segment [{start_s}, {end_s}] "
+                           "(need 0 <= start < end)")
+    if label.lower() == AMBIGUOUS:
+        label = AMBIGUOUS
+    return Segment(video.strip(), label, start_s, end_s, where)
+
+
+def _add_split(splits: dict[str, str], video: str, split: str, where: str) -> None:
+    split = split.strip()
+    if split not in SPLITS:
+        raise VidpipeError(f"{where}: split must be 'train' or 'test', got {split!r}")
+    if splits.setdefault(video, split) != split:
+        raise VidpipeError(f"{where}: video '{video}' is in split '{splits[video]}' "
+                           f"on an earlier line and '{split}' here")
+
+
+def _read_csv(path: Path) -> Annotations:
+    with open(path, newline="") as handle:
+        rows = [(i, row) for i, row in enumerate(csv.reader(handle), 1)
+                if row and any(cell.strip() for cell in row)]
+    columns = list(CSV_COLUMNS[:4])
+    if rows and rows[0][1][0].strip().lower() == "video":
+        columns = [c.strip().lower() for c in rows.pop(0)[1]]
+        missing = [c for c in CSV_COLUMNS[:4] if c not in columns]
+        if missing:
+            raise VidpipeError(f"{path}: header lacks column(s) {', '.join(missing)} "
+                               f"(expected {','.join(CSV_COLUMNS)})")
+    elif rows and len(rows[0][1]) == 5:
+        columns = list(CSV_COLUMNS)
+    annotations = Annotations(segments=[], videos=[])
+    for line, row in rows:
+        where = f"{path}:{line}"
+        if len(row) != len(columns):
+            raise VidpipeError(f"{where}: expected {len(columns)} columns "
+                               f"({','.join(columns)}), got {len(row)}")
+        record = dict(zip(columns, row))
+        _collect(annotations, _segment(record["video"], record["label"],
+                                       record["start_s"], record["end_s"], where))
+        if record.get("split", "").strip():
+            _add_split(annotations.splits, record["video"].strip(), record["split"], where)
+    return annotations
+
+
+def _read_thumos(path: Path) -> Annotations:
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    pattern = re.compile(r"(.+)_(val|test)\.txt$")
+    annotations = Annotations(segments=[], videos=[], classes=[])
+    for file in files:
+        match = pattern.match(file.name)
+        if not match:
+            if path.is_dir():
+                continue  # README or other notes beside the class files
+            raise VidpipeError(f"{file}: expected a THUMOS'14 file named <Class>_val.txt "
+                               "or <Class>_test.txt")
+        label, split = match.group(1), "train" if match.group(2) == "val" else "test"
+        if label.lower() != AMBIGUOUS and label not in annotations.classes:
+            annotations.classes.append(label)
+        for line, text in enumerate(file.read_text().splitlines(), 1):
+            fields = text.split()
+            if not fields:
+                continue
+            where = f"{file}:{line}"
+            if len(fields) != 3:
+                raise VidpipeError(f"{where}: expected 'video_name start end', got {text!r}")
+            _collect(annotations, _segment(fields[0], label, fields[1], fields[2], where))
+            _add_split(annotations.splits, fields[0], split, where)
+    if not annotations.segments:
+        raise VidpipeError(f"{path}: no THUMOS'14 annotations found "
+                           "(expected <Class>_val.txt / <Class>_test.txt files)")
+    annotations.classes.sort()
+    return annotations
+
+
+def _read_json(path: Path) -> Annotations:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VidpipeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
+        raise VidpipeError(f"{path}: expected an object with a 'videos' mapping "
+                           '({"videos": {"clip": {"segments": [...]}}})')
+    classes = data.get("classes")
+    if classes is not None and not (isinstance(classes, list)
+                                    and all(isinstance(c, str) for c in classes)):
+        raise VidpipeError(f"{path}: 'classes' must be a list of names")
+    annotations = Annotations(segments=[], videos=[], classes=classes)
+    for video, entry in data["videos"].items():
+        where = f"{path}: videos.{video}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("segments", []), list):
+            raise VidpipeError(f"{where}: expected {{'split': ..., 'segments': [...]}}")
+        if video not in annotations.videos:
+            annotations.videos.append(video)
+        for i, seg in enumerate(entry.get("segments", [])):
+            seg_where = f"{where}.segments[{i}]"
+            if not isinstance(seg, dict) or not {"label", "start_s", "end_s"} <= set(seg):
+                raise VidpipeError(f"{seg_where}: expected "
+                                   '{"label": ..., "start_s": ..., "end_s": ...}')
+            _collect(annotations, _segment(video, str(seg["label"]), seg["start_s"],
+                                           seg["end_s"], seg_where))
+        if "split" in entry:
+            _add_split(annotations.splits, video, str(entry["split"]), where)
+    return annotations
+
+
+def _collect(annotations: Annotations, segment: Segment) -> None:
+    if segment.video not in annotations.videos:
+        annotations.videos.append(segment.video)
+    if segment.label != BACKGROUND:
+        annotations.segments.append(segment)
+
+
+def _class_list(annotations: Annotations, class_names: list[str] | None,
+                source: Path) -> list[str]:
+    """C+1 names, background first: the given list, else the file's, else sorted labels."""
+    if class_names is None:
+        class_names = annotations.classes or sorted(
+            {s.label for s in annotations.segments if s.label != AMBIGUOUS})
+    names = [c for c in class_names if c != BACKGROUND]
+    if len(set(names)) != len(names):
+        raise VidpipeError(f"{source}: class list names a class twice")
+    known = set(names)
+    for segment in annotations.segments:
+        if segment.label != AMBIGUOUS and segment.label not in known:
+            raise VidpipeError(f"{segment.where}: unknown class '{segment.label}' "
+                               f"(known: {', '.join(names)})")
+    return [BACKGROUND, *names]
+
+
+def match_videos(store, names: list[str], source: Path,
+                 skip_missing: bool = False) -> dict[str, str]:
+    """Annotation video name -> cache video id.
+
+    A name matches a cache video by its id, its source path (relative or absolute, as
+    kept in the file's attributes), or the stem of either ('video_test_0000004' matches
+    'video_test_0000004.mp4'). A name matching no video (unless `skip_missing`) or several
+    videos is an error.
+    """
+    index: dict[str, set[str]] = {}
+    for video_id in store.video_ids():
+        attrs = store.attrs(video_id)
+        keys = {video_id, Path(video_id).stem}
+        for attr in ("source_path", "relative_path", "path", "source", "video_id"):
+            value = attrs.get(attr)
+            if isinstance(value, str) and value:
+                posix = Path(value).as_posix()
+                keys |= {posix, Path(posix).name, Path(posix).stem,
+                         str(Path(posix).with_suffix(""))}
+        for key in keys:
+            index.setdefault(key, set()).add(video_id)
+    matches = {}
+    for name in names:
+        found = index.get(name) or index.get(Path(name).stem) or set()
+        if len(found) > 1:
+            raise VidpipeError(f"{source}: video '{name}' matches several cache videos "
+                               f"({', '.join(sorted(found))}); name it by its cache id")
+        if not found:
+            if skip_missing:
+                continue
+            raise VidpipeError(f"{source}: video '{name}' is not in the cache {store.root} "
+                               "(extract it first, or pass --skip-missing)")
+        matches[name] = found.pop()
+    return matches
+
+
+def segments_to_targets(segments: list[tuple[int, float, float]], timestamps: np.ndarray,
+                        step_seconds: float, num_classes: int) -> np.ndarray:
+    """(class index >= 1, start_s, end_s) segments -> soft targets (T, num_classes).
+
+    The centre rule of the module comment; rows sum to 1, column 0 is background.
+    """
+    active = _active_steps(segments, timestamps, step_seconds, num_classes)
+    active[:, 0] = ~active[:, 1:].any(axis=1)
+    targets = active.astype(np.float32)
+    return targets / targets.sum(axis=1, keepdims=True)
+
+
+def _active_steps(segments: list[tuple[int, float, float]], timestamps: np.ndarray,
+                  step_seconds: float, num_columns: int) -> np.ndarray:
+    """(T, num_columns) bool: step i is inside a segment of column c (the centre rule)."""
+    starts = np.asarray(timestamps, np.float64)
+    centres = starts + step_seconds / 2
+    active = np.zeros((len(starts), num_columns), bool)
+    for column, start_s, end_s in segments:
+        inside = (centres >= start_s) & (centres < end_s)
+        if not inside.any() and len(starts):
+            overlap = np.minimum(end_s, starts + step_seconds) - np.maximum(start_s, starts)
+            if overlap.max() > 0:
+                inside[int(np.argmax(overlap))] = True
+        active[inside, column] = True
+    return active
+
+
+def build_labels(store, annotation_path: str | Path, class_names: list[str] | None = None,
+                 skip_missing: bool = False) -> LabelSet:
+    """Annotations -> per-step targets on the cache's own timestamps (see the module notes).
+
+    `class_names` fixes the class columns (background first or left out); without it the
+    file's own class list is used, else its labels sorted. Every annotated video must be in
+    the cache (unless `skip_missing`); cache videos without annotations are left unlabelled.
+    """
+    source = Path(annotation_path)
+    annotations = read_annotations(source)
+    names = _class_list(annotations, class_names, source)
+    column = {name: i for i, name in enumerate(names)}
+    matches = match_videos(store, annotations.videos, source, skip_missing)
+    step_seconds = float(store.settings["step_seconds"])
+
+    videos, splits = {}, {}
+    for name, video_id in matches.items():
+        if video_id in videos:
+            raise VidpipeError(f"{source}: videos '{name}' and another name both match "
+                               f"cache video '{video_id}'")
+        own = [s for s in annotations.segments if s.video == name]
+        actions = [(column[s.label], s.start_s, s.end_s) for s in own if s.label != AMBIGUOUS]
+        ambiguous = [(0, s.start_s, s.end_s) for s in own if s.label == AMBIGUOUS]
+        timestamps = store.timestamps(video_id)
+        videos[video_id] = VideoLabels(
+            targets=segments_to_targets(actions, timestamps, step_seconds, len(names)),
+            ambiguous=_active_steps(ambiguous, timestamps, step_seconds, 1)[:, 0])
+        if name in annotations.splits:
+            splits[video_id] = annotations.splits[name]
+    if splits and len(splits) != len(videos):
+        unsplit = sorted(set(videos) - set(splits))
+        raise VidpipeError(f"{source}: some videos have a split and others not "
+                           f"(e.g. '{unsplit[0]}')")
+    return LabelSet(class_names=names, videos=videos, splits=splits)
+
+
+def describe(labels: LabelSet) -> str:
+    """A few lines a person reads after `vidpipe labels`."""
+    steps = sum(len(v.targets) for v in labels.videos.values())
+    action = sum(float((v.targets[:, 0] < 1).sum()) for v in labels.videos.values())
+    lines = [f"{len(labels.videos)} videos, {labels.num_classes - 1} classes "
+             f"({', '.join(labels.class_names[1:])}), {steps} steps, "
+             f"{action / max(steps, 1):.1%} of them in an action"]
+    if labels.splits:
+        lines.append(", ".join(f"{name}: {len(labels.split(name))} videos" for name in SPLITS))
+    return "\n".join(lines)
+
+
+def parse_class_list(classes: str) -> list[str]:
+    """`--classes` value: a text file with one name per line, or comma-separated names."""
+    path = Path(classes)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [name.strip() for name in classes.split(",") if name.strip()]
+
+
+def write_labels(cache: str | Path, annotation_path: str | Path, classes: str | None = None,
+                 out: str | Path | None = None, skip_missing: bool = False) -> LabelSet:
+    """`vidpipe labels`: build the LabelSet of a cache and save it (default CACHE/labels.h5)."""
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore.open(cache)
+    labels = build_labels(store, annotation_path,
+                          parse_class_list(classes) if classes else None, skip_missing)
+    out = Path(out) if out else Path(cache) / LABELS_FILE
+    labels.save(out)
+    print(describe(labels))
+    print(f"labels written to {out}")
+    return labels

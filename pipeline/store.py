@@ -181,6 +181,11 @@ class FeatureStore:
                 attrs={k: _plain(v) for k, v in h5.attrs.items()},
             )
 
+    def timestamps(self, video_id: str) -> np.ndarray:
+        """A video's step start times (T,) without loading its features."""
+        with self._open_h5(video_id) as h5:
+            return h5["timestamps"][()].astype(np.float64, copy=False)
+
     def num_steps(self, video_id: str) -> int:
         with self._open_h5(video_id) as h5:
             return int(h5["timestamps"].shape[0])

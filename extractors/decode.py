@@ -1,0 +1,352 @@
+"""Video decoding: one `VideoSource` for files, URLs and capture devices.
+
+A source yields `Chunk`s: `chunk` frames resampled to `fps`, the unit of one feature step.
+
+Sampling rule (the same for every backend, so that a step maps back to the source exactly,
+also for variable-frame-rate files):
+  - times are seconds from the first video frame (how a player shows them);
+  - source frame j is on screen from its presentation time t_j until t_{j+1}; the last
+    frame until the end of the video stream as the container declares it (or one nominal
+    frame duration when the container does not say);
+  - output frame k shows the source frame on screen at time k / fps, for every k with
+    k / fps before the end;
+  - frames are grouped in chunks of `chunk`; a trailing partial chunk is dropped, so a video
+    of N output frames gives floor(N / chunk) steps, step i starting at i * chunk / fps.
+
+Backends: decord (random access, batched `get_batch`) for local files, PyAV (streaming
+decode) for URLs, devices and files decord rejects or fails on. Both give the same frames.
+Memory stays flat: frames are decoded in bounded batches whatever the video length.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import av
+import numpy as np
+
+from pipeline.errors import VidpipeError
+
+try:  # decord has no wheels for every platform; PyAV covers the rest
+    import decord
+except ImportError:  # pragma: no cover - depends on the platform
+    decord = None
+
+BACKENDS = ("auto", "decord", "pyav")
+TIME_EPS = 1e-4            # seconds: timestamps closer than this are the same instant
+BATCH_BYTES = 64 << 20     # decoded frames held at once by the decord backend
+TRUNCATED_SECONDS = 0.5    # missing video beyond this (and 3 frames) means a truncated file
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
+                    ".wmv", ".flv", ".ts", ".mts", ".m2ts", ".3gp", ".ogv")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the video stream (before decoding)."""
+    path: str
+    width: int
+    height: int
+    codec: str
+    native_fps: float | None     # average frame rate declared by the container
+    duration: float | None       # seconds of video declared by the container
+    is_file: bool                # a local file (else a URL or a device)
+
+
+@dataclass
+class Chunk:
+    """`chunk` consecutive output frames: the input of one feature step."""
+    index: int                   # step number, from 0
+    frames: np.ndarray           # (chunk, H, W, 3) uint8 RGB
+    times: np.ndarray            # (chunk,) float64 grid times k / fps, seconds from the first frame
+    source_times: np.ndarray     # (chunk,) float64 presentation time of the source frame shown
+
+    @property
+    def start(self) -> float:
+        """When the step starts (its first frame), seconds in the source."""
+        return float(self.times[0])
+
+    @property
+    def end(self) -> float:
+        """Time of the chunk's last frame: the step's features exist once it is decoded."""
+        return float(self.times[-1])
+
+
+def resample(frames: Iterable[tuple[float, Any]], fps: float,
+             end_of: Callable[[float], float]) -> Iterator[tuple[float, float, Any]]:
+    """The sampling rule on a stream of (time, payload) in presentation order.
+
+    Yields (grid_time, source_time, payload) for grid_time = k / fps, k = 0, 1, ... while
+    grid_time is before `end_of(last_source_time)`. Frames whose time goes backwards are
+    never on screen and are dropped; of two frames at the same instant the later one wins.
+    """
+    k = 0
+    shown: tuple[float, Any] | None = None
+    for time, payload in frames:
+        if shown is not None:
+            if time < shown[0] - TIME_EPS:
+                continue
+            while k / fps < time - TIME_EPS:
+                yield k / fps, shown[0], shown[1]
+                k += 1
+        shown = (time, payload)
+    if shown is not None:
+        end = end_of(shown[0])
+        while k / fps < end - TIME_EPS:
+            yield k / fps, shown[0], shown[1]
+            k += 1
+
+
+class VideoSource:
+    """Frames of one video, resampled to `fps`, in chunks of `chunk` frames.
+
+    `path_or_url`: a local file, a URL (rtsp://, http://...) or a capture device
+    (/dev/video0). Opening probes the video at once: a missing, empty, unreadable, corrupt
+    or audio-only file raises `VidpipeError` naming the file and the problem.
+    Iterate (or call `chunks()`) to decode; each iteration decodes from the start.
+    """
+
+    def __init__(self, path_or_url: str | os.PathLike, fps: float = 24.0, chunk: int = 6,
+                 backend: str = "auto", options: dict[str, str] | None = None):
+        if backend not in BACKENDS:
+            raise VidpipeError(f"decoder backend '{backend}': choose one of {', '.join(BACKENDS)}")
+        if fps <= 0 or chunk < 1:
+            raise VidpipeError(f"{path_or_url}: fps must be > 0 and chunk >= 1 (got {fps}, {chunk})")
+        self.path = str(path_or_url)
+        self.fps = float(fps)
+        self.chunk = int(chunk)
+        self.options = dict(options or {})
+        self.info = self._probe()
+        if backend == "decord" and (decord is None or not self.info.is_file):
+            why = "not installed" if decord is None else "reads local files only"
+            raise VidpipeError(f"{self.path}: decord backend unavailable ({why}); use backend 'pyav'")
+        self.backend = "pyav" if backend == "auto" and (decord is None or not self.info.is_file) \
+            else ("decord" if backend == "auto" else backend)
+        self.backend_used: str | None = None   # what decoded the last iteration (after fallback)
+        self.decoded_end: float | None = None  # end of the last source frame, after iteration
+
+    def __repr__(self) -> str:
+        return f"VideoSource({self.path!r}, fps={self.fps}, chunk={self.chunk}, backend={self.backend!r})"
+
+    # -- probing ---------------------------------------------------------------------------
+    def _probe(self) -> VideoInfo:
+        is_file = "://" not in self.path and not self.path.startswith("/dev/")
+        if is_file:
+            _check_readable_file(Path(self.path))
+        with self._open_container() as container:
+            stream = _video_stream(container, self.path)
+            ctx = stream.codec_context
+            if not ctx.width or not ctx.height:
+                raise VidpipeError(f"{self.path}: video stream has no frame size (corrupt file?)")
+            rate = stream.average_rate or stream.guessed_rate
+            return VideoInfo(path=self.path, width=ctx.width, height=ctx.height,
+                             codec=ctx.name, native_fps=float(rate) if rate else None,
+                             duration=_declared_duration(container, stream), is_file=is_file)
+
+    def _open_container(self) -> av.container.InputContainer:
+        kwargs: dict[str, Any] = {"options": self.options}
+        if self.path.startswith("/dev/video"):
+            kwargs["format"] = "v4l2"
+        if "://" in self.path:
+            kwargs["timeout"] = 10.0
+        try:
+            return av.open(self.path, **kwargs)
+        except av.error.FFmpegError as exc:
+            raise VidpipeError(f"{self.path}: cannot open as video ({_describe(exc)})") from None
+
+    def _end_of(self, last_start: float) -> float:
+        """End of the last source frame: the declared end when plausible, else one frame."""
+        declared = self.info.duration
+        if declared is not None and last_start < declared <= last_start + self._truncation_gap():
+            return declared
+        return last_start + 1.0 / (self.info.native_fps or self.fps)
+
+    def _truncation_gap(self) -> float:
+        return max(TRUNCATED_SECONDS, 3.0 / (self.info.native_fps or self.fps))
+
+    def _check_complete(self, last_start: float | None) -> None:
+        """A file whose frames stop well before its declared duration is truncated."""
+        if last_start is None:
+            raise VidpipeError(f"{self.path}: no decodable video frames (corrupt or truncated file)")
+        declared = self.info.duration
+        if self.info.is_file and declared is not None and declared - last_start > self._truncation_gap():
+            raise VidpipeError(f"{self.path}: truncated or corrupt: frames stop at {last_start:.2f} s "
+                               f"of the {declared:.2f} s the container declares")
+
+    # -- decoding --------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Chunk]:
+        return self.chunks()
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Decode from the start; decord falls back to PyAV (same frames) if it fails."""
+        self.decoded_end = None
+        if self.backend == "pyav":
+            yield from self._pyav_chunks(first_step=0)
+            return
+        done = 0
+        try:
+            for chunk in self._decord_chunks():
+                yield chunk
+                done += 1
+        except _DecordFailed as failure:
+            if self.backend == "decord":   # asked for decord explicitly: no silent fallback
+                raise VidpipeError(f"{self.path}: decord failed ({failure})") from None
+            yield from self._pyav_chunks(first_step=done)
+
+    def _group(self, frames: Iterator[tuple[float, float, np.ndarray]], first_step: int,
+               backend: str) -> Iterator[Chunk]:
+        self.backend_used = backend
+        buffer: list[tuple[float, float, np.ndarray]] = []
+        index = 0
+        for item in frames:
+            buffer.append(item)
+            if len(buffer) == self.chunk:
+                if index >= first_step:
+                    yield Chunk(index=index, frames=np.stack([f for _, _, f in buffer]),
+                                times=np.array([t for t, _, _ in buffer]),
+                                source_times=np.array([s for _, s, _ in buffer]))
+                index += 1
+                buffer = []
+
+    def _pyav_chunks(self, first_step: int) -> Iterator[Chunk]:
+        """Streaming decode; frames are converted to RGB only when shown."""
+        state = {"last": None}
+
+        def timed_frames(container: av.container.InputContainer) -> Iterator[tuple[float, Any]]:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            first = None
+            previous = None
+            try:
+                for frame in container.decode(stream):
+                    if frame.pts is not None and frame.time_base is not None:
+                        time = float(frame.pts * frame.time_base)
+                    else:  # raw streams without timestamps: one nominal frame after the last
+                        time = (previous if previous is not None else 0.0) + 1.0 / (self.info.native_fps or self.fps)
+                    first = time if first is None else first
+                    previous = time
+                    state["last"] = time - first
+                    yield time - first, frame
+            except av.error.FFmpegError as exc:
+                at = f" at {state['last']:.2f} s" if state["last"] is not None else ""
+                raise VidpipeError(f"{self.path}: decoding failed{at} ({_describe(exc)})") from None
+
+        with self._open_container() as container:
+            converted: list[Any] = [None, None]   # (frame, its RGB array): shown twice, converted once
+
+            def rgb(frame: av.VideoFrame) -> np.ndarray:
+                if converted[0] is not frame:
+                    converted[:] = [frame, frame.to_ndarray(format="rgb24")]
+                return converted[1]
+
+            shown = ((t, s, rgb(f)) for t, s, f in resample(timed_frames(container), self.fps, self._end_of))
+            yield from self._group(shown, first_step, "pyav")
+        self._check_complete(state["last"])
+        self.decoded_end = self._end_of(state["last"])
+
+    def _decord_chunks(self) -> Iterator[Chunk]:
+        """Random access: indices of the shown frames from the demuxed timestamps, then
+        `get_batch` over bounded batches of chunks."""
+        times = self._presentation_times()
+        try:
+            reader = decord.VideoReader(self.path, ctx=decord.cpu(0))
+        except Exception as exc:  # decord raises its own DECORDError, RuntimeError, ...
+            raise _DecordFailed(_describe(exc)) from None
+        if len(reader) != len(times):
+            raise _DecordFailed(f"decord counts {len(reader)} frames, the container {len(times)}")
+        if not times:
+            self._check_complete(None)
+        frame_bytes = self.info.width * self.info.height * 3
+        per_batch = self.chunk * max(1, BATCH_BYTES // (frame_bytes * self.chunk))
+
+        def shown_frames() -> Iterator[tuple[float, float, np.ndarray]]:
+            picks = resample(((t, j) for j, t in enumerate(times)), self.fps, self._end_of)
+            while batch := [pick for _, pick in zip(range(per_batch), picks)]:
+                wanted = sorted({j for _, _, j in batch})
+                try:
+                    decoded = reader.get_batch(wanted).asnumpy()  # (n, H, W, 3) uint8
+                except Exception as exc:
+                    raise _DecordFailed(f"at {batch[0][1]:.2f} s: {_describe(exc)}") from None
+                position = {j: i for i, j in enumerate(wanted)}
+                for grid_time, source_time, j in batch:
+                    yield grid_time, source_time, decoded[position[j]]
+
+        yield from self._group(shown_frames(), 0, "decord")
+        self._check_complete(times[-1])
+        self.decoded_end = self._end_of(times[-1])
+
+    def _presentation_times(self) -> list[float]:
+        """Times of every frame (sorted packet pts, seconds from the first), by demuxing only.
+
+        decord's own timestamps are float32, too coarse to pick frames in long videos.
+        """
+        pts: list[int] = []
+        with self._open_container() as container:
+            stream = container.streams.video[0]
+            try:
+                for packet in container.demux(stream):
+                    if packet.size == 0:   # flush packet
+                        continue
+                    if packet.pts is None:
+                        raise _DecordFailed("packets without timestamps")
+                    pts.append(packet.pts)
+            except av.error.FFmpegError as exc:
+                raise _DecordFailed(f"demuxing: {_describe(exc)}") from None
+            time_base: Fraction = stream.time_base
+        pts.sort()
+        if not pts:
+            return []
+        return [float(p * time_base) - float(pts[0] * time_base) for p in pts]
+
+
+class _DecordFailed(Exception):
+    """decord could not decode this file: the auto backend continues with PyAV."""
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _check_readable_file(path: Path) -> None:
+    if not path.exists():
+        raise VidpipeError(f"{path}: file not found")
+    if not path.is_file():
+        raise VidpipeError(f"{path}: not a regular file")
+    try:
+        with open(path, "rb") as handle:
+            empty = not handle.read(1)
+    except PermissionError:
+        raise VidpipeError(f"{path}: permission denied (cannot read the file)") from None
+    except OSError as exc:
+        raise VidpipeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if empty:
+        raise VidpipeError(f"{path}: empty file (0 bytes)")
+
+
+def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
+        if "audio" in kinds:
+            raise VidpipeError(f"{path}: audio only, no video stream")
+        raise VidpipeError(f"{path}: no video stream (streams: {', '.join(kinds) or 'none'})")
+    return container.streams.video[0]
+
+
+def _declared_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """Seconds of video from the first frame, as declared; None when unknown.
+
+    The container's own duration is used only when the video is its single stream (with an
+    audio track it may measure the audio).
+    """
+    start = stream.start_time if stream.start_time is not None else 0
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    if container.duration and len(container.streams) == 1:
+        container_start = (container.start_time or 0) / av.time_base
+        return container.duration / av.time_base - (float(start * stream.time_base) - container_start)
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    """First line of an FFmpeg/decord error, without their multi-line stack dumps."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,290 @@
+"""Two-stream features: a `VideoSource`'s chunks -> one RGB and one flow vector per step.
+
+`FeatureSettings` (configs/extract.yaml + CLI options) says what to compute;
+`TwoStreamExtractor` computes it on the CPU or a GPU and describes it with
+`settings_record()`, the dict a feature cache's manifest and a checkpoint keep.
+`TwoStreamExtractor.from_record(record)` rebuilds the same extractor from that dict (the
+live detector uses it to featurise new video exactly like the training cache).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import numpy as np
+import torch
+
+from extractors.backbone import file_sha256
+from extractors.decode import Chunk, VideoSource
+from extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow
+from extractors.rgb import RGBStream, resize_short_side
+from pipeline.errors import VidpipeError
+
+RESIZE_BYTES = 128 << 20   # float frames resized at once: bounds memory for 4K sources
+
+
+@dataclass
+class FeatureSettings:
+    """What `vidpipe extract` computes. Defaults follow TSN features at 24 fps, chunks of 6."""
+    fps: float = 24.0                    # frames per second after resampling
+    chunk: int = 6                       # frames per feature step (step = chunk / fps seconds)
+    resize: int = 256                    # short side of frames before cropping (flow runs at this size)
+    crop: int = 224                      # centre crop fed to both CNNs
+    rgb_backbone: str = "resnet50"       # timm model name (2048-d)
+    flow_backbone: str = "resnet50"      # timm model name, built with in_chans = 2 * flow_fields
+    flow_method: Literal["auto", "tvl1", "dis", "raft"] = "auto"   # auto: raft on CUDA, tvl1 on CPU
+    flow_fields: int = 5                 # consecutive frame pairs per chunk (at most chunk - 1)
+    dis_preset: Literal["ultrafast", "fast", "medium"] = "medium"
+    raft_model: Literal["raft_small", "raft_large"] = "raft_large"
+    raft_iterations: int = 12
+    rgb_weights: str | None = None       # local weights file instead of the hub's
+    flow_weights: str | None = None
+    raft_weights: str | None = None
+    random_init: bool = False            # seeded random weights (tests, demo, offline)
+    seed: int = 0
+    batch_size: int = 16                 # steps per CNN batch
+    decoder: Literal["auto", "decord", "pyav"] = "auto"   # same frames either way
+    amp: bool = True                     # autocast (bf16/fp16) for the CNNs on CUDA
+
+    def validate(self) -> "FeatureSettings":
+        problems = []
+        if self.fps <= 0:
+            problems.append(f"fps must be > 0 (got {self.fps})")
+        if self.chunk < 2:
+            problems.append(f"chunk must be >= 2 frames for flow (got {self.chunk})")
+        if not 1 <= self.flow_fields <= self.chunk - 1:
+            problems.append(f"flow_fields must be 1..chunk-1 = {self.chunk - 1} (got {self.flow_fields})")
+        if not 0 < self.crop <= self.resize:
+            problems.append(f"crop must be 1..resize = {self.resize} (got {self.crop})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if problems:
+            raise VidpipeError("extraction settings: " + "; ".join(problems))
+        return self
+
+
+@dataclass
+class Step:
+    """Features of one step, as `TwoStreamExtractor.stream` yields them."""
+    index: int
+    timestamp: float         # step start, seconds in the source (its first frame)
+    end_time: float          # time of the chunk's last frame: when the step is complete
+    rgb: np.ndarray          # (Dr,) float32
+    flow: np.ndarray         # (Df,) float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise VidpipeError(f"device '{device}': not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise VidpipeError(f"device '{device}': CUDA is not available on this machine")
+    return resolved
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of everything that shapes the numbers (kept per video, not compared)."""
+    versions = {}
+    for package in ("vidpipe", "torch", "torchvision", "timm", "numpy", "av", "decord",
+                    "opencv-contrib-python-headless"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+class TwoStreamExtractor:
+    """RGB + flow features per chunk, batched, on `device` (auto: CUDA when present)."""
+
+    def __init__(self, settings: FeatureSettings, device: str | torch.device | None = None):
+        self.settings = settings = replace(settings).validate()
+        self.device = resolve_device(device)
+        self.flow_method = settings.flow_method
+        if self.flow_method == "auto":
+            self.flow_method = "raft" if self.device.type == "cuda" else "tvl1"
+        if self.flow_method == "raft":
+            estimator = RAFTFlow(settings.raft_model, settings.raft_iterations,
+                                 weights_file=settings.raft_weights,
+                                 random_init=settings.random_init, seed=settings.seed + 2)
+        else:
+            estimator = OpenCVFlow(self.flow_method, settings.dis_preset)
+        self.rgb = RGBStream(settings.rgb_backbone, settings.crop, weights_file=settings.rgb_weights,
+                             random_init=settings.random_init, seed=settings.seed)
+        self.flow = FlowStream(estimator, settings.flow_backbone, settings.flow_fields, settings.crop,
+                               weights_file=settings.flow_weights,
+                               random_init=settings.random_init, seed=settings.seed + 1)
+        self.rgb.to(self.device)
+        self.flow.to(self.device)
+        if self.device.type == "cuda":
+            self.rgb.backbone.to(memory_format=torch.channels_last)
+            self.flow.backbone.to(memory_format=torch.channels_last)
+        use_amp = settings.amp and self.device.type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
+
+    # -- description ---------------------------------------------------------------------
+    def settings_record(self) -> dict:
+        """The settings that define the features: equal records mean comparable features.
+
+        Batch size, decoder backend, device and precision are left out (same features up to
+        float rounding); they and the package versions are recorded per video instead.
+        """
+        s = self.settings
+        record = {
+            "extractor": "vidpipe two-stream (TSN convention)",
+            "fps": s.fps,
+            "chunk": s.chunk,
+            "step_seconds": s.chunk / s.fps,
+            "timestamps": "step start, seconds from the first video frame",
+            "resize": s.resize,
+            "crop": s.crop,
+            "rgb_backbone": s.rgb_backbone,
+            "rgb_weights": self.rgb.weights_identity,
+            "rgb_dim": self.rgb.dim,
+            "rgb_input": f"centre frame (index {s.chunk // 2} of {s.chunk}), imagenet normalisation",
+            "flow_backbone": s.flow_backbone,
+            "flow_weights": self.flow.weights_identity,
+            "flow_dim": self.flow.dim,
+            "flow_method": self.flow_method,
+            "flow_estimator": self.flow.estimator.identity,
+            "flow_fields": s.flow_fields,
+            "flow_input": f"x/y clipped to +-{FLOW_CLIP:g} px, scaled to [0, 255], mean 128 std 128",
+            "random_init": s.random_init,
+            "seed": s.seed,
+        }
+        if self.flow_method == "dis":
+            record["dis_preset"] = s.dis_preset
+        if self.flow_method == "raft":
+            record["raft_model"] = s.raft_model
+            record["raft_iterations"] = s.raft_iterations
+        return record
+
+    def run_record(self) -> dict:
+        """How this run computed (per video): device, precision, package versions."""
+        return {"device": str(self.device),
+                "precision": str(self.amp_dtype).replace("torch.", "") + " autocast" if self.amp_dtype else "float32",
+                "versions": package_versions()}
+
+    @classmethod
+    def from_record(cls, record: dict, device: str | torch.device | None = None, *,
+                    rgb_weights: str | None = None, flow_weights: str | None = None,
+                    raft_weights: str | None = None, batch_size: int = 16) -> "TwoStreamExtractor":
+        """Rebuild the extractor a cache or checkpoint was made with (its `settings_record()`).
+
+        Hub weights are fetched by name; weights that came from files need those files again
+        (checked by sha256). The rebuilt extractor's record must equal `record`.
+        """
+        rebuilt = FeatureSettings(
+            fps=record["fps"], chunk=record["chunk"], resize=record["resize"], crop=record["crop"],
+            rgb_backbone=_backbone_name(record["rgb_backbone"], record["rgb_weights"]),
+            flow_backbone=_backbone_name(record["flow_backbone"], record["flow_weights"]),
+            flow_method=record["flow_method"], flow_fields=record["flow_fields"],
+            dis_preset=record.get("dis_preset", "medium"),
+            raft_model=record.get("raft_model", "raft_large"),
+            raft_iterations=record.get("raft_iterations", 12),
+            rgb_weights=_weights_file(record["rgb_weights"], rgb_weights, "rgb"),
+            flow_weights=_weights_file(record["flow_weights"], flow_weights, "flow"),
+            raft_weights=_weights_file(record.get("flow_estimator", ""), raft_weights, "raft"),
+            random_init=record["random_init"], seed=record["seed"], batch_size=batch_size)
+        extractor = cls(rebuilt, device)
+        mine = extractor.settings_record()
+        mine["rgb_backbone"], mine["flow_backbone"] = record["rgb_backbone"], record["flow_backbone"]
+        differing = sorted(k for k in set(mine) | set(record) if mine.get(k) != record.get(k))
+        if differing:
+            raise VidpipeError(f"cannot rebuild the feature extractor of this record: it differs in "
+                               f"{', '.join(differing)} (e.g. {differing[0]}: {record.get(differing[0])!r} "
+                               f"vs {mine.get(differing[0])!r})")
+        return extractor
+
+    # -- computing -----------------------------------------------------------------------
+    def source(self, path_or_url: str | Path) -> VideoSource:
+        """A `VideoSource` with this extractor's sampling (fps, chunk, decoder)."""
+        return VideoSource(path_or_url, fps=self.settings.fps, chunk=self.settings.chunk,
+                           backend=self.settings.decoder)
+
+    def stream(self, source: VideoSource | str | Path, batch_size: int | None = None) -> Iterator[Step]:
+        """Steps as they are computed, `batch_size` steps at a time (1 for the lowest latency)."""
+        if not isinstance(source, VideoSource):
+            source = self.source(source)
+        if (source.fps, source.chunk) != (self.settings.fps, self.settings.chunk):
+            raise VidpipeError(f"{source.path}: source samples {source.fps} fps in chunks of {source.chunk}, "
+                               f"the extractor expects {self.settings.fps} and {self.settings.chunk}")
+        return self.stream_chunks(source.chunks(), batch_size)
+
+    def stream_chunks(self, chunks: Iterable[Chunk], batch_size: int | None = None) -> Iterator[Step]:
+        """`stream` on chunks decoded elsewhere (the batch job's decoding workers)."""
+        size = batch_size or self.settings.batch_size
+        batch: list[tuple[Chunk, torch.Tensor]] = []
+        for chunk in chunks:
+            batch.append((chunk, self._resized(chunk.frames)))
+            if len(batch) == size:
+                yield from self._steps(batch)
+                batch = []
+        if batch:
+            yield from self._steps(batch)
+
+    def extract(self, source: VideoSource | str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All steps of a video: rgb (T, Dr), flow (T, Df), timestamps (T,) float64."""
+        return stack_steps(self.stream(source), source.path if isinstance(source, VideoSource) else source)
+
+    @torch.inference_mode()
+    def features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames (B, K, 3, h, w) float [0, 255], resized, on the device -> rgb (B, Dr), flow (B, Df)."""
+        centre = frames[:, self.settings.chunk // 2]            # (B, 3, h, w)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            rgb = self.rgb(centre)
+            flow = self.flow(frames)
+        return rgb.float(), flow.float()
+
+    @torch.inference_mode()
+    def _resized(self, frames: np.ndarray) -> torch.Tensor:
+        """(K, H, W, 3) uint8 -> (K, 3, h, w) float on the device, short side = resize.
+
+        Resized chunk by chunk, in slices, so a 4K source never sits in memory as floats.
+        """
+        pixels = torch.from_numpy(frames).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        per_slice = max(1, RESIZE_BYTES // (pixels[0].numel() * 4))
+        return torch.cat([resize_short_side(part.float(), self.settings.resize)
+                          for part in pixels.split(per_slice)])
+
+    def _steps(self, batch: list[tuple[Chunk, torch.Tensor]]) -> Iterator[Step]:
+        rgb, flow = self.features(torch.stack([frames for _, frames in batch]))
+        rgb, flow = rgb.cpu().numpy(), flow.cpu().numpy()
+        for (chunk, _), rgb_vec, flow_vec in zip(batch, rgb, flow):
+            yield Step(index=chunk.index, timestamp=chunk.start, end_time=chunk.end, rgb=rgb_vec, flow=flow_vec)
+
+
+def stack_steps(steps: Iterable[Step], name: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps -> rgb (T, Dr), flow (T, Df), timestamps (T,); a video without one step is an error."""
+    steps = list(steps)
+    if not steps:
+        raise VidpipeError(f"{name}: too short for one feature step")
+    return (np.stack([s.rgb for s in steps]), np.stack([s.flow for s in steps]),
+            np.array([s.timestamp for s in steps], dtype=np.float64))
+
+
+def _backbone_name(name: str, identity: str) -> str:
+    """Hub weights are recorded with their tag ('pretrained timm/resnet50.a1_in1k'): use it."""
+    prefix = "pretrained timm/"
+    return identity[len(prefix):] if identity.startswith(prefix) else name
+
+
+def _weights_file(identity: str, given: str | None, stream: str) -> str | None:
+    """The weights file a record needs (by sha256), or None when it needs none."""
+    marker = identity.find("sha256:")
+    if marker < 0:
+        return None
+    wanted = identity[marker + len("sha256:"):].split()[0].rstrip(",")
+    if given is None:
+        raise VidpipeError(f"the {stream} weights of these features came from a file "
+                           f"({identity}); pass that file")
+    if file_sha256(given) != wanted:
+        raise VidpipeError(f"{given}: not the {stream} weights these features were made with "
+                           f"(sha256 differs from {wanted[:12]}...)")
+    return given

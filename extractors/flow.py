@@ -1,0 +1,134 @@
+"""Flow stream: one motion vector per chunk (TSN convention).
+
+Optical flow between consecutive frames of the chunk (chunk 6 -> 5 fields), x and y stacked
+as 2 * fields channels, each clipped to [-20, 20] pixels and scaled like TSN's flow images
+([0, 255], mean 128, std 128), centre-cropped, through a timm backbone with `in_chans` =
+2 * fields whose first conv timm adapts from RGB weights (TSN cross-modality init).
+
+Flow methods: OpenCV TV-L1 (the field's standard) and DIS (fast) run on the CPU; RAFT
+(torchvision) runs on the model's device, the GPU when there is one.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extractors.backbone import create_timm_backbone, load_weights_file, seeded, torch_hub_access, weights_identity
+from extractors.rgb import center_crop
+
+FLOW_METHODS = ("tvl1", "dis", "raft")
+FLOW_CLIP = 20.0          # pixels; TSN's bound before quantising flow to 8-bit images
+DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+               "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+               "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+RAFT_MIN_SIZE = 128      # RAFT's correlation pyramid needs feature maps of 16 (input / 8)
+
+
+def to_gray_uint8(frames: torch.Tensor) -> np.ndarray:
+    """(N, 3, h, w) float RGB in [0, 255] -> (N, h, w) uint8 luma (ITU-R BT.601, as cv2)."""
+    weights = frames.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    gray = (frames * weights).sum(dim=1).round().clamp(0, 255)
+    return gray.to(torch.uint8).cpu().numpy()
+
+
+class OpenCVFlow(nn.Module):
+    """TV-L1 or DIS from OpenCV, one frame pair at a time on the CPU."""
+
+    def __init__(self, method: str, dis_preset: str = "medium"):
+        super().__init__()
+        self.method = method
+        if method == "tvl1":  # OpenCV's defaults, as the denseflow tool used for TSN features
+            self.estimator = cv2.optflow.DualTVL1OpticalFlow_create()
+        else:
+            self.estimator = cv2.DISOpticalFlow_create(DIS_PRESETS[dis_preset])
+        self.identity = "opencv " + (method if method == "tvl1" else f"dis preset {dis_preset}")
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """(P, 3, h, w) float [0, 255] pairs -> (P, 2, h, w) float32 flow in pixels."""
+        gray_first, gray_second = to_gray_uint8(first), to_gray_uint8(second)
+        fields = [self.estimator.calc(a, b, None) for a, b in zip(gray_first, gray_second)]  # (h, w, 2)
+        flow = torch.from_numpy(np.stack(fields)).permute(0, 3, 1, 2)
+        return flow.to(first.device)
+
+
+class RAFTFlow(nn.Module):
+    """torchvision RAFT; frames padded to a multiple of 8, at least 128 pixels, as it requires."""
+
+    def __init__(self, model: str, iterations: int, *, weights_file: str | None,
+                 random_init: bool, seed: int):
+        super().__init__()
+        from torchvision.models import optical_flow
+
+        build = getattr(optical_flow, model)
+        self.iterations = iterations
+        if random_init:
+            self.raft = seeded(seed, lambda: build(weights=None))
+            weights = weights_identity(True, seed, None, model)
+        elif weights_file:
+            self.raft = build(weights=None)
+            weights = load_weights_file(self.raft, weights_file, model)
+        else:
+            default = {"raft_small": optical_flow.Raft_Small_Weights,
+                       "raft_large": optical_flow.Raft_Large_Weights}[model].DEFAULT
+            with torch_hub_access(model, "--set raft_weights=PATH"):
+                self.raft = build(weights=default)
+            weights = weights_identity(False, seed, None, f"torchvision {model} {default.name}")
+        self.raft.eval()
+        self.identity = f"torchvision {model} iterations {iterations}, weights {weights}"
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """(P, 3, h, w) float [0, 255] pairs -> (P, 2, h, w) float32 flow in pixels."""
+        height, width = first.shape[-2:]
+        pad = (0, max(RAFT_MIN_SIZE, width + -width % 8) - width,
+               0, max(RAFT_MIN_SIZE, height + -height % 8) - height)
+        images = [F.pad(x / 127.5 - 1.0, pad, mode="replicate") for x in (first, second)]
+        with torch.autocast(first.device.type, enabled=False):  # flow needs full precision
+            flow = self.raft(images[0].float(), images[1].float(), num_flow_updates=self.iterations)[-1]
+        return flow[..., :height, :width]
+
+
+def flow_to_input(flow: torch.Tensor) -> torch.Tensor:
+    """Flow in pixels -> network input: clipped, scaled to [0, 255] like TSN's flow images,
+    normalised with mean 128 and std 128. (No 8-bit rounding: the images are never stored.)"""
+    scaled = (flow.clamp(-FLOW_CLIP, FLOW_CLIP) + FLOW_CLIP) * (255.0 / (2 * FLOW_CLIP))
+    return (scaled - 128.0) / 128.0
+
+
+class FlowStream(nn.Module):
+    """Resized chunk frames -> flow fields -> stacked flow input -> pooled backbone features."""
+
+    def __init__(self, estimator: nn.Module, backbone: str, fields: int, crop: int, *,
+                 weights_file: str | None = None, random_init: bool = False, seed: int = 0):
+        super().__init__()
+        self.estimator = estimator
+        self.fields = fields
+        self.crop = crop
+        self.backbone, self.weights_identity = create_timm_backbone(
+            backbone, in_chans=2 * fields, weights_file=weights_file, random_init=random_init,
+            seed=seed, option="--flow-weights PATH")
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.num_features
+
+    def pairs(self, chunk: int) -> tuple[list[int], list[int]]:
+        """Frame indices of the `fields` consecutive pairs, centred in the chunk."""
+        start = (chunk - 1 - self.fields) // 2
+        first = list(range(start, start + self.fields))
+        return first, [i + 1 for i in first]
+
+    def compute_flow(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (B, K, 3, h, w) -> flow (B, fields, 2, h, w) in pixels."""
+        batch, chunk = frames.shape[:2]
+        first, second = self.pairs(chunk)
+        flow = self.estimator(frames[:, first].flatten(0, 1), frames[:, second].flatten(0, 1))
+        return flow.view(batch, self.fields, *flow.shape[1:])
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (B, K, 3, h, w) float [0, 255], short side resized -> (B, D)."""
+        flow = center_crop(self.compute_flow(frames), self.crop)  # (B, fields, 2, crop, crop)
+        x = flow_to_input(flow).flatten(1, 2)                     # (B, 2*fields, crop, crop): x1, y1, x2, ...
+        return self.backbone(x.to(frames.dtype))                  # (B, D)

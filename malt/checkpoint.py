@@ -1,0 +1,76 @@
+"""Checkpoints: one `.pt` file holding everything needed to use or continue a model.
+
+Contents (plain types and tensors only, so `torch.load(path, weights_only=True)` reads it):
+model_state, config (the full Config as a dict), feature_settings (the manifest settings of
+the cache it was trained on: a model only fits features made the same way), class_names,
+epoch (epochs completed), step (optimizer steps), optimizer and AMP scaler state, rng (torch
+RNG states of every process, for exact resume), history (one metrics dict per epoch), best
+(the best selection score so far). The learning-rate schedule is a pure function of the
+epoch progress (malt.train.lr_factor), so `epoch` is its whole state.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from malt.config import Config
+from malt.model import MALT
+from pipeline.config import from_dict
+from pipeline.errors import VidpipeError
+
+
+@dataclass
+class Checkpoint:
+    model_state: dict[str, torch.Tensor]
+    config: dict
+    feature_settings: dict
+    class_names: list[str]
+    epoch: int = 0
+    step: int = 0
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    rng: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    best: float | None = None
+
+    def model_config(self, source: str = "checkpoint") -> Config:
+        return from_dict(Config, self.config, source)
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
+    """Atomic write (temporary file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", suffix=".pt", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(asdict(checkpoint), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise VidpipeError(f"{path}: checkpoint not found")
+    try:
+        data: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+        return Checkpoint(**data)
+    except (TypeError, RuntimeError, EOFError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VidpipeError(f"{path}: not a vidpipe checkpoint ({first_line})") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MALT, Checkpoint]:
+    """The trained model (in eval mode, on `device`) and its checkpoint."""
+    checkpoint = read_checkpoint(path, device)
+    model = MALT(checkpoint.model_config(str(path)).model)
+    model.load_state_dict(checkpoint.model_state)
+    return model.to(device).eval(), checkpoint

@@ -1,0 +1,107 @@
+"""Training windows: long memory + short memory + per-step targets, from a cache and labels.
+
+A window is named by the step t it ends at; `malt.window.window_indices(t, cfg)` says which
+steps form its long and short memory (the same function the evaluation and the streaming
+detector use, so training sees exactly the windows inference sees).
+
+Training windows follow the authors' code (after LSTR): each epoch, every video is cut into
+non-overlapping short-memory windows starting at a random offset in [0, S), so that over the
+epochs every step is seen at every short-memory position. Only full windows are used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from malt.config import ModelConfig
+from malt.window import gather_window, window_indices
+from pipeline.errors import VidpipeError
+from pipeline.labels import LABELS_FILE, LabelSet, build_labels
+from pipeline.store import FeatureStore
+
+
+@dataclass
+class VideoData:
+    """One video's features and labels, aligned step by step."""
+    rgb: np.ndarray        # (T, Dr) float32
+    flow: np.ndarray       # (T, Df) float32
+    targets: np.ndarray    # (T, C+1) float32
+    ambiguous: np.ndarray  # (T,) bool
+
+    def __len__(self) -> int:
+        return len(self.rgb)
+
+
+def resolve_labels(store: FeatureStore, labels: str | Path | None) -> tuple[LabelSet, str]:
+    """The LabelSet of a cache and where it came from (for messages).
+
+    `labels`: None -> `<cache>/labels.h5`; a `.h5` file -> a saved LabelSet; anything else is
+    an annotation file (CSV / THUMOS txt folder / JSON) read onto the cache's steps.
+    """
+    path = Path(labels) if labels is not None else store.root / LABELS_FILE
+    if labels is None and not path.is_file():
+        raise VidpipeError(f"{path}: labels file not found; make it with `vidpipe labels` or "
+                           f"`vidpipe import-features`, or pass --labels")
+    if path.suffix == ".h5":
+        return LabelSet.load(path), str(path)
+    return build_labels(store, path), str(path)
+
+
+def load_videos(store: FeatureStore, labels: LabelSet, video_ids: list[str],
+                labels_source: str = "labels") -> dict[str, VideoData]:
+    """Features and labels of `video_ids`, in memory (the whole split is read once)."""
+    videos = {}
+    for video_id in video_ids:
+        if video_id not in store:
+            raise VidpipeError(f"{labels_source}: video '{video_id}' is not in the cache {store.root}")
+        features = store.read(video_id)
+        video_labels = labels.videos[video_id]
+        if len(video_labels.targets) != len(features):
+            raise VidpipeError(f"{labels_source}: video '{video_id}' has {len(video_labels.targets)} "
+                               f"labelled steps but {len(features)} feature steps in {store.root}")
+        videos[video_id] = VideoData(features.rgb, features.flow,
+                                     video_labels.targets.astype(np.float32),
+                                     video_labels.ambiguous.astype(bool))
+    return videos
+
+
+class TrainWindows(Dataset):
+    """Non-overlapping full windows with a random offset per video and epoch (`set_epoch`).
+
+    The offsets depend only on (seed, epoch), so every DDP process builds the same list and a
+    resumed run sees the windows an uninterrupted run would.
+    """
+
+    def __init__(self, videos: dict[str, VideoData], cfg: ModelConfig, seed: int = 0):
+        self.videos = videos
+        self.cfg = cfg
+        self.seed = seed
+        self.windows: list[tuple[str, int]] = []   # (video id, last step t)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        length = self.cfg.short_memory_steps
+        self.windows = []
+        for video_id in sorted(self.videos):
+            offset = int(rng.integers(length))
+            ends = range(offset + length - 1, len(self.videos[video_id]), length)
+            self.windows.extend((video_id, t) for t in ends)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        video_id, t = self.windows[index]
+        video = self.videos[video_id]
+        window = gather_window(video.rgb, video.flow, t, self.cfg)
+        _, short_idx = window_indices(t, self.cfg)
+        sample = {name: torch.from_numpy(np.ascontiguousarray(array))
+                  for name, array in window._asdict().items()}   # rgb_long (L, Dr) ... flow_short (S, Df)
+        sample["targets"] = torch.from_numpy(video.targets[short_idx])     # (S, C+1)
+        sample["valid"] = torch.from_numpy(~video.ambiguous[short_idx])    # (S,)
+        return sample

@@ -1,0 +1,123 @@
+"""Offline evaluation: per-step probabilities of whole videos, then per-frame mAP / mcAP.
+
+`predict_offline` is the reference output of a model on a video: for every step t, the
+softmax of the last decoder output of the window ending at t (`malt.window`), computed in
+batches of windows. The streaming detector and `vidpipe detect` must agree with it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from malt.checkpoint import Checkpoint, load_model
+from malt.data import VideoData, load_videos, resolve_labels
+from malt.metrics import detection_report
+from malt.model import MALT
+from malt.window import window_indices
+from pipeline.errors import VidpipeError
+from pipeline.store import FeatureStore
+
+
+@torch.no_grad()
+def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
+                    batch_size: int = 64) -> np.ndarray:
+    """Probabilities (T, C+1) of one video with features rgb (T, Dr), flow (T, Df).
+
+    The first window (steps 0..S-1) gives the outputs of all its steps: the decoder is causal
+    and no long memory exists yet, so its output at step t equals that of the window ending
+    at t. Every later step is the last output of its own window (sliding, stride 1).
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    # Features stay on the model's device and windows are gathered there by index: copying
+    # every (L, D) window through the host would dominate the time. A zero row is appended so
+    # that padding slots (index -1) read zeros, as `malt.window.gather_window` gives them.
+    rgb_t = _with_zero_row(rgb, device)                                  # (T+1, Dr)
+    flow_t = _with_zero_row(flow, device)                                # (T+1, Df)
+    num_steps = len(rgb)
+    probs = np.empty((num_steps, cfg.num_classes), np.float32)
+    if num_steps == 0:
+        return probs
+
+    def forward(ends: list[int]) -> torch.Tensor:
+        indices = [window_indices(t, cfg) for t in ends]
+        long_idx = torch.as_tensor(np.stack([i[0] for i in indices]), device=device)   # (B, L)
+        short_idx = torch.as_tensor(np.stack([i[1] for i in indices]), device=device)  # (B, S)
+        logits = model(rgb_t[long_idx], flow_t[long_idx], long_idx >= 0,
+                       rgb_t[short_idx], flow_t[short_idx]).logits                     # (B, S, C+1)
+        return logits.float().softmax(dim=-1)
+
+    first = min(num_steps, cfg.short_memory_steps) - 1
+    probs[:first + 1] = forward([first])[0].cpu().numpy()
+    for start in range(first + 1, num_steps, batch_size):
+        ends = list(range(start, min(start + batch_size, num_steps)))
+        probs[start:start + len(ends)] = forward(ends)[:, -1].cpu().numpy()
+    model.train(was_training)
+    return probs
+
+
+def _with_zero_row(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(array, np.float32))
+    return torch.cat([tensor, tensor.new_zeros(1, tensor.shape[1])]).to(device)
+
+
+def evaluate_videos(model: MALT, videos: dict[str, VideoData], class_names: list[str],
+                    batch_size: int = 64) -> dict:
+    """Per-frame metrics over all steps of `videos` pooled (LSTR's protocol)."""
+    if not videos:
+        raise ValueError("no videos to evaluate")
+    scores = [predict_offline(model, v.rgb, v.flow, batch_size) for v in videos.values()]
+    report = detection_report(np.concatenate(scores),
+                              np.concatenate([v.targets for v in videos.values()]),
+                              class_names,
+                              ambiguous=np.concatenate([v.ambiguous for v in videos.values()]))
+    report["num_videos"] = len(videos)
+    return report
+
+
+def check_compatible(checkpoint: Checkpoint, store: FeatureStore, class_names: list[str],
+                     checkpoint_path: str | Path, labels_source: str) -> None:
+    """A model only fits features made as its training features were, and the same classes."""
+    if checkpoint.feature_settings != store.settings:
+        keys = sorted(k for k in set(checkpoint.feature_settings) | set(store.settings)
+                      if checkpoint.feature_settings.get(k) != store.settings.get(k))
+        raise VidpipeError(f"{checkpoint_path}: trained on features made with other settings than "
+                           f"the cache {store.root} (differs in: {', '.join(keys)})")
+    if checkpoint.class_names != class_names:
+        raise VidpipeError(f"{labels_source}: classes differ from those of {checkpoint_path} "
+                           f"({len(class_names)} vs {len(checkpoint.class_names)} names)")
+
+
+def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | None = None,
+             split: str | None = None, out: str | Path | None = None,
+             device: str | None = None, batch_size: int = 64) -> dict:
+    """`vidpipe eval`: metrics of a checkpoint on a split of a cache (default: its test split).
+
+    Returns {"mAP", "mcAP", "num_frames", "num_videos", "per_class", "checkpoint", "cache",
+    "split", "epoch"} and writes it as JSON to `out` when given.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt = load_model(checkpoint, device)
+    store = FeatureStore.open(cache)
+    label_set, labels_source = resolve_labels(store, labels)
+    check_compatible(ckpt, store, label_set.class_names, checkpoint, labels_source)
+    split = split or ckpt.model_config(str(checkpoint)).data.test_split
+    video_ids = label_set.split(split)
+    if not video_ids:
+        raise VidpipeError(f"{labels_source}: no videos in split '{split}'")
+    videos = load_videos(store, label_set, video_ids, labels_source)
+    first = next(iter(videos.values()))
+    if (first.rgb.shape[1], first.flow.shape[1]) != (model.cfg.rgb_dim, model.cfg.flow_dim):
+        raise VidpipeError(f"{cache}: features are {first.rgb.shape[1]}+{first.flow.shape[1]}-dim, "
+                           f"{checkpoint} expects {model.cfg.rgb_dim}+{model.cfg.flow_dim}")
+    report = evaluate_videos(model, videos, label_set.class_names, batch_size)
+    report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report

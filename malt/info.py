@@ -1,0 +1,82 @@
+"""Model size and cost: parameters per block and multiply-adds per streaming step / window.
+
+Multiply-adds are measured, not estimated: torch's FlopCounterMode counts the matrix
+products (linear, bmm, ...) that actually run, on random inputs; element-wise work
+(softmax, top-k, LayerNorm) is not counted and is small next to them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from malt.config import Config, ModelConfig, validate_model_config
+from malt.model import MALT, RecurrentDecoder
+from malt.stream import OnlineDetector
+from malt.window import gather_window
+from pipeline.config import load_config
+
+
+@dataclass
+class ModelInfo:
+    params: dict[str, int]          # block -> parameter count, ending with 'total'
+    decoder_params: dict[str, int]  # 'recurrent' / 'cascaded' -> decoder parameters for this config
+    macs_per_step: int              # streaming step once both memories are full
+    macs_per_window: int            # offline forward of one full window (= recompute per step)
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
+    torch.manual_seed(seed)
+    model = MALT(cfg).eval()
+    params = {"input fusion + positions": count_params(model.long_fusion) + count_params(model.short_fusion)
+              + model.long_pos.numel() + model.short_pos.numel()}
+    for n, branch in enumerate(model.encoder.branches, start=1):
+        params[f"encoder branch {n}"] = count_params(branch)
+    params[f"decoder ({cfg.decoder}, {cfg.num_branches} stages)"] = count_params(model.decoder)
+    params["classifier"] = count_params(model.classifier)
+    params["total"] = count_params(model)
+    decoder_params = {kind: count_params(RecurrentDecoder(dataclasses.replace(cfg, decoder=kind)))
+                      for kind in ("recurrent", "cascaded")}
+
+    # Random features long enough that both memories are full at the last step.
+    steps = cfg.long_memory_steps + cfg.short_memory_steps
+    rng = np.random.default_rng(seed)
+    rgb = rng.standard_normal((steps + 1, cfg.rgb_dim), dtype=np.float32)
+    flow = rng.standard_normal((steps + 1, cfg.flow_dim), dtype=np.float32)
+    detector = OnlineDetector(model, device="cpu")
+    detector.feed_history(rgb[:steps], flow[:steps])
+    with FlopCounterMode(display=False) as counter:
+        detector.step(rgb[steps], flow[steps])
+    macs_per_step = counter.get_total_flops() // 2
+    window = [torch.as_tensor(a)[None] for a in gather_window(rgb, flow, steps, cfg)]
+    with FlopCounterMode(display=False) as counter:   # (under no_grad its module tracker fails)
+        model(*window)
+    return ModelInfo(params, decoder_params, macs_per_step, counter.get_total_flops() // 2)
+
+
+def format_info(info: ModelInfo) -> str:
+    width = max(len(name) for name in info.params) + 2
+    lines = [f"{'block':<{width}}{'parameters':>14}"]
+    lines += [f"{name:<{width}}{count:>14,}" for name, count in info.params.items()]
+    rec, cas = info.decoder_params["recurrent"], info.decoder_params["cascaded"]
+    lines += ["",
+              f"decoder parameters: recurrent {rec:,} vs cascaded {cas:,} "
+              f"({cas - rec:,} fewer, {cas / rec:.1f}x)",
+              f"multiply-adds per streaming step: {info.macs_per_step / 1e9:.3f} G",
+              f"multiply-adds per window (recompute from scratch): {info.macs_per_window / 1e9:.3f} G "
+              f"({info.macs_per_window / info.macs_per_step:.1f}x a streaming step)"]
+    return "\n".join(lines)
+
+
+def print_model_info(config_path=None, overrides=()) -> None:
+    """`vidpipe model-info`: load the config (file + dotted overrides) and print the table."""
+    cfg = load_config(Config, config_path, overrides).model
+    validate_model_config(cfg, str(config_path) if config_path else "defaults")
+    print(format_info(model_info(cfg)))

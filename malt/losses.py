@@ -1,0 +1,59 @@
+"""MALT's training loss: multi-label cross-entropy on soft targets, plus auxiliary terms.
+
+As in LSTR ('MCE') and the MALT authors' code: per step, -sum_c target_c * log_softmax(logits)_c,
+averaged over the steps that are not ambiguous. The auxiliary loss applies the same criterion
+to each encoder output f_n (token i supervised by short-memory step i's label) and is added
+with weight `aux_weight`: total = L_dec + aux_weight * sum_n L_aux(f_n).
+
+The mean is taken over `num_valid` steps, which the training engine sets to the valid steps
+of the whole global batch (summed over DDP processes) so that several processes produce the
+same update as one process with the same global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor      # what is back-propagated
+    decoder: torch.Tensor    # L_dec (detached, for logging)
+    aux: torch.Tensor        # sum of the auxiliary terms (detached; 0 when off)
+
+
+def soft_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
+                           valid: torch.Tensor) -> torch.Tensor:
+    """Sum over valid steps of -sum_c targets * log_softmax(logits).
+
+    logits, targets (B, S, C+1); valid (B, S) bool.
+    """
+    per_step = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)   # (B, S)
+    return (per_step * valid).sum()
+
+
+def malt_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], targets: torch.Tensor,
+              valid: torch.Tensor, aux_weight: float, use_aux: bool,
+              num_valid: torch.Tensor | float | None = None) -> LossTerms:
+    """Decoder loss + auxiliary losses of the encoder outputs.
+
+    logits (B, S, C+1); aux_logits: list of (B, Q, C+1); targets (B, S, C+1); valid (B, S).
+    Encoder token i is supervised by short step i, for i < min(Q, S). `num_valid` defaults to
+    the valid steps of this batch.
+    """
+    if num_valid is None:
+        num_valid = valid.sum()
+    denominator = torch.as_tensor(num_valid, dtype=torch.float32, device=logits.device).clamp(min=1)
+    decoder = soft_cross_entropy_sum(logits, targets, valid) / denominator
+    aux = torch.zeros((), device=logits.device)
+    if use_aux:
+        for encoder_logits in aux_logits:
+            steps = min(encoder_logits.shape[1], targets.shape[1])
+            # Fewer tokens than steps cover a fraction of the steps: scale the denominator alike.
+            covered = denominator * steps / targets.shape[1]
+            aux = aux + soft_cross_entropy_sum(encoder_logits[:, :steps], targets[:, :steps],
+                                               valid[:, :steps]) / covered
+    total = decoder + aux_weight * aux if use_aux else decoder
+    return LossTerms(total=total, decoder=decoder.detach(), aux=aux.detach())

@@ -1,0 +1,222 @@
+"""MALT: Multi-scale Action Learning Transformer for online action detection (arXiv 2405.20892).
+
+One window = a long-term memory M_L (L tokens sampled from the distant past, padding at the
+oldest slots) and a short-term memory M_S (the last S steps). The hierarchical encoder
+compresses M_L into coarse-to-fine features f_1..f_N; the recurrent decoder fuses them into
+the short memory stage by stage; one classifier labels every short-memory step (and the
+encoder tokens, for the auxiliary loss). Which steps form a window: `malt.window`.
+Where the paper is silent the structure follows the authors' code and LSTR (docs/malt.md).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from malt.attention import SparseCrossAttention
+from malt.config import ModelConfig, validate_model_config
+
+
+class MALTOutput(NamedTuple):
+    logits: torch.Tensor              # (B, S, C+1) one per short-memory step
+    aux_logits: list[torch.Tensor]    # N x (B, Q, C+1) on encoder outputs f_1..f_N
+
+
+class FeatureFusion(nn.Module):
+    """Two-stream input head: concat(rgb, flow) -> Linear -> ReLU (LSTR's feature head)."""
+
+    def __init__(self, rgb_dim: int, flow_dim: int, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(rgb_dim + flow_dim, d_model)
+        self.act = nn.ReLU()
+
+    def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        # rgb (B, T, Dr), flow (B, T, Df) -> (B, T, D)
+        return self.act(self.proj(torch.cat([rgb, flow], dim=-1)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))              # (B, T, D)
+
+
+class TransformerLayer(nn.Module):
+    """Post-norm transformer decoder layer: self-attention, cross-attention, FFN.
+
+    Each sub-block is dropout -> residual -> LayerNorm, as in LSTR and the authors' code; both
+    attentions are SparseCrossAttention (top-k only bites where there are more than k keys).
+    The three sub-blocks are separate methods taking projected tensors so that the streaming
+    detector can reuse cached projections through this same code.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = SparseCrossAttention(d, cfg.num_heads, cfg.sparse_k)
+        self.cross_attn = SparseCrossAttention(d, cfg.num_heads, cfg.sparse_k)
+        self.ffn = FeedForward(d, cfg.ffn_dim, cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop1, self.drop2, self.drop3 = (nn.Dropout(cfg.dropout) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor,
+                memory_allowed: Optional[torch.Tensor] = None,
+                self_allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, Q, D), memory (B, K, D), masks (B|1, Q, K|Q) -> (B, Q, D)
+        sa, ca = self.self_attn, self.cross_attn
+        x = self.self_block(x, sa.q_proj(x), sa.k_proj(x), sa.v_proj(x), self_allowed)
+        x = self.cross_block(x, ca.k_proj(memory), ca.v_proj(memory), memory_allowed)
+        return self.ffn_block(x)
+
+    def self_block(self, x, q, k, v, allowed=None):
+        return self.norm1(x + self.drop1(self.self_attn.attend(q, k, v, allowed)))
+
+    def cross_block(self, x, k, v, allowed=None, q=None):
+        q = self.cross_attn.q_proj(x) if q is None else q
+        return self.norm2(x + self.drop2(self.cross_attn.attend(q, k, v, allowed)))
+
+    def ffn_block(self, x):
+        return self.norm3(x + self.drop3(self.ffn(x)))
+
+
+class TransformerStack(nn.Module):
+    """`num_layers` TransformerLayers over one memory, then a final LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x, memory, memory_allowed=None, self_allowed=None):
+        # x (B, Q, D), memory (B, K, D) -> (B, Q, D)
+        for layer in self.layers:
+            x = layer(x, memory, memory_allowed, self_allowed)
+        return self.norm(x)
+
+
+class EncoderBranch(nn.Module):
+    """One branch of the hierarchical encoder.
+
+    `compress`: learned latent queries (the branch's own) read the long memory with sparse
+    cross-attention. Branch 1 stops there (f_1). A later branch then lets the previous
+    branch's output f_{n-1} attend to its compressed tokens (`refine`), so f_n refines f_{n-1}
+    (the authors' code, N = 2, generalised here to any n).
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        queries, layers = cfg.branch_queries[index], cfg.branch_layers[index]
+        self.queries = nn.Parameter(torch.zeros(queries, cfg.d_model))          # (Qn, D)
+        self.compress = TransformerStack(cfg, layers if index == 0 else 1)
+        self.refine = TransformerStack(cfg, layers) if index > 0 else None
+
+    def forward(self, long_memory: torch.Tensor, long_allowed: torch.Tensor,
+                previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # long_memory (B, L, D), long_allowed (B, 1, L), previous f_{n-1} (B, Q1, D)
+        queries = self.queries.expand(long_memory.shape[0], -1, -1)              # (B, Qn, D)
+        compressed = self.compress(queries, long_memory, long_allowed)           # (B, Qn, D)
+        if self.refine is None:
+            return compressed                                                    # f_1 (B, Q1, D)
+        return self.refine(previous, compressed)                                 # f_n (B, Q1, D)
+
+
+class HierarchicalEncoder(nn.Module):
+    """N branches of increasing depth; outputs f_1..f_N go from coarse to fine."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.branches = nn.ModuleList(EncoderBranch(cfg, n) for n in range(cfg.num_branches))
+
+    def forward(self, long_memory: torch.Tensor, long_valid: torch.Tensor) -> list[torch.Tensor]:
+        # long_memory (B, L, D), long_valid (B, L) -> N x (B, Q1, D)
+        long_allowed = long_valid[:, None, :]                                    # (B, 1, L)
+        features, previous = [], None
+        for branch in self.branches:
+            previous = branch(long_memory, long_allowed, previous)
+            features.append(previous)
+        return features
+
+
+class RecurrentDecoder(nn.Module):
+    """Fuses f_1..f_N into the short memory, stage n attending to f_n.
+
+    recurrent (MALT): ONE stack of `decoder_layers` layers reused for all N stages; stage 1's
+    query is the short memory, stage n's query is stage n-1's output. cascaded (the paper's
+    comparison): each stage has its own stack. Self-attention is causal over short steps.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        num_stacks = 1 if cfg.decoder == "recurrent" else cfg.num_branches
+        self.stacks = nn.ModuleList(TransformerStack(cfg, cfg.decoder_layers) for _ in range(num_stacks))
+        self.num_stages = cfg.num_branches
+
+    def stage_stacks(self) -> list[TransformerStack]:
+        """The stack used by each of the N stages (the same object N times when recurrent)."""
+        return [self.stacks[min(n, len(self.stacks) - 1)] for n in range(self.num_stages)]
+
+    def forward(self, short_memory: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        # short_memory (B, S, D), features N x (B, Q1, D) -> (B, S, D)
+        causal = causal_mask(short_memory.shape[1], short_memory.device)         # (1, S, S)
+        x = short_memory
+        for stack, feature in zip(self.stage_stacks(), features):
+            x = stack(x, feature, None, causal)
+        return x
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """(1, length, length) bool: step i may attend to steps 0..i."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]
+
+
+class MALT(nn.Module):
+    """The full model; forward on one batch of windows (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        d = cfg.d_model
+        self.num_long_tokens = cfg.long_memory_steps // cfg.long_memory_stride
+        # Separate input heads for the two memories (LSTR, authors' code).
+        self.long_fusion = FeatureFusion(cfg.rgb_dim, cfg.flow_dim, d)
+        self.short_fusion = FeatureFusion(cfg.rgb_dim, cfg.flow_dim, d)
+        # Learned positional encodings: one per long-memory slot and per short-memory position.
+        self.long_pos = nn.Parameter(torch.zeros(self.num_long_tokens, d))       # (L, D)
+        self.short_pos = nn.Parameter(torch.zeros(cfg.short_memory_steps, d))    # (S, D)
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        self.encoder = HierarchicalEncoder(cfg)
+        self.decoder = RecurrentDecoder(cfg)
+        self.classifier = nn.Linear(d, cfg.num_classes)     # shared by decoder and encoder outputs
+        self.apply(_init_weights)
+        for p in [self.long_pos, self.short_pos, *(b.queries for b in self.encoder.branches)]:
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, rgb_long: torch.Tensor, flow_long: torch.Tensor, long_valid: torch.Tensor,
+                rgb_short: torch.Tensor, flow_short: torch.Tensor) -> MALTOutput:
+        # rgb_long (B, L, Dr), flow_long (B, L, Df), long_valid (B, L) bool,
+        # rgb_short (B, S, Dr), flow_short (B, S, Df) with 1 <= S <= short_memory_steps
+        if rgb_long.shape[1] != self.num_long_tokens or rgb_short.shape[1] > self.cfg.short_memory_steps:
+            raise ValueError(f"window of {rgb_long.shape[1]} long / {rgb_short.shape[1]} short tokens; "
+                             f"model expects {self.num_long_tokens} / <= {self.cfg.short_memory_steps}")
+        long_memory = self.pos_drop(self.long_fusion(rgb_long, flow_long) + self.long_pos)   # (B, L, D)
+        features = self.encoder(long_memory, long_valid)                                     # N x (B, Q1, D)
+        num_short = rgb_short.shape[1]
+        short_memory = self.pos_drop(self.short_fusion(rgb_short, flow_short)
+                                     + self.short_pos[:num_short])                           # (B, S, D)
+        decoded = self.decoder(short_memory, features)                                       # (B, S, D)
+        return MALTOutput(self.classifier(decoded), [self.classifier(f) for f in features])
+
+
+def _init_weights(module: nn.Module) -> None:
+    # timm's transformer init: truncated normal weights, zero biases.
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,307 @@
+"""`vidpipe detect`: online action detection on a video, a stream or a folder -> timelines.
+
+The chain runs the way the model is used live: frames are decoded as a stream, each chunk
+becomes one RGB + flow feature step (the extractor is rebuilt from the checkpoint's feature
+settings, so the features are made exactly like the training cache's), each step enters
+`malt.stream.OnlineDetector` (causal: a step's output never depends on a later frame), and
+the probabilities feed `pipeline.timeline.Segmenter`, which decides the action segments as
+the steps arrive. With `live=True` every start/end decision is printed when it is made,
+with the latency from the moment the chunk's last frame was decoded to the decision.
+
+Outputs per video (default folder: `<run folder>/detections/`, the run folder being the
+checkpoint's): `<name>.timeline.json` (segments, per-step probabilities, metadata),
+`<name>.timeline.csv` (segments) and `<name>.timeline.png` (the picture).
+
+Batch: a folder source runs every video in it; with `cache`, a video the cache already
+holds (same file, same feature settings as the checkpoint) is read from the cache instead
+of being decoded again. A bad video is reported and skipped; the others go on.
+Ctrl-C stops cleanly: the steps decided so far are written as the video's timeline.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.errors import VidpipeError
+from pipeline.store import FeatureStore, video_id_from_path
+from pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
+
+DETECTIONS_DIR = "detections"
+
+
+@dataclass
+class Detection:
+    """One video's result, as written to disk."""
+    source: str
+    timeline: Timeline
+    files: dict[str, Path]                     # "json" / "csv" / "png" -> path
+    interrupted: bool = False                  # stopped by Ctrl-C before the end
+
+
+@dataclass
+class _Timed:
+    """One feature step and the wall-clock time its chunk was complete."""
+    timestamp: float
+    rgb: np.ndarray
+    flow: np.ndarray
+    ready: float                               # time.perf_counter() when its last frame was in
+
+
+def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = None,
+           cache: str | Path | None = None, settings: TimelineSettings | None = None,
+           live: bool = False, device: str | None = None, picture: bool = True,
+           weights: dict[str, str] | None = None,
+           echo: Callable[[str], None] = print) -> list[Detection]:
+    """Detect actions in `source` (a video file, URL, device, or a folder of videos).
+
+    `weights`: {"rgb"|"flow"|"raft": path} for features made with weights files (the
+    checkpoint records their sha256). Returns one `Detection` per video done.
+    """
+    from extractors.features import resolve_device
+    from malt.checkpoint import load_model
+
+    device = resolve_device(device)
+    model, ckpt = load_model(checkpoint, device)
+    store = _open_cache(cache, ckpt.feature_settings, checkpoint) if cache else None
+    out_dir = Path(out) if out else Path(checkpoint).resolve().parent / DETECTIONS_DIR
+    runner = _Runner(model, ckpt, str(checkpoint), device, settings or TimelineSettings(),
+                     weights or {}, live, echo)
+
+    folder = Path(str(source))
+    if not folder.is_dir():
+        detection = runner.run(str(source), _output_name(str(source)), store, None, out_dir,
+                               picture)
+        return [detection]
+
+    videos = _list_videos(folder)
+    if not videos:
+        raise VidpipeError(f"{folder}: no video files found")
+    detections, failures = [], []
+    for path in videos:
+        relative = path.relative_to(folder)
+        try:
+            detection = runner.run(str(path), video_id_from_path(relative), store, relative,
+                                   out_dir, picture)
+        except VidpipeError as exc:
+            failures.append(str(exc))
+            echo(f"skipped: {exc}")
+            continue
+        detections.append(detection)
+        if detection.interrupted:
+            break
+    echo(f"{len(detections)} of {len(videos)} videos done, timelines in {out_dir}")
+    if failures:
+        echo(f"{len(failures)} failed:\n  " + "\n  ".join(failures))
+    return detections
+
+
+class _Runner:
+    """Everything shared by the videos of one `detect` call."""
+
+    def __init__(self, model, ckpt, checkpoint_path: str, device, settings: TimelineSettings,
+                 weights: dict[str, str], live: bool, echo: Callable[[str], None]):
+        self.model, self.ckpt, self.checkpoint_path = model, ckpt, checkpoint_path
+        self.device, self.settings, self.weights = device, settings, weights
+        self.live, self.echo = live, echo
+        self._extractor = None
+
+    @property
+    def extractor(self):
+        """Built on first use: a batch served from the cache never loads the CNNs."""
+        if self._extractor is None:
+            from extractors.features import TwoStreamExtractor
+            try:
+                self._extractor = TwoStreamExtractor.from_record(
+                    self.ckpt.feature_settings, self.device,
+                    rgb_weights=self.weights.get("rgb"), flow_weights=self.weights.get("flow"),
+                    raft_weights=self.weights.get("raft"))
+            except VidpipeError as exc:
+                raise VidpipeError(f"{self.checkpoint_path}: {exc}") from None
+        return self._extractor
+
+    def run(self, source: str, name: str, store: FeatureStore | None,
+            relative: Path | None, out_dir: Path, picture: bool) -> Detection:
+        from malt.stream import OnlineDetector
+
+        cached = _find_cached(store, source, relative) if store is not None else None
+        started = time.perf_counter()
+        if cached is not None:
+            steps, info = _cached_steps(store, cached), {"features": f"cache {store.root}"}
+        else:
+            steps, info = self._stream_steps(source)
+        step_seconds = float(self.ckpt.feature_settings["step_seconds"])
+        names = list(self.ckpt.class_names)
+        detector = OnlineDetector(self.model, self.device)
+        segmenter = Segmenter(names, step_seconds, self.settings)
+        timestamps, probs, latencies = [], [], []
+        model_seconds, interrupted = 0.0, False
+        if self.live:
+            self.echo(f"# {source}: live detection, {len(names) - 1} classes, "
+                      f"step {step_seconds:g} s (Ctrl-C stops and writes what it has)")
+        try:
+            for step in steps:
+                tick = time.perf_counter()
+                row = detector.step(step.rgb, step.flow)                    # (C+1,)
+                events = segmenter.step(step.timestamp, row)
+                decided = time.perf_counter()
+                model_seconds += decided - tick
+                latencies.append(decided - step.ready)
+                timestamps.append(step.timestamp)
+                probs.append(row)
+                self._print(events, latencies[-1])
+        except KeyboardInterrupt:
+            interrupted = True
+            self.echo(f"# interrupted at {format_time(timestamps[-1] if timestamps else 0)}: "
+                      "writing the timeline so far")
+        self._print(segmenter.finish(), None)
+        total = time.perf_counter() - started
+
+        probs_array = (np.stack(probs) if probs else np.zeros((0, len(names)), np.float32))
+        timeline = Timeline(names, np.asarray(timestamps, np.float64), probs_array,
+                            step_seconds, segmenter.segments, self.settings,
+                            self._metadata(source, cached, info, total, model_seconds,
+                                           latencies, interrupted))
+        if not len(timestamps) and not interrupted:
+            raise VidpipeError(f"{source}: too short for one feature step")
+        files = {"json": timeline.save_json(out_dir / f"{name}.timeline.json"),
+                 "csv": timeline.save_csv(out_dir / f"{name}.timeline.csv")}
+        if picture:
+            files["png"] = timeline.save_png(out_dir / f"{name}.timeline.png")
+        self.echo(f"{source}: {len(timeline.segments)} segments in {timeline.duration_s:.1f} s "
+                  f"of video ({total:.1f} s) -> {files['json']}")
+        return Detection(source, timeline, files, interrupted)
+
+    def _stream_steps(self, source: str) -> tuple[Iterator[_Timed], dict]:
+        """Decode and featurise as a stream; one step at a time when live (lowest latency)."""
+        extractor = self.extractor
+        video = extractor.source(source)
+        ready: dict[int, float] = {}
+
+        def chunks():
+            for chunk in video.chunks():
+                ready[chunk.index] = time.perf_counter()
+                yield chunk
+
+        def steps() -> Iterator[_Timed]:
+            batch = 1 if self.live else None
+            for step in extractor.stream_chunks(chunks(), batch_size=batch):
+                yield _Timed(step.timestamp, step.rgb, step.flow, ready.pop(step.index))
+
+        info = {"features": "stream", "width": video.info.width, "height": video.info.height,
+                "native_fps": video.info.native_fps, "declared_duration_s": video.info.duration}
+        return steps(), info
+
+    def _print(self, events: list[Event], latency: float | None) -> None:
+        if not self.live:
+            return
+        for event in events:
+            line = f"{format_time(event.time_s)}  {event.kind:<5}  {event.label}  {event.score:.2f}"
+            if latency is not None:
+                line += f"  (decided {latency * 1000:.0f} ms after the chunk's last frame)"
+            self.echo(line)
+
+    def _metadata(self, source: str, cached: str | None, info: dict, total: float,
+                  model_seconds: float, latencies: list[float], interrupted: bool) -> dict:
+        steps = len(latencies)
+        step_seconds = float(self.ckpt.feature_settings["step_seconds"])
+        latency = np.asarray(latencies) * 1000
+        return {
+            "video": {"source": source, "cache_id": cached, **info},
+            "model": {"checkpoint": self.checkpoint_path, "epoch": self.ckpt.epoch,
+                      "config": self.ckpt.config.get("model", {})},
+            "feature_settings": self.ckpt.feature_settings,
+            "device": str(self.device),
+            "interrupted": interrupted,
+            "timings": {
+                "steps": steps, "total_s": round(total, 4), "model_s": round(model_seconds, 4),
+                "features_s": round(total - model_seconds, 4),
+                "realtime_factor": round(steps * step_seconds / total, 2) if total else None,
+                "latency_ms": ({"mean": round(float(latency.mean()), 2),
+                                "p50": round(float(np.percentile(latency, 50)), 2),
+                                "p95": round(float(np.percentile(latency, 95)), 2),
+                                "max": round(float(latency.max()), 2)} if steps else None),
+            },
+        }
+
+
+def _open_cache(cache: str | Path, feature_settings: dict, checkpoint: str | Path) -> FeatureStore:
+    store = FeatureStore.open(cache)
+    if store.settings != feature_settings:
+        keys = sorted(k for k in set(store.settings) | set(feature_settings)
+                      if store.settings.get(k) != feature_settings.get(k))
+        raise VidpipeError(f"{cache}: features made with other settings than {checkpoint}'s "
+                           f"training cache (differs in: {', '.join(keys)})")
+    return store
+
+
+def _find_cached(store: FeatureStore, source: str, relative: Path | None) -> str | None:
+    """The cache id holding this very file (same content fingerprint as `vidpipe extract`
+    records), looked up by its path relative to the folder, its name or its absolute path."""
+    from pipeline.extract import fingerprint
+
+    path = Path(source)
+    if not path.is_file():
+        return None
+    candidates = [video_id_from_path(relative)] if relative is not None else []
+    candidates += [video_id_from_path(path.name), _abspath_index(store).get(str(path.resolve()))]
+    wanted = None
+    for video_id in dict.fromkeys(c for c in candidates if c and c in store):
+        wanted = wanted or fingerprint(path)
+        if store.attrs(video_id).get("fingerprint") == wanted:
+            return video_id
+    return None
+
+
+_ABSPATHS: dict[str, dict[str, str]] = {}
+
+
+def _abspath_index(store: FeatureStore) -> dict[str, str]:
+    """source_abspath -> cache id of a store (read once per store and process)."""
+    key = str(store.root.resolve())
+    if key not in _ABSPATHS:
+        _ABSPATHS[key] = {store.attrs(v).get("source_abspath", ""): v for v in store.video_ids()}
+    return _ABSPATHS[key]
+
+
+def _cached_steps(store: FeatureStore, video_id: str) -> Iterator[_Timed]:
+    features = store.read(video_id)
+    for timestamp, rgb, flow in zip(features.timestamps, features.rgb, features.flow):
+        yield _Timed(float(timestamp), rgb, flow, time.perf_counter())
+
+
+def _list_videos(folder: Path) -> list[Path]:
+    from extractors.decode import VIDEO_EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+def _output_name(source: str) -> str:
+    """File-name stem for a source: the file's name, or the URL / device made safe."""
+    if "://" in source or source.startswith("/dev/"):
+        return video_id_from_path(source.split("://", 1)[-1])
+    return video_id_from_path(Path(source).name)
+
+
+def timeline_settings(threshold: float, class_thresholds: tuple[str, ...] | list[str],
+                      min_duration_s: float, merge_gap_s: float) -> TimelineSettings:
+    """TimelineSettings from command-line values; `class_thresholds` as NAME=VALUE strings."""
+    per_class = {}
+    for item in class_thresholds:
+        name, sep, value = item.partition("=")
+        try:
+            per_class[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise VidpipeError(f"--class-threshold '{item}': expected NAME=VALUE, e.g. Spin=0.4")
+    for label, value in (("--threshold", threshold), *per_class.items()):
+        if not 0.0 <= value <= 1.0:
+            raise VidpipeError(f"threshold {label}={value}: must be in [0, 1]")
+    if min_duration_s < 0 or merge_gap_s < 0:
+        raise VidpipeError("--min-duration and --merge-gap must be >= 0 seconds")
+    return TimelineSettings(threshold, per_class, min_duration_s, merge_gap_s)

@@ -1,0 +1,307 @@
+"""`vidpipe extract`: a folder of videos -> a feature cache (the batch job).
+
+Per video: fingerprint the file, skip it when the cache already holds it with the same
+fingerprint (the cache's manifest guarantees the same settings), else decode, extract and
+write it atomically through `pipeline.store.FeatureStore`. A bad file is recorded and the
+job goes on; the summary names every failure. A kill at any moment loses at most the videos
+in progress; rerunning completes the rest with the same numbers.
+
+Decoding runs in `workers` threads ahead of the model (decord, PyAV, OpenCV and torch all
+release the GIL). Under torchrun (RANK / WORLD_SIZE set) each rank takes every
+WORLD_SIZE-th video of the sorted list; ranks never write the same file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from extractors.decode import VIDEO_EXTENSIONS, Chunk, VideoSource
+from extractors.features import FeatureSettings, TwoStreamExtractor, stack_steps
+from pipeline.config import load_config
+from pipeline.errors import VidpipeError
+from pipeline.store import FeatureStore, video_id_from_path
+
+FINGERPRINT_BYTES = 1 << 20    # hashed from the head and from the tail of each file
+PREFETCH_CHUNKS = 32           # decoded chunks a worker may hold ahead, per video
+
+
+@dataclass
+class VideoJob:
+    path: Path                 # the file
+    relative: str              # its path relative to the input folder (posix)
+    video_id: str
+
+
+@dataclass
+class ExtractSummary:
+    out_dir: str
+    rank: int
+    world_size: int
+    extracted: list[str] = field(default_factory=list)        # relative paths
+    skipped: list[str] = field(default_factory=list)          # already cached, unchanged
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def report(self) -> str:
+        total = len(self.extracted) + len(self.skipped) + len(self.failed)
+        shard = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        rate = f", {self.steps / self.seconds:.1f} steps/s" if self.seconds > 0 and self.steps else ""
+        lines = [f"{self.out_dir}: {total} videos{shard}: {len(self.extracted)} extracted "
+                 f"({self.steps} steps{rate}), {len(self.skipped)} already cached, "
+                 f"{len(self.failed)} failed"]
+        lines += [f"  failed: {why}" for _, why in self.failed]
+        return "\n".join(lines)
+
+
+def load_settings(config: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+                  **options: Any) -> FeatureSettings:
+    """Settings from a YAML file, `--set key=value` overrides, then explicit CLI options
+    (those not None), in that order of precedence (last wins)."""
+    settings = load_config(FeatureSettings, config, list(overrides))
+    given = {k: v for k, v in options.items() if v is not None}
+    return dataclasses.replace(settings, **given).validate()
+
+
+def find_videos(input_dir: str | Path) -> list[VideoJob]:
+    """Video files under `input_dir` (by extension, sorted), with unique cache ids."""
+    root = Path(input_dir)
+    if root.is_file():
+        paths, root = [root], root.parent
+    elif root.is_dir():
+        paths = sorted(p for p in root.rglob("*")
+                       if p.suffix.lower() in VIDEO_EXTENSIONS and not p.is_dir())
+    else:
+        raise VidpipeError(f"{input_dir}: no such folder or file")
+    jobs = [VideoJob(p, p.relative_to(root).as_posix(), video_id_from_path(p.relative_to(root)))
+            for p in paths]
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.video_id] = counts.get(job.video_id, 0) + 1
+    for job in jobs:  # 'a b.mp4' and 'a_b.mp4' would share an id: tell them apart by path
+        if counts[job.video_id] > 1:
+            digest = hashlib.sha1(job.relative.encode()).hexdigest()[:8]
+            job.video_id = f"{job.video_id}-{digest}"
+    return jobs
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of the size, the first and the last MiB: changes with any re-encode, cut or
+    append (container headers and indexes sit at the ends), without reading whole files."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            handle.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return f"size-head-tail-sha256:{digest.hexdigest()}"
+
+
+def shard_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise VidpipeError(f"rank {rank} is outside world size {world_size}")
+    return rank, world_size
+
+
+def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: FeatureSettings,
+                   device: str | None = None, workers: int = 0, rank: int | None = None,
+                   world_size: int | None = None, progress: bool = True) -> ExtractSummary:
+    """Extract every video under `input_dir` into the cache `out_dir`; see the module doc."""
+    rank, world_size = shard_from_env(rank, world_size)
+    jobs = find_videos(input_dir)[rank::world_size]
+    if device is None and world_size > 1 and "LOCAL_RANK" in os.environ:
+        import torch
+        if torch.cuda.device_count() > 1:
+            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    extractor = TwoStreamExtractor(settings, device)
+    store = FeatureStore.open_or_create(out_dir, extractor.settings_record())
+    summary = ExtractSummary(str(out_dir), rank, world_size)
+
+    pending = []
+    for job in jobs:
+        try:
+            job_print = fingerprint(job.path)
+        except OSError:
+            job_print = None   # unreadable: decoding will say why
+        if job_print is not None and _cached_print(store, job.video_id) == job_print:
+            summary.skipped.append(job.relative)
+        else:
+            pending.append((job, job_print))
+
+    from tqdm import tqdm
+
+    show = progress and rank == 0
+    videos_bar = tqdm(total=len(pending), unit="video", desc="videos", disable=not show)
+    steps_bar = tqdm(unit="step", desc="steps", disable=not show, position=1, leave=False)
+    started = time.perf_counter()
+    decoded = _decode_ahead([job for job, _ in pending], extractor, workers)
+    try:
+        for (job, job_print), (source, chunks) in zip(pending, decoded):
+            videos_bar.set_postfix_str(job.relative[-40:])
+            try:
+                if isinstance(source, BaseException):
+                    raise source
+                steps = extractor.stream_chunks(chunks)
+                rgb, flow, timestamps = stack_steps(_counted(steps, steps_bar), job.path)
+                store.write(job.video_id, rgb, flow, timestamps,
+                            _video_attrs(job, job_print, source, extractor))
+                summary.extracted.append(job.relative)
+                summary.steps += len(timestamps)
+            except Exception as exc:  # a bad file must not stop the batch: record why
+                summary.failed.append((job.relative, _failure(job, exc)))
+            finally:
+                if chunks is not None:
+                    chunks.close()   # stops its decoding if abandoned half-way
+            videos_bar.update(1)
+    finally:
+        decoded.close()
+        videos_bar.close()
+        steps_bar.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _cached_print(store: FeatureStore, video_id: str) -> str | None:
+    if video_id not in store:
+        return None
+    try:
+        return store.attrs(video_id).get("fingerprint")
+    except VidpipeError:
+        return None   # unreadable cache file: extract again
+
+
+def _video_attrs(job: VideoJob, job_print: str | None, source: VideoSource,
+                 extractor: TwoStreamExtractor) -> dict[str, Any]:
+    stat = job.path.stat()
+    info = source.info
+    return {
+        "source_path": job.relative,
+        "source_abspath": str(job.path.resolve()),
+        "source_size": stat.st_size,
+        "source_mtime": stat.st_mtime,
+        "fingerprint": job_print or fingerprint(job.path),
+        "duration": source.decoded_end if source.decoded_end is not None else (info.duration or 0.0),
+        "native_fps": info.native_fps or 0.0,
+        "width": info.width,
+        "height": info.height,
+        "codec": info.codec,
+        "decoder": source.backend_used,
+        "extracted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extractor.run_record(),
+    }
+
+
+def _failure(job: VideoJob, exc: BaseException) -> str:
+    """One line naming the file and why it failed."""
+    if isinstance(exc, VidpipeError):
+        message = str(exc)
+    else:  # not a known bad-input case: keep the traceback's last line for the report
+        message = f"unexpected {type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    return message if str(job.path) in message else f"{job.path}: {message}"
+
+
+def _counted(steps: Iterator, bar: Any) -> Iterator:
+    for step in steps:
+        bar.update(1)
+        yield step
+
+
+class _decode_ahead:
+    """(source, chunks) per job, in order; with workers > 0 threads decode ahead.
+
+    A job whose source cannot be opened yields (the VidpipeError, None); an error while
+    decoding is raised from its chunks iterator, in the consumer's thread.
+    """
+
+    def __init__(self, jobs: list[VideoJob], extractor: TwoStreamExtractor, workers: int):
+        self.jobs = jobs
+        self.extractor = extractor
+        self.workers = workers
+        self.stop = threading.Event()
+        if workers > 0:
+            self.queues: list[queue.Queue] = [queue.Queue(maxsize=PREFETCH_CHUNKS) for _ in jobs]
+            self.abandoned: set[int] = set()   # videos the consumer gave up on (failed)
+            self.next_job = iter(range(len(jobs)))
+            self.lock = threading.Lock()
+            self.threads = [threading.Thread(target=self._work, daemon=True, name=f"decode-{i}")
+                            for i in range(workers)]
+            for thread in self.threads:
+                thread.start()
+
+    def __iter__(self) -> Iterator[tuple[Any, Iterator[Chunk] | None]]:
+        for index, job in enumerate(self.jobs):
+            if self.workers == 0:
+                try:
+                    source = self.extractor.source(job.path)
+                except Exception as exc:
+                    yield exc, None
+                    continue
+                yield source, source.chunks()
+            else:
+                kind, value = self.queues[index].get()
+                yield (value, self._drain(index)) if kind == "source" else (value, None)
+
+    def _drain(self, index: int) -> Iterator[Chunk]:
+        try:
+            while True:
+                kind, value = self.queues[index].get()
+                if kind == "chunk":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            self.abandoned.add(index)   # the worker stops decoding it, if still busy
+
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                index = next(self.next_job, None)
+            if index is None:
+                return
+            try:
+                source = self.extractor.source(self.jobs[index].path)
+            except Exception as exc:
+                self._put(index, ("open-error", exc))
+                continue
+            self._put(index, ("source", source))
+            try:
+                for chunk in source.chunks():
+                    if not self._put(index, ("chunk", chunk)):
+                        break
+                else:
+                    self._put(index, ("end", None))
+            except Exception as exc:
+                self._put(index, ("error", exc))
+
+    def _put(self, index: int, item: tuple[str, Any]) -> bool:
+        """Queue an item for the consumer; False once it gave up on this video or on all."""
+        while not self.stop.is_set() and index not in self.abandoned:
+            try:
+                self.queues[index].put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        self.stop.set()

@@ -1,0 +1,358 @@
+"""Per-step class probabilities -> action timeline: segments, JSON, CSV and a PNG picture.
+
+Post-processing (all in `TimelineSettings`, every value in seconds of the source video):
+  1. class c (never background, column 0) is *active* at step t when
+     probs[t, c] >= its threshold (`threshold`, or `class_thresholds[name]`); a value equal
+     to the threshold counts as active, and classes are independent tracks, so two classes
+     may overlap (as THUMOS'14 annotations do);
+  2. runs of active steps of one class become segments [start of first step, end of last
+     step); two segments of a class separated by at most `merge_gap_s` are merged;
+  3. merged segments shorter than `min_duration_s` are dropped;
+  4. a segment's score is the mean probability of its class over all its steps.
+
+The rule is applied causally by `Segmenter`, one step at a time, so the live events of
+`vidpipe detect` and the final timeline always agree: a segment's `start` event is emitted
+once it has lasted `min_duration_s`, its `end` event once `merge_gap_s` has passed without
+the class (the decision delay the rule needs, and no more).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import VidpipeError
+
+TIMELINE_FORMAT = "vidpipe-timeline"
+TIMELINE_VERSION = 1
+_EPS = 1e-9  # float slack when comparing durations built from timestamps
+
+
+@dataclass
+class TimelineSettings:
+    threshold: float = 0.5                  # default per-class probability threshold
+    class_thresholds: dict[str, float] = field(default_factory=dict)  # name -> threshold
+    min_duration_s: float = 0.5             # shorter segments are dropped
+    merge_gap_s: float = 0.5                # same-class segments this close are merged
+
+
+@dataclass
+class Segment:
+    label: str
+    start_s: float
+    end_s: float
+    score: float                            # mean probability of the class over the segment
+
+
+@dataclass
+class Event:
+    kind: str                               # "start" | "end"
+    label: str
+    time_s: float                           # segment start (start event) or end (end event)
+    score: float                            # mean probability so far
+    step: int                               # index of the step at which it was decided
+
+
+def format_time(seconds: float, decimals: int = 2) -> str:
+    """73.5 -> '00:01:13.50' (hours always shown, as in the live event lines)."""
+    seconds = max(0.0, float(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    width = 3 + decimals if decimals else 2
+    return f"{int(hours):02d}:{int(minutes):02d}:{secs:0{width}.{decimals}f}"
+
+
+@dataclass
+class _Track:
+    """One class's segment being built."""
+    start_s: float
+    end_s: float                            # end of the last active step
+    total: float                            # sum of probabilities over the steps so far
+    count: int
+    pending_total: float = 0.0              # inactive steps since end_s (kept if merged)
+    pending_count: int = 0
+    confirmed: bool = False                 # start event emitted
+
+
+class Segmenter:
+    """The post-processing rule of the module notes, applied one step at a time."""
+
+    def __init__(self, class_names: list[str], step_seconds: float,
+                 settings: TimelineSettings | None = None):
+        self.class_names = list(class_names)
+        self.step_seconds = float(step_seconds)
+        self.settings = settings or TimelineSettings()
+        unknown = sorted(set(self.settings.class_thresholds) - set(self.class_names[1:]))
+        if unknown:
+            raise VidpipeError(f"class threshold for unknown class '{unknown[0]}' "
+                               f"(classes: {', '.join(self.class_names[1:])})")
+        self.thresholds = np.array(
+            [math.inf] + [self.settings.class_thresholds.get(name, self.settings.threshold)
+                          for name in self.class_names[1:]])
+        self.segments: list[Segment] = []
+        self._tracks: dict[int, _Track] = {}
+        self._step = -1
+
+    def step(self, timestamp: float, probs: np.ndarray) -> list[Event]:
+        """Feed one step's probabilities (C+1,); return the events decided at this step."""
+        self._step += 1
+        events: list[Event] = []
+        active = np.asarray(probs) >= self.thresholds
+        step_end = float(timestamp) + self.step_seconds
+        for c in range(1, len(self.class_names)):
+            p = float(probs[c])
+            track = self._tracks.get(c)
+            if active[c]:
+                if track is None:
+                    track = self._tracks[c] = _Track(float(timestamp), step_end, 0.0, 0)
+                track.total += track.pending_total + p
+                track.count += track.pending_count + 1
+                track.pending_total, track.pending_count = 0.0, 0
+                track.end_s = step_end
+                if (not track.confirmed
+                        and track.end_s - track.start_s >= self.settings.min_duration_s - _EPS):
+                    track.confirmed = True
+                    events.append(Event("start", self.class_names[c], track.start_s,
+                                        track.total / track.count, self._step))
+            elif track is not None:
+                track.pending_total += p
+                track.pending_count += 1
+                if step_end - track.end_s > self.settings.merge_gap_s + _EPS:
+                    events += self._close(c)
+        return events
+
+    def finish(self) -> list[Event]:
+        """End of the video: close every open segment."""
+        events: list[Event] = []
+        for c in sorted(self._tracks):
+            events += self._close(c)
+        self.segments.sort(key=lambda s: (s.start_s, self.class_names.index(s.label)))
+        return events
+
+    def _close(self, c: int) -> list[Event]:
+        track = self._tracks.pop(c)
+        if not track.confirmed:
+            return []
+        segment = Segment(self.class_names[c], track.start_s, track.end_s,
+                          track.total / track.count)
+        self.segments.append(segment)
+        return [Event("end", segment.label, segment.end_s, segment.score, self._step)]
+
+
+def find_segments(probs: np.ndarray, timestamps: np.ndarray, class_names: list[str],
+                  step_seconds: float, settings: TimelineSettings | None = None) -> list[Segment]:
+    """Segments of a whole video: probs (T, C+1), timestamps (T,) step starts."""
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape != (len(timestamps), len(class_names)):
+        raise ValueError(f"probs {probs.shape} does not match {len(timestamps)} timestamps "
+                         f"x {len(class_names)} classes")
+    segmenter = Segmenter(class_names, step_seconds, settings)
+    for t, row in zip(timestamps, probs):
+        segmenter.step(float(t), row)
+    segmenter.finish()
+    return segmenter.segments
+
+
+# --- the timeline file -------------------------------------------------------------------------
+
+@dataclass
+class Timeline:
+    """Everything `detect` found in one video; saved as JSON (schema in `to_dict`)."""
+    class_names: list[str]                  # C+1, [0] == "background"
+    timestamps: np.ndarray                  # (T,) step starts, seconds
+    probs: np.ndarray                       # (T, C+1) per-step probabilities
+    step_seconds: float
+    segments: list[Segment]
+    settings: TimelineSettings = field(default_factory=TimelineSettings)
+    metadata: dict[str, Any] = field(default_factory=dict)  # video, model, features, timings
+
+    @classmethod
+    def from_probs(cls, probs: np.ndarray, timestamps: np.ndarray, class_names: list[str],
+                   step_seconds: float, settings: TimelineSettings | None = None,
+                   metadata: dict[str, Any] | None = None) -> "Timeline":
+        settings = settings or TimelineSettings()
+        return cls(list(class_names), np.asarray(timestamps, np.float64),
+                   np.asarray(probs, np.float32), float(step_seconds),
+                   find_segments(probs, timestamps, class_names, step_seconds, settings),
+                   settings, dict(metadata or {}))
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.timestamps[-1] + self.step_seconds) if len(self.timestamps) else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON schema (version 1):
+        {"format": "vidpipe-timeline", "version": 1, "metadata": {video, model, features,
+         timings, ...}, "settings": {threshold, class_thresholds, min_duration_s,
+         merge_gap_s}, "class_names": [...], "step_seconds": s, "duration_s": s,
+         "segments": [{"label", "start_s", "end_s", "score"}, ...],
+         "timestamps": [T], "probabilities": [T x (C+1)]}
+        """
+        return {
+            "format": TIMELINE_FORMAT, "version": TIMELINE_VERSION,
+            "metadata": self.metadata, "settings": asdict(self.settings),
+            "class_names": self.class_names, "step_seconds": self.step_seconds,
+            "duration_s": self.duration_s,
+            "segments": [asdict(s) for s in self.segments],
+            "timestamps": np.round(self.timestamps, 6).tolist(),
+            "probabilities": np.round(self.probs.astype(np.float64), 6).tolist(),
+        }
+
+    def save_json(self, path: str | Path) -> Path:
+        return _atomic_write(Path(path), json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Timeline":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VidpipeError(f"{path}: timeline file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise VidpipeError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != TIMELINE_FORMAT:
+            raise VidpipeError(f"{path}: not a vidpipe timeline file")
+        if data.get("version") != TIMELINE_VERSION:
+            raise VidpipeError(f"{path}: timeline version {data.get('version')} is not "
+                               f"supported (expected {TIMELINE_VERSION})")
+        class_names = data["class_names"]
+        probs = np.asarray(data["probabilities"], np.float32).reshape(-1, len(class_names))
+        return cls(class_names, np.asarray(data["timestamps"], np.float64), probs,
+                   float(data["step_seconds"]), [Segment(**s) for s in data["segments"]],
+                   TimelineSettings(**data["settings"]), data["metadata"])
+
+    def save_csv(self, path: str | Path) -> Path:
+        """Segments only: label,start_s,end_s,score (one row each, sorted by start)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["label", "start_s", "end_s", "score"])
+        writer.writerows([s.label, f"{s.start_s:.3f}", f"{s.end_s:.3f}", f"{s.score:.4f}"]
+                         for s in self.segments)
+        return _atomic_write(Path(path), buffer.getvalue())
+
+    def save_png(self, path: str | Path, width_px: int = 1600, height_px: int = 700,
+                 top_classes: int = 5) -> Path:
+        return plot_timeline(self, path, width_px, height_px, top_classes)
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- the picture -------------------------------------------------------------------------------
+
+MAX_CURVE_POINTS = 2000  # a curve never needs more points than the figure has pixels
+
+
+def downsample_max(timestamps: np.ndarray, values: np.ndarray,
+                   max_points: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Bin (T,) or (T, K) values into at most `max_points` bins, keeping each bin's maximum
+    (peaks, the thing a reader looks for, survive; averaging would flatten short actions)."""
+    if len(timestamps) <= max_points:
+        return timestamps, values
+    bins = np.linspace(0, len(timestamps), max_points + 1).astype(int)
+    return timestamps[bins[:-1]], np.maximum.reduceat(values, bins[:-1], axis=0)
+
+
+def _tick_step(duration_s: float, max_ticks: int = 12) -> float:
+    """A round tick spacing in seconds (1 s, 5 s, 1 min, 10 min, 1 h ...) for the duration."""
+    for step in (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200):
+        if duration_s / step <= max_ticks:
+            return step
+    return 3600 * math.ceil(duration_s / 3600 / max_ticks)
+
+
+def _tick_formatter(duration_s: float):
+    from matplotlib.ticker import FuncFormatter
+
+    def label(seconds: float, _pos: int) -> str:
+        seconds = max(0.0, seconds)
+        hours, rest = divmod(int(round(seconds)), 3600)
+        minutes, secs = divmod(rest, 60)
+        if duration_s >= 3600:
+            return f"{hours}:{minutes:02d}:{secs:02d}"
+        if duration_s >= 60:
+            return f"{minutes + 60 * hours}:{secs:02d}"
+        return f"{seconds:g}s"
+    return FuncFormatter(label)
+
+
+def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
+                  height_px: int = 700, top_classes: int = 5) -> Path:
+    """Bands of detected actions (one row per class) over the probability curves of the
+    `top_classes` classes with the highest peak; the time axis adapts to the duration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MultipleLocator
+
+    dpi = 100
+    names = timeline.class_names
+    colours = plt.get_cmap("tab10" if len(names) <= 11 else "tab20")
+    colour = {name: colours((i - 1) % colours.N) for i, name in enumerate(names)}
+    duration = max(timeline.duration_s, timeline.step_seconds)
+
+    peaks = timeline.probs[:, 1:].max(axis=0) if len(timeline.probs) else np.zeros(len(names) - 1)
+    top = [int(i) + 1 for i in np.argsort(-peaks, kind="stable")[:top_classes]]
+    rows = sorted({s.label for s in timeline.segments}, key=names.index) or ["(no action)"]
+
+    fig, (bands, curves) = plt.subplots(
+        2, 1, figsize=(width_px / dpi, height_px / dpi), dpi=dpi, sharex=True,
+        gridspec_kw={"height_ratios": [max(1.0, 0.35 * len(rows)), 2.0]})
+    video = timeline.metadata.get("video", {})
+    title = Path(str(video.get("source", video.get("video_id", "")))).name or "timeline"
+    fig.suptitle(f"{title}  ·  {len(timeline.segments)} action segment"
+                 f"{'' if len(timeline.segments) == 1 else 's'}  ·  "
+                 f"{format_time(duration, 1)}", fontsize=12)
+
+    for row, label in enumerate(rows):
+        spans = [(s.start_s, s.end_s - s.start_s) for s in timeline.segments if s.label == label]
+        if spans:
+            bands.broken_barh(spans, (row - 0.4, 0.8), facecolors=colour[label],
+                              edgecolors="none")
+    bands.set_yticks(range(len(rows)), rows)
+    bands.set_ylim(len(rows) - 0.5, -0.5)
+    bands.set_title("detected actions", fontsize=10, loc="left")
+    bands.grid(axis="x", alpha=0.3)
+
+    for c in top:
+        t, p = downsample_max(timeline.timestamps, timeline.probs[:, c])
+        curves.plot(t + timeline.step_seconds / 2, p, color=colour[names[c]], lw=1.2,
+                    label=names[c])
+    curves.axhline(timeline.settings.threshold, color="grey", ls="--", lw=0.8,
+                   label=f"threshold {timeline.settings.threshold:g}")
+    curves.set_ylim(0, 1.02)
+    curves.set_ylabel("probability")
+    curves.set_title(f"top {len(top)} classes", fontsize=10, loc="left")
+    curves.legend(loc="upper right", fontsize=8, ncol=min(len(top) + 1, 6), framealpha=0.8)
+    curves.grid(alpha=0.3)
+    curves.set_xlim(0, duration)
+    curves.xaxis.set_major_locator(MultipleLocator(_tick_step(duration)))
+    curves.xaxis.set_major_formatter(_tick_formatter(duration))
+    curves.set_xlabel("time (s)" if duration < 60 else
+                      "time (m:ss)" if duration < 3600 else "time (h:mm:ss)")
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+

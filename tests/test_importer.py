@@ -1,0 +1,132 @@
+"""`vidpipe import-features --format lstr` on generated LSTR-layout folders."""
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import VidpipeError
+from pipeline.importers import import_lstr
+from pipeline.labels import LabelSet
+from pipeline.store import FeatureStore
+
+RGB, FLOW = "rgb_kinetics_resnet50", "flow_kinetics_bninception"
+
+
+def write_lstr_folder(root, videos, columns=22, rgb_dim=6, flow_dim=4, seed=0):
+    """videos: {id: T}. Returns {id: (rgb, flow, target)} as written."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in (RGB, FLOW, "target_perframe"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for video, steps in videos.items():
+        rgb = rng.standard_normal((steps, rgb_dim)).astype(np.float32)
+        flow = rng.standard_normal((steps, flow_dim))            # float64 on disk, as some releases
+        target = np.eye(columns)[rng.integers(0, columns, steps)]
+        np.save(root / RGB / f"{video}.npy", rgb)
+        np.save(root / FLOW / f"{video}.npy", flow)
+        np.save(root / "target_perframe" / f"{video}.npy", target)
+        written[video] = (rgb, flow, target)
+    return written
+
+
+def test_thumos_import(tmp_path):
+    videos = {"video_validation_0000051": 9, "video_test_0000004": 7}
+    written = write_lstr_folder(tmp_path / "src", videos)
+    # an overlap of two actions on one step becomes a soft target
+    target = written["video_validation_0000051"][2]
+    target[3] = 0
+    target[3, [2, 5]] = 1
+    np.save(tmp_path / "src/target_perframe/video_validation_0000051.npy", target)
+
+    report = import_lstr(tmp_path / "src", tmp_path / "cache", progress=False)
+    assert sorted(report.imported) == sorted(videos)
+
+    store = FeatureStore.open(tmp_path / "cache")
+    assert store.settings["step_seconds"] == 0.25
+    assert store.settings["dataset"] == "thumos"
+    assert store.settings["rgb_features"] == RGB and store.settings["flow_features"] == FLOW
+    for video, (rgb, flow, target) in written.items():
+        features = store.read(video)
+        np.testing.assert_array_equal(features.rgb, rgb)
+        np.testing.assert_allclose(features.flow, flow.astype(np.float32))
+        np.testing.assert_allclose(features.timestamps, np.arange(len(rgb)) * 0.25)
+
+    labels = LabelSet.load(tmp_path / "cache/labels.h5")
+    assert labels.num_classes == 21                       # ambiguous column -> mask
+    assert labels.class_names[0] == "background" and labels.class_names[1] == "BaseballPitch"
+    assert labels.class_names[-1] == "VolleyballSpiking"
+    assert labels.splits == {"video_validation_0000051": "train", "video_test_0000004": "test"}
+    for video, (_, _, target) in written.items():
+        got = labels.videos[video]
+        np.testing.assert_array_equal(got.ambiguous, target[:, 21] == 1)
+        keep = target[:, 21] == 0
+        np.testing.assert_allclose(got.targets[keep].sum(1), 1.0)
+        expected = target[:, :21] / np.maximum(target[:, :21].sum(1, keepdims=True), 1)
+        np.testing.assert_allclose(got.targets[keep], expected[keep])
+    np.testing.assert_allclose(labels.videos["video_validation_0000051"].targets[3, [2, 5]], 0.5)
+
+    # a rerun skips what is there
+    again = import_lstr(tmp_path / "src", tmp_path / "cache", progress=False)
+    assert sorted(again.skipped) == sorted(videos) and not again.imported
+
+
+def test_tvseries_import_through_cli(tmp_path, capsys):
+    videos = {"24_ep1": 5, "Mad_Men_ep3": 6, "Unknown_ep1": 4}
+    write_lstr_folder(tmp_path / "src", videos, columns=31)
+    main(["import-features", "--format", "lstr", str(tmp_path / "src"),
+          "--out", str(tmp_path / "cache"), "--dataset", "tvseries"])
+    assert "3 videos imported" in capsys.readouterr().out
+    labels = LabelSet.load(tmp_path / "cache/labels.h5")
+    assert labels.num_classes == 31 and labels.class_names[18] == "Get in/out of car"
+    assert labels.splits == {"24_ep1": "train", "Mad_Men_ep3": "test"}
+    assert not labels.videos["24_ep1"].ambiguous.any()
+
+
+def test_bad_videos_are_reported_and_others_kept(tmp_path):
+    src = tmp_path / "src"
+    write_lstr_folder(src, {"video_test_0000001": 5, "video_test_0000002": 5,
+                            "video_test_0000003": 5})
+    (src / FLOW / "video_test_0000002.npy").unlink()              # a modality missing
+    np.save(src / RGB / "video_test_0000003.npy", np.zeros((4, 6)))  # length mismatch
+    with pytest.raises(VidpipeError, match="2 of 3 videos not imported") as info:
+        import_lstr(src, tmp_path / "cache", progress=False)
+    assert f"{FLOW}/video_test_0000002.npy: file not found" in str(info.value)
+    store = FeatureStore.open(tmp_path / "cache")
+    assert store.video_ids() == ["video_test_0000001"]
+    assert list(LabelSet.load(tmp_path / "cache/labels.h5").videos) == ["video_test_0000001"]
+
+
+def test_length_mismatch_names_the_file(tmp_path):
+    src = tmp_path / "src"
+    write_lstr_folder(src, {"video_test_0000003": 5})
+    np.save(src / RGB / "video_test_0000003.npy", np.zeros((4, 6)))
+    with pytest.raises(VidpipeError, match=f"{RGB}/video_test_0000003.npy: 4 steps, but .*has 5"):
+        import_lstr(src, tmp_path / "cache", progress=False)
+
+
+def test_missing_folders_are_one_line_errors(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_lstr_folder(src, {"video_test_0000001": 5})
+    (src / "rgb_other").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import-features", str(src), "--out", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "several rgb feature folders" in err
+    assert len(err.strip().splitlines()) == 1
+
+    shutil.copytree(src, tmp_path / "no_targets")
+    shutil.rmtree(tmp_path / "no_targets/target_perframe")
+    with pytest.raises(VidpipeError, match="target_perframe: folder not found"):
+        import_lstr(tmp_path / "no_targets", tmp_path / "c2", rgb_dir=RGB)
+    with pytest.raises(VidpipeError, match="nope: flow feature folder not found"):
+        import_lstr(src, tmp_path / "c3", rgb_dir=RGB, flow_dir="nope")
+    with pytest.raises(VidpipeError, match="feature folder not found"):
+        import_lstr(tmp_path / "absent", tmp_path / "c4")
+
+
+def test_unknown_column_count_asks_for_dataset(tmp_path):
+    write_lstr_folder(tmp_path / "src", {"x": 3}, columns=5)
+    with pytest.raises(VidpipeError, match="5 target columns match no known dataset"):
+        import_lstr(tmp_path / "src", tmp_path / "cache", progress=False)

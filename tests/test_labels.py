@@ -1,0 +1,157 @@
+"""Annotation files (CSV, THUMOS'14 txt, JSON) -> per-step targets on a cache's steps."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import VidpipeError
+from pipeline.labels import LabelSet, build_labels, segments_to_targets
+from pipeline.store import FeatureStore
+
+STEP = 0.25
+
+
+def make_cache(root, videos):
+    """videos: {video_id: (num_steps, attrs)}; timestamps i * STEP."""
+    store = FeatureStore.open_or_create(root, {"step_seconds": STEP, "fps": 24, "chunk": 6})
+    for video_id, (steps, attrs) in videos.items():
+        store.write(video_id, np.zeros((steps, 4)), np.zeros((steps, 3)),
+                    np.arange(steps) * STEP, attrs)
+    return store
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_cache(tmp_path / "cache", {
+        "clip_a.mp4": (20, {"source_path": "clip_a.mp4"}),
+        "sub__clip_b.mp4": (12, {"source_path": "sub/clip_b.mp4"}),
+    })
+
+
+def test_centre_rule_overlaps_and_short_segments():
+    ts = np.arange(8) * STEP  # centres 0.125, 0.375, ...
+    targets = segments_to_targets([(1, 0.25, 1.0), (2, 0.75, 1.25), (2, 1.6, 1.62)],
+                                  ts, STEP, 3)
+    assert targets.shape == (8, 3) and targets.dtype == np.float32
+    np.testing.assert_allclose(targets.sum(1), 1)
+    assert targets[0].tolist() == [1, 0, 0]            # centre 0.125 before the segment
+    assert targets[1].tolist() == [0, 1, 0]
+    assert targets[3].tolist() == [0, 0.5, 0.5]        # both classes: soft multi-label
+    assert targets[4].tolist() == [0, 0, 1]            # centre 1.125 < 1.25
+    assert targets[5].tolist() == [1, 0, 0]            # centre 1.375 >= 1.25: end is open
+    assert targets[6].tolist() == [0, 0, 1]            # 20 ms segment keeps its step
+    assert targets[7].tolist() == [1, 0, 0]
+
+
+def test_csv_with_split_and_path_matching(store, tmp_path):
+    csv = tmp_path / "ann.csv"
+    csv.write_text("video,label,start_s,end_s,split\n"
+                   "clip_a,Spin,1.0,2.0,train\n"
+                   "clip_a,Bounce,3.0,3.5,train\n"
+                   "sub/clip_b.mp4,Spin,0,1,test\n")
+    labels = build_labels(store, csv)
+    assert labels.class_names == ["background", "Bounce", "Spin"]
+    assert labels.splits == {"clip_a.mp4": "train", "sub__clip_b.mp4": "test"}
+    a = labels.videos["clip_a.mp4"].targets
+    assert a.shape == (20, 3)
+    assert np.flatnonzero(a[:, 2]).tolist() == [4, 5, 6, 7]
+    assert np.flatnonzero(a[:, 1]).tolist() == [12, 13]
+    assert labels.videos["sub__clip_b.mp4"].targets[:4, 2].tolist() == [1, 1, 1, 1]
+    assert not labels.videos["clip_a.mp4"].ambiguous.any()
+
+
+def test_given_class_order_and_unknown_class(store, tmp_path):
+    csv = tmp_path / "ann.csv"
+    csv.write_text("clip_a.mp4,Spin,1,2\n")  # no header: positional columns
+    labels = build_labels(store, csv, ["background", "Bounce", "Spin", "Slide"])
+    assert labels.class_names == ["background", "Bounce", "Spin", "Slide"]
+    assert labels.videos["clip_a.mp4"].targets[4:8, 2].tolist() == [1, 1, 1, 1]
+    with pytest.raises(VidpipeError, match=r"ann.csv:1: unknown class 'Spin'"):
+        build_labels(store, csv, ["Bounce"])
+
+
+def test_video_not_in_cache_is_an_error(store, tmp_path):
+    csv = tmp_path / "ann.csv"
+    csv.write_text("video,label,start_s,end_s\nclip_a,Spin,1,2\nnowhere,Spin,1,2\n")
+    with pytest.raises(VidpipeError, match="'nowhere' is not in the cache"):
+        build_labels(store, csv)
+    assert list(build_labels(store, csv, skip_missing=True).videos) == ["clip_a.mp4"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ("clip_a,Spin,2,1", "need 0 <= start < end"),
+    ("clip_a,Spin,one,2", "must be numbers"),
+    ("clip_a,Spin,1", "expected 4 columns"),
+])
+def test_bad_csv_rows(store, tmp_path, row, message):
+    csv = tmp_path / "ann.csv"
+    csv.write_text(f"video,label,start_s,end_s\n{row}\n")
+    with pytest.raises(VidpipeError, match=f"ann.csv:2: .*{message}"):
+        build_labels(store, csv)
+
+
+def test_thumos_folder_with_ambiguous(tmp_path):
+    store = make_cache(tmp_path / "cache", {
+        "video_validation_0000051.mp4": (40, {"source_path": "video_validation_0000051.mp4"}),
+        "video_test_0000004.mp4": (40, {"source_path": "video_test_0000004.mp4"}),
+    })
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    (ann / "BaseballPitch_val.txt").write_text("video_validation_0000051  1.0  2.0\n")
+    (ann / "CliffDiving_test.txt").write_text("video_test_0000004 5.0 6.0\n\n")
+    (ann / "Ambiguous_test.txt").write_text("video_test_0000004 7.0 8.0\n")
+    (ann / "README").write_text("not an annotation")
+    labels = build_labels(store, ann)
+    assert labels.class_names == ["background", "BaseballPitch", "CliffDiving"]
+    assert labels.splits == {"video_validation_0000051.mp4": "train",
+                             "video_test_0000004.mp4": "test"}
+    test = labels.videos["video_test_0000004.mp4"]
+    assert np.flatnonzero(test.ambiguous).tolist() == [28, 29, 30, 31]
+    assert np.flatnonzero(test.targets[:, 2]).tolist() == [20, 21, 22, 23]
+    assert labels.videos["video_validation_0000051.mp4"].targets[4:8, 1].tolist() == [1] * 4
+
+
+def test_json_schema(store, tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({
+        "classes": ["Slide", "Spin"],
+        "videos": {
+            "clip_a.mp4": {"split": "train", "segments": [
+                {"label": "Spin", "start_s": 0.0, "end_s": 0.5},
+                {"label": "ambiguous", "start_s": 1.0, "end_s": 1.5}]},
+            "clip_b": {"split": "test", "segments": []},
+        }}))
+    labels = build_labels(store, path)
+    assert labels.class_names == ["background", "Slide", "Spin"]
+    assert labels.videos["clip_a.mp4"].targets[:2, 2].tolist() == [1, 1]
+    assert labels.videos["clip_a.mp4"].ambiguous[4:6].all()
+    assert labels.videos["sub__clip_b.mp4"].targets[:, 0].all()  # listed, no action
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"videos": {"clip_a": {"segments": [{"label": "Spin"}]}}}')
+    with pytest.raises(VidpipeError, match=r"videos.clip_a.segments\[0\]"):
+        build_labels(store, bad)
+
+
+def test_ambiguous_stem_match_is_an_error(tmp_path):
+    store = make_cache(tmp_path / "cache", {
+        "a__x.mp4": (4, {"source_path": "a/x.mp4"}), "b__x.mp4": (4, {"source_path": "b/x.mp4"})})
+    csv = tmp_path / "ann.csv"
+    csv.write_text("x,Spin,0,1\n")
+    with pytest.raises(VidpipeError, match="matches several cache videos"):
+        build_labels(store, csv)
+    csv.write_text("b/x.mp4,Spin,0,1\n")
+    assert list(build_labels(store, csv).videos) == ["b__x.mp4"]
+
+
+def test_cli_writes_labels_file(store, tmp_path, capsys):
+    csv = tmp_path / "ann.csv"
+    csv.write_text("video,label,start_s,end_s\nclip_a,Spin,1,2\n")
+    main(["labels", str(csv), "--cache", str(store.root), "--classes", "Spin,Bounce"])
+    loaded = LabelSet.load(store.root / "labels.h5")
+    assert loaded.class_names == ["background", "Spin", "Bounce"]
+    assert "1 videos, 2 classes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["labels", str(tmp_path / "missing.csv"), "--cache", str(store.root)])
+    assert exit_info.value.code == 2
+    assert "missing.csv: annotation file not found" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""Per-step probabilities -> segments, and the timeline's JSON / CSV / PNG files."""
+import numpy as np
+import pytest
+
+from pipeline.errors import VidpipeError
+from pipeline.timeline import (Segmenter, Timeline, TimelineSettings, downsample_max,
+                               find_segments, format_time)
+
+NAMES = ["background", "Bounce", "Spin"]
+STEP = 0.25
+
+
+def probs_from(labels, high=0.9):
+    """Per-step class index -> probability rows (the class gets `high`, rest to background)."""
+    probs = np.zeros((len(labels), 3), np.float32)
+    for t, c in enumerate(labels):
+        probs[t, c] = high if c else 1.0
+        probs[t, 0] += 1.0 - high if c else 0.0
+    return probs
+
+
+def segments(labels, **settings):
+    ts = np.arange(len(labels)) * STEP
+    found = find_segments(probs_from(labels), ts, NAMES, STEP, TimelineSettings(**settings))
+    return [(s.label, s.start_s, s.end_s) for s in found]
+
+
+def test_actions_touching_both_edges():
+    assert segments([1, 1, 0, 0, 2, 2], min_duration_s=0, merge_gap_s=0) == [
+        ("Bounce", 0.0, 0.5), ("Spin", 1.0, 1.5)]
+
+
+def test_one_step_action_kept_or_dropped_by_min_duration():
+    assert segments([0, 0, 1, 0, 0], min_duration_s=0.25, merge_gap_s=0) == [
+        ("Bounce", 0.5, 0.75)]
+    assert segments([0, 0, 1, 0, 0], min_duration_s=0.5, merge_gap_s=0) == []
+
+
+def test_gap_merging():
+    labels = [1, 1, 0, 1, 1, 0, 0, 0, 1, 1]
+    assert segments(labels, min_duration_s=0, merge_gap_s=0.25) == [
+        ("Bounce", 0.0, 1.25), ("Bounce", 2.0, 2.5)]
+    assert segments(labels, min_duration_s=0, merge_gap_s=0.75) == [("Bounce", 0.0, 2.5)]
+
+
+def test_all_background_gives_no_segment():
+    assert segments([0] * 50, min_duration_s=0, merge_gap_s=0) == []
+    empty = find_segments(np.zeros((0, 3)), np.zeros(0), NAMES, STEP)
+    assert empty == []
+
+
+def test_ties_at_threshold_are_active_for_each_class():
+    probs = np.array([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    found = find_segments(probs, np.arange(2) * STEP, NAMES, STEP,
+                          TimelineSettings(threshold=0.5, min_duration_s=0, merge_gap_s=0))
+    assert [(s.label, s.start_s, s.end_s, s.score) for s in found] == [
+        ("Bounce", 0.0, 0.25, 0.5), ("Spin", 0.0, 0.25, 0.5)]
+
+
+def test_per_class_threshold_and_score_is_mean_over_segment():
+    probs = np.array([[0.6, 0.4, 0.0], [0.7, 0.3, 0.0], [0.4, 0.6, 0.0], [1.0, 0.0, 0.0]])
+    ts = np.arange(4) * STEP
+    settings = TimelineSettings(class_thresholds={"Bounce": 0.3}, min_duration_s=0,
+                                merge_gap_s=0)
+    (segment,) = find_segments(probs, ts, NAMES, STEP, settings)
+    assert (segment.start_s, segment.end_s) == (0.0, 0.75)
+    assert segment.score == pytest.approx((0.4 + 0.3 + 0.6) / 3)
+    with pytest.raises(VidpipeError, match="unknown class 'Jump'"):
+        find_segments(probs, ts, NAMES, STEP, TimelineSettings(class_thresholds={"Jump": 0.1}))
+
+
+def test_live_events_agree_with_final_segments():
+    labels = [0, 1, 1, 1, 0, 1, 1, 0, 0, 0, 2, 2, 2, 0, 1, 0, 0]
+    probs = probs_from(labels)
+    segmenter = Segmenter(NAMES, STEP, TimelineSettings(min_duration_s=0.5, merge_gap_s=0.25))
+    events = []
+    for t, row in enumerate(probs):
+        events += [(t, e.kind, e.label, e.time_s) for e in segmenter.step(t * STEP, row)]
+    events += [("eof", e.kind, e.label, e.time_s) for e in segmenter.finish()]
+    # start decided once 0.5 s long (step 2); end once the gap exceeds 0.25 s (step 8)
+    assert events == [(2, "start", "Bounce", 0.25), (8, "end", "Bounce", 1.75),
+                      (11, "start", "Spin", 2.5), (14, "end", "Spin", 3.25)]
+    assert [(s.label, s.start_s, s.end_s) for s in segmenter.segments] == [
+        ("Bounce", 0.25, 1.75), ("Spin", 2.5, 3.25)]
+
+
+def test_format_time():
+    assert format_time(72.5) == "00:01:12.50"
+    assert format_time(3723.25) == "01:02:03.25"
+
+
+def make_timeline(steps=40):
+    labels = ([0] * 5 + [1] * 10 + [0] * 5 + [2] * 8 + [0] * 12)[:steps]
+    labels += [0] * (steps - len(labels))
+    return Timeline.from_probs(
+        probs_from(labels), np.arange(steps) * STEP, NAMES, STEP,
+        TimelineSettings(min_duration_s=0.5),
+        {"video": {"source": "clips/demo.mp4"}, "model": {"checkpoint": "runs/x/best.pt"},
+         "timings": {"total_s": 1.5}})
+
+
+def test_json_round_trip(tmp_path):
+    timeline = make_timeline()
+    path = timeline.save_json(tmp_path / "out" / "demo.timeline.json")
+    loaded = Timeline.load(path)
+    assert loaded.class_names == NAMES
+    assert loaded.segments == timeline.segments
+    assert loaded.settings == timeline.settings
+    assert loaded.metadata == timeline.metadata
+    np.testing.assert_allclose(loaded.probs, timeline.probs, atol=1e-6)
+    np.testing.assert_array_equal(loaded.timestamps, timeline.timestamps)
+    assert [s.label for s in loaded.segments] == ["Bounce", "Spin"]
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(VidpipeError, match="bad.json: not a vidpipe timeline"):
+        Timeline.load(tmp_path / "bad.json")
+
+
+def test_csv_export(tmp_path):
+    text = make_timeline().save_csv(tmp_path / "t.csv").read_text().splitlines()
+    assert text[0] == "label,start_s,end_s,score"
+    assert text[1].startswith("Bounce,1.250,3.750,0.9")
+    assert len(text) == 3
+
+
+@pytest.mark.parametrize("steps", [40, 28_800])  # a 10 s clip and a 2 h film
+def test_png_written_with_requested_size(tmp_path, steps):
+    import matplotlib.image
+
+    path = make_timeline(steps).save_png(tmp_path / "t.png", width_px=1200, height_px=500)
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (500, 1200)
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_downsample_keeps_peaks():
+    values = np.zeros(100_000)
+    values[12_345] = 0.9
+    t, v = downsample_max(np.arange(100_000) * STEP, values, 1000)
+    assert len(t) == len(v) == 1000 and v.max() == 0.9
