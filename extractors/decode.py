@@ -348,5 +348,7 @@ def _declared_duration(container: av.container.InputContainer, stream: av.video.
 
 def _describe(exc: BaseException) -> str:
     """First line of an FFmpeg/decord error, without their multi-line stack dumps."""
+    if isinstance(exc, av.error.FFmpegError) and exc.strerror:
+        return exc.strerror   # str(exc) repeats errno and file name
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]

@@ -76,13 +76,16 @@ class TransformerLayer(nn.Module):
         return self.ffn_block(x)
 
     def self_block(self, x, q, k, v, allowed=None):
+        # x (B, Q, D) residual; q (B, Q, D), k, v (B, K, D) projected by self_attn -> (B, Q, D)
         return self.norm1(x + self.drop1(self.self_attn.attend(q, k, v, allowed)))
 
     def cross_block(self, x, k, v, allowed=None, q=None):
+        # x (B, Q, D); k, v (B, K, D) projected by cross_attn; q given when it is a constant
         q = self.cross_attn.q_proj(x) if q is None else q
         return self.norm2(x + self.drop2(self.cross_attn.attend(q, k, v, allowed)))
 
     def ffn_block(self, x):
+        # (B, Q, D) -> (B, Q, D)
         return self.norm3(x + self.drop3(self.ffn(x)))
 
 
@@ -160,7 +163,9 @@ class RecurrentDecoder(nn.Module):
 
     def stage_stacks(self) -> list[TransformerStack]:
         """The stack used by each of the N stages (the same object N times when recurrent)."""
-        return [self.stacks[min(n, len(self.stacks) - 1)] for n in range(self.num_stages)]
+        if len(self.stacks) == 1:
+            return [self.stacks[0]] * self.num_stages
+        return list(self.stacks)
 
     def forward(self, short_memory: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         # short_memory (B, S, D), features N x (B, Q1, D) -> (B, S, D)
@@ -195,7 +200,9 @@ class MALT(nn.Module):
         self.encoder = HierarchicalEncoder(cfg)
         self.decoder = RecurrentDecoder(cfg)
         self.classifier = nn.Linear(d, cfg.num_classes)     # shared by decoder and encoder outputs
-        self.apply(_init_weights)
+        # Linear layers keep PyTorch's default init, as in LSTR and the authors' code: timm's
+        # N(0, 0.02) leaves small models (d_model 32..64) unable to use the long memory at
+        # all (tests/test_learning.py stays at chance with it).
         for p in [self.long_pos, self.short_pos, *(b.queries for b in self.encoder.branches)]:
             nn.init.trunc_normal_(p, std=0.02)
 
@@ -213,10 +220,3 @@ class MALT(nn.Module):
                                      + self.short_pos[:num_short])                           # (B, S, D)
         decoded = self.decoder(short_memory, features)                                       # (B, S, D)
         return MALTOutput(self.classifier(decoded), [self.classifier(f) for f in features])
-
-
-def _init_weights(module: nn.Module) -> None:
-    # timm's transformer init: truncated normal weights, zero biases.
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        nn.init.zeros_(module.bias)

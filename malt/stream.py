@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from malt.model import MALT, TransformerLayer, causal_mask
 from malt.window import window_indices
+from pipeline.errors import VidpipeError
 
 
 class OnlineDetector:
@@ -90,27 +91,36 @@ class OnlineDetector:
         """Consume T past steps rgb (T, Dr), flow (T, Df) without computing their outputs.
 
         Afterwards the detector is in the state that T calls of `step` leave (the buffers hold
-        the same rows): a fast way to resume a stream or to measure a long-running stream.
+        the same rows, up to the rounding of batched matrix products): a fast way to resume a
+        stream or to measure a long-running one.
         """
         keep = min(len(rgb), self.ring_size)         # older steps would be overwritten anyway
         self.steps_seen += len(rgb) - keep
         self._push(self._as_rows(rgb[len(rgb) - keep:]), self._as_rows(flow[len(flow) - keep:]))
 
     def _as_rows(self, x) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
-        return x.reshape(-1, x.shape[-1])[None]                                   # (1, T, D*)
+        x = x if isinstance(x, torch.Tensor) else np.asarray(x)
+        return torch.as_tensor(x, dtype=torch.float32, device=self.device).reshape(1, -1, x.shape[-1])
+
+    def _check_dims(self, rgb: torch.Tensor, flow: torch.Tensor) -> None:
+        if rgb.shape[-1] != self.cfg.rgb_dim or flow.shape[-1] != self.cfg.flow_dim:
+            raise VidpipeError(f"features have {rgb.shape[-1]} rgb + {flow.shape[-1]} flow dims, the "
+                               f"model expects {self.cfg.rgb_dim} + {self.cfg.flow_dim}: features "
+                               f"from a different extractor than the model was trained on?")
 
     def _push(self, rgb: torch.Tensor, flow: torch.Tensor) -> None:
         # rgb (1, T, Dr), flow (1, T, Df): fuse and project each step once, store by step index.
+        self._check_dims(rgb, flow)
         model, count = self.model, rgb.shape[1]
         steps = torch.arange(self.steps_seen, self.steps_seen + count, device=self.device)
         long_fused = model.long_fusion(rgb, flow)[0]                              # (T, D)
         self._long_ring[:, steps % self.ring_size] = F.linear(long_fused, self._long_weight).view(
             count, -1, self.cfg.d_model).transpose(0, 1)                          # (2n, T, D)
-        short_fused = model.short_fusion(rgb, flow)[0]                            # (T, D)
-        slots = steps % self.cfg.short_memory_steps
+        recent = min(count, self.cfg.short_memory_steps)    # only these can be in the short memory
+        short_fused = model.short_fusion(rgb[:, -recent:], flow[:, -recent:])[0]  # (T', D)
+        slots = steps[-recent:] % self.cfg.short_memory_steps
         self._short_ring[slots] = short_fused
-        self._short_ring_qkv[slots] = F.linear(short_fused, self._short_weight).view(count, 3, -1)
+        self._short_ring_qkv[slots] = F.linear(short_fused, self._short_weight).view(recent, 3, -1)
         self.steps_seen += count
 
     def _predict(self, t: int) -> torch.Tensor:

@@ -220,6 +220,26 @@ def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, clas
 
 
 
+@cli.command()
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(path_type=str),
+              help="Folder for the generated videos, cache, model and timelines.")
+@click.option("--videos", "num_videos", default=32, show_default=True,
+              type=click.IntRange(min=2), help="Synthetic videos to generate (1/4 held out).")
+@click.option("--duration", default=20.0, show_default=True, type=float,
+              help="Seconds per video.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Training epochs (default: configs/demo.yaml's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(out, num_videos, duration, epochs, device, seed) -> None:
+    """Generate synthetic action videos, extract, train, evaluate and detect: the whole
+    chain in a few minutes on a CPU, no data or weights needed."""
+    from pipeline.demo import DemoSettings, run_demo
+
+    run_demo(out, DemoSettings(num_videos=num_videos, duration_s=duration, epochs=epochs,
+                               seed=seed, device=device))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -12,9 +12,11 @@ Outputs per video (default folder: `<run folder>/detections/`, the run folder be
 checkpoint's): `<name>.timeline.json` (segments, per-step probabilities, metadata),
 `<name>.timeline.csv` (segments) and `<name>.timeline.png` (the picture).
 
-Batch: a folder source runs every video in it; with `cache`, a video the cache already
-holds (same file, same feature settings as the checkpoint) is read from the cache instead
-of being decoded again. A bad video is reported and skipped; the others go on.
+Batch: a folder source runs every video in it. With `cache` (which must have the
+checkpoint's feature settings), a video the cache already holds (the same content, by the
+fingerprint `vidpipe extract` records, whatever the file is called now) is read from the
+cache instead of being decoded again; the model still runs step by step. A bad video is
+reported and skipped; the others go on.
 Ctrl-C stops cleanly: the steps decided so far are written as the video's timeline.
 """
 from __future__ import annotations
@@ -69,12 +71,11 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
     store = _open_cache(cache, ckpt.feature_settings, checkpoint) if cache else None
     out_dir = Path(out) if out else Path(checkpoint).resolve().parent / DETECTIONS_DIR
     runner = _Runner(model, ckpt, str(checkpoint), device, settings or TimelineSettings(),
-                     weights or {}, live, echo)
+                     weights or {}, store, live, echo)
 
     folder = Path(str(source))
-    if not folder.is_dir():
-        detection = runner.run(str(source), _output_name(str(source)), store, None, out_dir,
-                               picture)
+    if not folder.is_dir():  # a file, URL or device
+        detection = runner.run(str(source), _output_name(str(source)), out_dir, picture)
         return [detection]
 
     videos = _list_videos(folder)
@@ -84,11 +85,12 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
     for path in videos:
         relative = path.relative_to(folder)
         try:
-            detection = runner.run(str(path), video_id_from_path(relative), store, relative,
-                                   out_dir, picture)
-        except VidpipeError as exc:
-            failures.append(str(exc))
-            echo(f"skipped: {exc}")
+            detection = runner.run(str(path), video_id_from_path(relative), out_dir, picture)
+        except Exception as exc:  # a bad video must not stop the batch: say why, go on
+            why = str(exc) if isinstance(exc, VidpipeError) else \
+                f"{path}: unexpected {type(exc).__name__}: {exc}"
+            failures.append(why)
+            echo(f"skipped: {why}")
             continue
         detections.append(detection)
         if detection.interrupted:
@@ -103,11 +105,13 @@ class _Runner:
     """Everything shared by the videos of one `detect` call."""
 
     def __init__(self, model, ckpt, checkpoint_path: str, device, settings: TimelineSettings,
-                 weights: dict[str, str], live: bool, echo: Callable[[str], None]):
+                 weights: dict[str, str], store: FeatureStore | None, live: bool,
+                 echo: Callable[[str], None]):
         self.model, self.ckpt, self.checkpoint_path = model, ckpt, checkpoint_path
         self.device, self.settings, self.weights = device, settings, weights
-        self.live, self.echo = live, echo
+        self.store, self.live, self.echo = store, live, echo
         self._extractor = None
+        self._by_fingerprint: dict[str, str] | None = None
 
     @property
     def extractor(self):
@@ -123,14 +127,27 @@ class _Runner:
                 raise VidpipeError(f"{self.checkpoint_path}: {exc}") from None
         return self._extractor
 
-    def run(self, source: str, name: str, store: FeatureStore | None,
-            relative: Path | None, out_dir: Path, picture: bool) -> Detection:
+    def cached_id(self, source: str) -> str | None:
+        """The cache id holding this very file, whatever its name now: the content
+        fingerprint `vidpipe extract` records per video identifies it."""
+        from pipeline.extract import fingerprint
+
+        path = Path(source)
+        if self.store is None or not path.is_file():
+            return None
+        if self._by_fingerprint is None:  # read once: a folder run looks up every video
+            self._by_fingerprint = {self.store.attrs(v).get("fingerprint"): v
+                                    for v in self.store.video_ids()}
+        return self._by_fingerprint.get(fingerprint(path))
+
+    def run(self, source: str, name: str, out_dir: Path, picture: bool) -> Detection:
         from malt.stream import OnlineDetector
 
-        cached = _find_cached(store, source, relative) if store is not None else None
+        cached = self.cached_id(source)
         started = time.perf_counter()
         if cached is not None:
-            steps, info = _cached_steps(store, cached), {"features": f"cache {store.root}"}
+            steps = _cached_steps(self.store, cached)
+            info = {"features": f"cache {self.store.root}"}
         else:
             steps, info = self._stream_steps(source)
         step_seconds = float(self.ckpt.feature_settings["step_seconds"])
@@ -236,35 +253,6 @@ def _open_cache(cache: str | Path, feature_settings: dict, checkpoint: str | Pat
         raise VidpipeError(f"{cache}: features made with other settings than {checkpoint}'s "
                            f"training cache (differs in: {', '.join(keys)})")
     return store
-
-
-def _find_cached(store: FeatureStore, source: str, relative: Path | None) -> str | None:
-    """The cache id holding this very file (same content fingerprint as `vidpipe extract`
-    records), looked up by its path relative to the folder, its name or its absolute path."""
-    from pipeline.extract import fingerprint
-
-    path = Path(source)
-    if not path.is_file():
-        return None
-    candidates = [video_id_from_path(relative)] if relative is not None else []
-    candidates += [video_id_from_path(path.name), _abspath_index(store).get(str(path.resolve()))]
-    wanted = None
-    for video_id in dict.fromkeys(c for c in candidates if c and c in store):
-        wanted = wanted or fingerprint(path)
-        if store.attrs(video_id).get("fingerprint") == wanted:
-            return video_id
-    return None
-
-
-_ABSPATHS: dict[str, dict[str, str]] = {}
-
-
-def _abspath_index(store: FeatureStore) -> dict[str, str]:
-    """source_abspath -> cache id of a store (read once per store and process)."""
-    key = str(store.root.resolve())
-    if key not in _ABSPATHS:
-        _ABSPATHS[key] = {store.attrs(v).get("source_abspath", ""): v for v in store.video_ids()}
-    return _ABSPATHS[key]
 
 
 def _cached_steps(store: FeatureStore, video_id: str) -> Iterator[_Timed]:

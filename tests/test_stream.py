@@ -6,8 +6,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from malt.stream import OnlineDetector
 from malt.window import gather_window
-from model_helpers import single_thread  # noqa: F401  (autouse fixture)
+from pipeline.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_model
+from model_helpers import single_thread  # noqa: F401  (autouse fixture)
 
 # Tiny config: long memory 16 steps / stride 4 (4 slots), short memory 4 steps, so a stream of
 # 45 steps covers the empty start, the filling long memory and many full windows.
@@ -63,7 +64,7 @@ def test_feed_history_leaves_the_state_that_stepping_leaves():
     fed = OnlineDetector(model)
     fed.feed_history(rgb[:50], flow[:50])
     np.testing.assert_allclose(stream_probs(fed, rgb[50:], flow[50:]),
-                               stream_probs(stepped, rgb[50:], flow[50:]), atol=1e-6, rtol=0)
+                               stream_probs(stepped, rgb[50:], flow[50:]), atol=1e-5, rtol=0)
 
 
 def test_cost_per_step_does_not_grow_with_stream_length():
@@ -105,3 +106,19 @@ def test_detector_accepts_lists_and_torch_vectors():
              detector.step(torch.from_numpy(rgb[1]), torch.from_numpy(flow[1]))]
     np.testing.assert_allclose(np.stack(probs), offline_probs(model, rgb, flow, [0, 1]), atol=1e-5)
     assert all(p.dtype == np.float32 and abs(p.sum() - 1) < 1e-5 for p in probs)
+
+
+def test_feature_dims_that_do_not_match_the_model_are_a_clear_error():
+    model = tiny_model()
+    detector = OnlineDetector(model)
+    with pytest.raises(VidpipeError, match="7 rgb \\+ 5 flow dims, the model expects 6 \\+ 5"):
+        detector.step(np.zeros(7, np.float32), np.zeros(5, np.float32))
+
+
+def test_feed_history_longer_than_the_buffers():
+    model = tiny_model()
+    rgb, flow = random_video(90, model.cfg, seed=4)
+    fed = OnlineDetector(model)
+    fed.feed_history(rgb[:85], flow[:85])            # more than long + short memory steps
+    np.testing.assert_allclose(stream_probs(fed, rgb[85:], flow[85:]),
+                               offline_probs(model, rgb, flow, range(85, 90)), atol=1e-5, rtol=0)

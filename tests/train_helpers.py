@@ -58,32 +58,33 @@ def random_cache(root: Path, num_train: int = 3, num_test: int = 2, steps: int =
     return write_cache(root, videos, names, splits)
 
 
-def long_range_cache(root: Path, num_train: int = 12, num_test: int = 4, episodes: int = 3,
-                     gap: int = 112, seed: int = 0) -> Path:
-    """Two actions that look the same; only a cue `gap` steps before tells them apart.
+def long_range_cache(root: Path, num_train: int = 8, num_test: int = 4, episodes: int = 3,
+                     gap: int = 100, seed: int = 0) -> Path:
+    """Two actions that look the same; only a cue more than `gap` steps before tells them apart.
 
-    Each episode: a cue of 8 steps (feature 0 or 1 raised: which action will come), `gap`
-    steps of background noise, then 16 steps of the action (feature 2 raised, the same for
-    both actions), then background. A per-step classifier sees that an action happens but
-    not which one; a model must remember the cue across more than `gap` steps.
+    Each episode: a cue of 16 steps (one of two feature groups raised: which action will come), `gap`
+    steps of background, then 16 steps of the action (a third group raised, the same for
+    both actions), then background. A per-step classifier sees that an action happens but not
+    which one; a model must carry the cue across more than `gap` steps.
     """
     rng = np.random.default_rng(seed)
-    episode = 8 + gap + 16 + 24
-    dim = 8
+    cue, action_steps, dim, width = 16, 16, 32, 8   # each signal spans `width` feature dims
+    episode = cue + gap + action_steps + 24
     videos, splits = {}, {}
     for index in range(num_train + num_test):
         steps = episodes * episode + 16
-        rgb = rng.standard_normal((steps, dim)).astype(np.float32) * 0.5
-        flow = rng.standard_normal((steps, dim)).astype(np.float32) * 0.5
+        rgb = rng.standard_normal((steps, dim)).astype(np.float32) * 0.2
+        flow = rng.standard_normal((steps, dim)).astype(np.float32) * 0.2
         targets = np.zeros((steps, 3), np.float32)
         targets[:, 0] = 1
         for e in range(episodes):
             start = 16 + e * episode
             action = int(rng.integers(1, 3))
-            rgb[start:start + 8, action - 1] += 3.0                      # the cue
-            begin = start + 8 + gap
-            rgb[begin:begin + 16, 2] += 3.0                              # the action, class-blind
-            targets[begin:begin + 16] = np.eye(3)[action]
+            cue_dims = slice((action - 1) * width, action * width)
+            rgb[start:start + cue, cue_dims] += 2.0                      # the cue
+            begin = start + cue + gap
+            rgb[begin:begin + action_steps, 2 * width:3 * width] += 2.0  # the action, class-blind
+            targets[begin:begin + action_steps] = np.eye(3)[action]
         video_id = f"episode_video_{index}"
         videos[video_id] = (rgb, flow, targets, np.zeros(steps, bool))
         splits[video_id] = "train" if index < num_train else "test"

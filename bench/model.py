@@ -1,0 +1,159 @@
+"""Benchmark MALT at the paper's size: streaming vs recomputing, MALT vs the LSTR-like setup.
+
+    .venv/bin/python bench/model.py [--steps 40] [--train-batch 8] [--device cpu] [--threads 2]
+
+Models: MALT (M_L 2048 steps = 512 tokens, M_S 32, d_model 1024, 16 heads, N=2, k=370,
+rgb 2048 + flow 1024, 22 outputs) and the LSTR-like configuration (vanilla attention, N=1).
+Random weights and features: the cost does not depend on their values.
+
+Streaming latency is measured at stream positions ~3,000 and ~10,000. The history before
+each is loaded with `OnlineDetector.feed_history`, which leaves the detector's buffers
+exactly as stepping through it would (tests/test_stream.py checks this); a step's work
+depends only on those fixed-size buffers, never on how many steps came before.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from malt.config import ModelConfig
+from malt.model import MALT
+from malt.stream import OnlineDetector
+from malt.window import gather_window
+
+PAPER = ModelConfig()   # the defaults are the paper's THUMOS'14 model
+LSTR_LIKE = dataclasses.replace(PAPER, sparse_k=None, num_branches=1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device: torch.device) -> np.ndarray:
+    """Seconds per call, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return np.array(times)
+
+
+def streaming_latency(model, cfg, position, steps, device, rng):
+    """Seconds per step over `steps` steps from `position` on, and multiply-adds of one step."""
+    detector = OnlineDetector(model, device)
+    history = position - 1
+    detector.feed_history(rng.standard_normal((history, cfg.rgb_dim), dtype=np.float32),
+                          rng.standard_normal((history, cfg.flow_dim), dtype=np.float32))
+    rgb = rng.standard_normal((steps + 1, cfg.rgb_dim), dtype=np.float32)
+    flow = rng.standard_normal((steps + 1, cfg.flow_dim), dtype=np.float32)
+    feed = iter(zip(rgb, flow))
+    seconds = timed(lambda: detector.step(*next(feed)), steps - 1, device)
+    with FlopCounterMode(display=False) as counter:
+        detector.step(*next(feed))
+    return seconds, counter.get_total_flops() // 2
+
+
+def recompute_latency(model, cfg, repeats, device, rng):
+    """Offline forward on the full window ending at the newest step (what a naive stream does)."""
+    steps = cfg.long_memory_steps + cfg.short_memory_steps
+    window = gather_window(rng.standard_normal((steps, cfg.rgb_dim), dtype=np.float32),
+                           rng.standard_normal((steps, cfg.flow_dim), dtype=np.float32), steps - 1, cfg)
+    window = [torch.as_tensor(a)[None].to(device) for a in window]
+
+    def run():
+        with torch.inference_mode():
+            model(*window).logits[0, -1].softmax(-1).cpu()
+    with FlopCounterMode(display=False) as counter:   # (its module tracker needs autograd on)
+        model(*window)
+    return timed(run, repeats, device), counter.get_total_flops() // 2
+
+
+def training_rate(model, cfg, batch, repeats, device, rng):
+    """Training windows per second (forward + backward + Adam step, AMP on CUDA)."""
+    model.train()
+    L, S = cfg.long_memory_steps // cfg.long_memory_stride, cfg.short_memory_steps
+    tensors = [torch.as_tensor(rng.standard_normal(shape, dtype=np.float32), device=device)
+               for shape in [(batch, L, cfg.rgb_dim), (batch, L, cfg.flow_dim),
+                             (batch, S, cfg.rgb_dim), (batch, S, cfg.flow_dim)]]
+    valid = torch.ones(batch, L, dtype=torch.bool, device=device)
+    target = torch.randint(cfg.num_classes, (batch, S), device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5)
+
+    def run():
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            out = model(tensors[0], tensors[1], valid, tensors[2], tensors[3])
+            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = timed(run, repeats, device)
+    model.eval()
+    return batch / np.median(seconds)
+
+
+def peak_memory(device) -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    text = f"peak RSS {rss:,.0f} MiB"
+    if device.type == "cuda":
+        text += f", CUDA max allocated {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
+    return text
+
+
+def ms(seconds: np.ndarray) -> str:
+    return f"{np.median(seconds) * 1e3:7.1f} / {np.percentile(seconds, 99) * 1e3:7.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="streaming steps timed per position")
+    parser.add_argument("--repeats", type=int, default=12, help="timed window recomputations")
+    parser.add_argument("--train-batch", type=int, default=None, help="default: 16 on CUDA, 8 on CPU")
+    parser.add_argument("--train-repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    train_batch = args.train_batch or (16 if device.type == "cuda" else 8)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {device} ({name}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'config':<24}{'params':>8}{'step@3k ms':>19}{'step@10k ms':>19}{'recompute ms':>19}"
+          f"{'speed-up':>10}{'GMAC step@3k/10k/recompute':>30}{'train win/s':>13}")
+    print(f"{'':<24}{'':>8}{'median / p99':>19}{'median / p99':>19}{'median / p99':>19}")
+    for label, cfg in [("MALT (N=2, k=370)", PAPER), ("LSTR-like (N=1, dense)", LSTR_LIKE)]:
+        rng = np.random.default_rng(0)
+        torch.manual_seed(0)
+        model = MALT(cfg).to(device).eval()
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        at_3k, macs_3k = streaming_latency(model, cfg, 3000, args.steps, device, rng)
+        at_10k, macs_10k = streaming_latency(model, cfg, 10000, args.steps, device, rng)
+        recompute, macs_window = recompute_latency(model, cfg, args.repeats, device, rng)
+        macs = f"{macs_3k / 1e9:.3f} / {macs_10k / 1e9:.3f} / {macs_window / 1e9:.3f}"
+        rate = training_rate(model, cfg, train_batch, args.train_repeats, device, rng)
+        speedup = np.median(recompute) / np.median(at_10k)
+        print(f"{label:<24}{params:>7.1f}M{ms(at_3k):>19}{ms(at_10k):>19}{ms(recompute):>19}"
+              f"{speedup:>9.1f}x{macs:>30}{rate:>13.1f}", flush=True)
+        del model
+    print(f"training: batch {train_batch}, forward + backward + Adam; {peak_memory(device)}; "
+          f"load average now {os.getloadavg()[0]:.1f}")
+    print("targets (2 CPU cores): step <= 25 ms, >= 3x faster than recompute, step@10k ~ step@3k")
+
+
+if __name__ == "__main__":
+    main()
