@@ -67,13 +67,27 @@ def create_timm_backbone(name: str, in_chans: int, *, weights_file: str | None, 
         path = _weights_file(weights_file)
         try:
             model = build(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+            _check_no_foreign_keys(model, path)
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            raise VidpipeError(f"{path}: weights do not fit backbone '{name}' ({_first_line(exc)})") from None
+            raise VidpipeError(f"{path}: weights do not fit backbone '{name}' ({_first_line(exc)[:150]})") from None
         return model.eval(), weights_identity(False, seed, str(path), name)
     with _hub_access(name, option, "https://huggingface.co"):
         model = build(pretrained=True)
     tag = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url") or name
     return model.eval(), weights_identity(False, seed, None, tag)
+
+
+def _check_no_foreign_keys(model: nn.Module, path: Path) -> None:
+    """timm tolerates unexpected keys (it drops the classifier): refuse other architectures."""
+    from timm.models import load_state_dict
+
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    known = set(model.state_dict())
+    foreign = [key for key in load_state_dict(str(path))
+               if key not in known and not key.startswith(tuple(c + "." for c in classifier))]
+    if foreign:
+        raise RuntimeError(f"{len(foreign)} keys of another architecture, e.g. {foreign[0]}")
 
 
 def load_weights_file(model: nn.Module, weights_file: str, name: str) -> str:

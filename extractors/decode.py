@@ -37,7 +37,8 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 BACKENDS = ("auto", "decord", "pyav")
 TIME_EPS = 1e-4            # seconds: timestamps closer than this are the same instant
-BATCH_BYTES = 64 << 20     # decoded frames held at once by the decord backend
+BATCH_BYTES = 32 << 20     # decoded frames held at once by the decord backend...
+BATCH_CHUNKS = 32          # ...and at most this many chunks per get_batch
 TRUNCATED_SECONDS = 0.5    # missing video beyond this (and 3 frames) means a truncated file
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
                     ".wmv", ".flv", ".ts", ".mts", ".m2ts", ".3gp", ".ogv")
@@ -122,6 +123,7 @@ class VideoSource:
         if backend == "decord" and (decord is None or not self.info.is_file):
             why = "not installed" if decord is None else "reads local files only"
             raise VidpipeError(f"{self.path}: decord backend unavailable ({why}); use backend 'pyav'")
+        self.fallback = backend == "auto"   # may decord hand over to PyAV?
         self.backend = "pyav" if backend == "auto" and (decord is None or not self.info.is_file) \
             else ("decord" if backend == "auto" else backend)
         self.backend_used: str | None = None   # what decoded the last iteration (after fallback)
@@ -154,7 +156,7 @@ class VideoSource:
         try:
             return av.open(self.path, **kwargs)
         except av.error.FFmpegError as exc:
-            raise VidpipeError(f"{self.path}: cannot open as video ({_describe(exc)})") from None
+            raise VidpipeError(f"{self.path}: not a video or corrupt file ({_describe(exc)})") from None
 
     def _end_of(self, last_start: float) -> float:
         """End of the last source frame: the declared end when plausible, else one frame."""
@@ -191,7 +193,7 @@ class VideoSource:
                 yield chunk
                 done += 1
         except _DecordFailed as failure:
-            if self.backend == "decord":   # asked for decord explicitly: no silent fallback
+            if not self.fallback:   # asked for decord explicitly: no silent fallback
                 raise VidpipeError(f"{self.path}: decord failed ({failure})") from None
             yield from self._pyav_chunks(first_step=done)
 
@@ -259,7 +261,7 @@ class VideoSource:
         if not times:
             self._check_complete(None)
         frame_bytes = self.info.width * self.info.height * 3
-        per_batch = self.chunk * max(1, BATCH_BYTES // (frame_bytes * self.chunk))
+        per_batch = self.chunk * min(BATCH_CHUNKS, max(1, BATCH_BYTES // (frame_bytes * self.chunk)))
 
         def shown_frames() -> Iterator[tuple[float, float, np.ndarray]]:
             picks = resample(((t, j) for j, t in enumerate(times)), self.fps, self._end_of)

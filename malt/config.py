@@ -100,6 +100,10 @@ class TrainConfig:
     eval_every: int = 1              # epochs between evaluations on the test split
     select_metric: Literal["mAP", "mcAP"] = "mAP"   # which result makes best.pt (TVSeries: mcAP)
     keep_checkpoints: int = 2        # newest per-epoch checkpoints kept in checkpoints/
+    # Standardise the input features with statistics of the training split (stored in the
+    # model). Off for the paper (LSTR feeds raw features); on for weak features, e.g. the
+    # demo's random-init backbones whose RGB and flow values differ 20x in scale.
+    normalize_features: bool = False
 
 
 @dataclass

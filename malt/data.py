@@ -69,6 +69,23 @@ def load_videos(store: FeatureStore, labels: LabelSet, video_ids: list[str],
     return videos
 
 
+def feature_statistics(videos: dict[str, VideoData]) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) (Dr+Df,) that standardise concat(rgb, flow) over all steps of `videos`.
+
+    shift: each dimension's mean; scale: one value per modality (the standard deviation of all
+    its centred values), so RGB and flow get the same weight while dimensions that never vary
+    in training cannot blow up at test time.
+    """
+    parts = []
+    for modality in ("rgb", "flow"):
+        values = np.concatenate([getattr(v, modality) for v in videos.values()]).astype(np.float64)
+        mean = values.mean(axis=0)
+        std = max(float((values - mean).std()), 1e-6)
+        parts.append((mean, np.full_like(mean, std)))
+    return (np.concatenate([p[0] for p in parts]).astype(np.float32),
+            np.concatenate([p[1] for p in parts]).astype(np.float32))
+
+
 class TrainWindows(Dataset):
     """Non-overlapping full windows with a random offset per video and epoch (`set_epoch`).
 

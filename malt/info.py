@@ -69,10 +69,14 @@ def format_info(info: ModelInfo) -> str:
     lines += ["",
               f"decoder parameters: recurrent {rec:,} vs cascaded {cas:,} "
               f"({cas - rec:,} fewer, {cas / rec:.1f}x)",
-              f"multiply-adds per streaming step: {info.macs_per_step / 1e9:.3f} G",
-              f"multiply-adds per window (recompute from scratch): {info.macs_per_window / 1e9:.3f} G "
+              f"multiply-adds per streaming step: {_giga(info.macs_per_step)}",
+              f"multiply-adds per window (recompute from scratch): {_giga(info.macs_per_window)} "
               f"({info.macs_per_window / info.macs_per_step:.1f}x a streaming step)"]
     return "\n".join(lines)
+
+
+def _giga(count: int) -> str:
+    return f"{count / 1e9:.3f} G" if count >= 1e8 else f"{count / 1e6:.2f} M"
 
 
 def print_model_info(config_path=None, overrides=()) -> None:

@@ -24,16 +24,24 @@ class MALTOutput(NamedTuple):
 
 
 class FeatureFusion(nn.Module):
-    """Two-stream input head: concat(rgb, flow) -> Linear -> ReLU (LSTR's feature head)."""
+    """Two-stream input head: concat(rgb, flow) -> Linear -> ReLU (LSTR's feature head).
+
+    The input is first standardised with `shift` / `scale` (buffers, saved with the weights):
+    the identity unless the trainer sets them from the training features
+    (`train.normalize_features`, malt/train.py), so every user of the model sees the same input.
+    """
 
     def __init__(self, rgb_dim: int, flow_dim: int, d_model: int):
         super().__init__()
+        self.register_buffer("shift", torch.zeros(rgb_dim + flow_dim))
+        self.register_buffer("scale", torch.ones(rgb_dim + flow_dim))
         self.proj = nn.Linear(rgb_dim + flow_dim, d_model)
         self.act = nn.ReLU()
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         # rgb (B, T, Dr), flow (B, T, Df) -> (B, T, D)
-        return self.act(self.proj(torch.cat([rgb, flow], dim=-1)))
+        x = (torch.cat([rgb, flow], dim=-1) - self.shift) / self.scale
+        return self.act(self.proj(x))
 
 
 class FeedForward(nn.Module):

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from malt.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from malt.config import Config, TrainConfig, validate_model_config
-from malt.data import TrainWindows, load_videos, resolve_labels
+from malt.data import TrainWindows, feature_statistics, load_videos, resolve_labels
 from malt.evaluate import check_compatible, evaluate_videos
 from malt.losses import malt_loss
 from malt.model import MALT
@@ -56,7 +58,8 @@ def lr_factor(progress: float, cfg: TrainConfig) -> float:
 def train(config: str | Path | None, cache: str | Path, out: str | Path,
           labels: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
           resume: bool = False, device: str | None = None, progress: bool = True) -> list[dict]:
-    """Train MALT on the train split of `cache`; returns the metrics history (one dict per epoch).
+    """Train MALT on the train split of `cache`; returns the metrics history (one dict per epoch;
+    empty in DDP processes other than rank 0, which alone evaluates and writes the run folder).
 
     `config` may be None with `resume` (the run's own config is used); given with `resume`,
     it must resolve to the run's config.
@@ -158,7 +161,9 @@ def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
             target = torch.device("cuda", local_rank)
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        # Generous timeout: the other processes wait while rank 0 evaluates the test split.
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo",
+                                timeout=timedelta(hours=2))
     return rank, world, target
 
 
@@ -220,6 +225,11 @@ def _run(cfg: Config, checkpoint: Checkpoint | None, out: Path, store: FeatureSt
         history = list(checkpoint.history)
         _restore_rng(checkpoint.rng, rank, world, device)
     else:
+        if train_cfg.normalize_features:
+            shift, scale = (torch.from_numpy(a) for a in feature_statistics(train_videos))
+            for fusion in (model.long_fusion, model.short_fusion):
+                fusion.shift.copy_(shift)
+                fusion.scale.copy_(scale)
         torch.manual_seed(train_cfg.seed + rank)   # dropout draws differ between processes
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -301,16 +311,27 @@ def _finish_epoch(cfg: Config, model: MALT, optimizer, scaler, rng, record: dict
         history=history, best=best)
     save_checkpoint(checkpoint, out / LAST)
     if train_cfg.keep_checkpoints > 0:
-        save_checkpoint(checkpoint, out / CHECKPOINTS / f"epoch_{epoch:03d}.pt")
+        _link(out / LAST, out / CHECKPOINTS / f"epoch_{epoch:03d}.pt")
         for old in sorted((out / CHECKPOINTS).glob("epoch_*.pt"))[:-train_cfg.keep_checkpoints]:
             old.unlink()
     if improved:
-        save_checkpoint(checkpoint, out / BEST)
+        _link(out / LAST, out / BEST)
     _write_metrics(out / METRICS, history)
     if progress:
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
         tqdm.write(json.dumps(shown))
     return best
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` becomes the same file as `source` (a hard link: at paper size a checkpoint is
+    0.7 GB). Safe because checkpoints are replaced, never rewritten in place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:   # a filesystem without hard links
+        shutil.copyfile(source, target)
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:

@@ -166,6 +166,7 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
                f"'{report['split']}'): mAP {100 * report['mAP']:.2f}, mcAP {100 * report['mcAP']:.2f}"
                + (f"; written to {out}" if out else ""))
 
+
 @cli.command("model-info")
 @click.option("--config", "config_path", type=click.Path(), default=None,
               help="YAML config (its `model:` section); default: the paper's THUMOS settings.")

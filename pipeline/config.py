@@ -117,8 +117,14 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return dict(value)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        # Strings too: YAML 1.1 reads `3e-3` (no dot) as a string, not a number.
+        if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise VidpipeError(f"{source}: '{key}' must be a number, got {value!r}")
     if hint is bool and not isinstance(value, bool):
         raise VidpipeError(f"{source}: '{key}' must be true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import fractions
+import functools
 from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 from extractors.features import FeatureSettings
+
+# The test machine's cores are shared: torch's multi-threaded kernels spin and slow down by
+# orders of magnitude under contention. One thread keeps the tests fast and predictable.
+torch.set_num_threads(1)
 
 # resnet18 with random weights on 48-pixel crops: real code paths, fast on CPU.
 TINY = dict(rgb_backbone="resnet18", flow_backbone="resnet18", flow_method="dis",
@@ -18,11 +24,16 @@ def tiny_settings(**changes) -> FeatureSettings:
     return FeatureSettings(**{**TINY, **changes})
 
 
+@functools.lru_cache(maxsize=8)
+def _texture(width: int, height: int, seed: int) -> np.ndarray:
+    texture = np.random.default_rng(seed).integers(0, 256, size=(height // 4 + 1, (width + 512) // 4 + 1, 3))
+    return np.kron(texture, np.ones((4, 4, 1)))[:height].astype(np.uint8)   # 4x4 blocks: trackable
+
+
 def frame_image(index: int, width: int, height: int, seed: int = 0) -> np.ndarray:
     """A textured frame that moves 2 px per frame (flow has something to find) and whose
-    brightness encodes the frame index (each frame differs)."""
-    rng = np.random.default_rng(seed)
-    texture = rng.integers(0, 256, size=(height, width + 512, 3), dtype=np.uint8)
+    top band's brightness encodes the frame index (each frame differs)."""
+    texture = _texture(width, height, seed)
     shift = (2 * index) % 512
     image = texture[:, shift:shift + width].copy()
     image[: max(2, height // 8)] = (index * 17) % 256

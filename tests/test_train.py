@@ -18,6 +18,7 @@ from pipeline.cli import main
 from pipeline.errors import VidpipeError
 from pipeline.labels import LabelSet
 from pipeline.store import FeatureStore
+from train_helpers import single_thread  # noqa: F401 (autouse)
 from train_helpers import random_cache, write_config
 
 
@@ -214,3 +215,17 @@ def test_labels_must_match_the_cache(cache, tmp_path):
     labels.save(tmp_path / "short.h5")
     with pytest.raises(VidpipeError, match="'video_0' has 39 labelled steps but 40 feature steps"):
         load_videos(FeatureStore.open(cache), labels, ["video_0"], "short.h5")
+
+
+def test_train_from_an_annotation_csv(cache, tmp_path):
+    """--labels may name an annotation file: it is read onto the cache's steps."""
+    csv = tmp_path / "annotations.csv"
+    csv.write_text("video,label,start_s,end_s,split\n"
+                   "video_0,jump,1.0,3.0,train\nvideo_1,jump,2.0,4.0,train\n"
+                   "video_2,run,0.5,2.5,train\nvideo_3,jump,1.0,2.0,test\nvideo_4,run,3.0,5.0,test\n")
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    main(["train", "--config", str(config), "--cache", str(cache), "--labels", str(csv),
+          "--out", str(tmp_path / "run")])
+    checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert checkpoint["class_names"] == ["background", "jump", "run"]
+    assert checkpoint["config"]["model"]["num_classes"] == 3

@@ -1,0 +1,169 @@
+"""VideoSource: the sampling rule, decord == PyAV, fallback, bad files."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract_helpers import decode_all, make_audio_only, make_video
+from extractors import decode
+from extractors.decode import VideoSource
+from pipeline.errors import VidpipeError
+
+VFR_PTS_MS = [0, 70, 110, 150, 190, 260, 300, 340, 410, 450, 490, 560, 600, 640, 710, 750,
+              790, 860, 900, 940, 1010, 1050, 1090, 1160, 1200, 1240, 1310, 1350]
+
+# name: (file, make_video arguments, declared end of the video in seconds)
+VIDEOS = {
+    "mp4-h264-30fps-odd-size": ("a.mp4", dict(frames=47, fps=30, size=(321, 199), pix_fmt="yuv444p"), 47 / 30),
+    "webm-vp9-25fps": ("b.webm", dict(frames=40, fps=25, codec="libvpx-vp9"), 40 / 25),
+    "avi-mpeg4-15fps": ("c.avi", dict(frames=30, fps=15, codec="mpeg4"), 30 / 15),
+    "mkv-h264-vfr": ("d.mkv", dict(frames=len(VFR_PTS_MS), fps=30, pts_ms=VFR_PTS_MS), 1.35 + 0.033),
+    "mp4-h264-vfr": ("e.mp4", dict(frames=len(VFR_PTS_MS), fps=30, pts_ms=VFR_PTS_MS), None),
+}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("videos")
+    return {name: make_video(folder / file, **kwargs) for name, (file, kwargs, _) in VIDEOS.items()}
+
+
+@pytest.mark.parametrize("name", [n for n, spec in VIDEOS.items() if spec[2] is not None])
+def test_step_count_and_timestamps_follow_the_rule(videos, name):
+    # 24 fps grid times k/24 before the declared end; floor(frames / 6) steps of 0.25 s.
+    declared_end = VIDEOS[name][2]
+    grid_frames = int(np.sum(np.arange(200) / 24 < declared_end - 1e-4))
+    chunks = list(VideoSource(videos[name], fps=24, chunk=6))
+    assert len(chunks) == grid_frames // 6
+    np.testing.assert_array_equal([c.start for c in chunks], np.arange(len(chunks)) * 0.25)
+    assert all(c.frames.shape == (6, *reversed(VIDEOS[name][1].get("size", (64, 48))), 3) for c in chunks)
+    assert chunks[-1].end == pytest.approx((len(chunks) * 6 - 1) / 24)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_each_output_frame_is_the_source_frame_on_screen(videos, name, backend):
+    source_times, images = decode_all(videos[name])
+    chunks = list(VideoSource(videos[name], fps=24, chunk=6, backend=backend))
+    times = np.concatenate([c.times for c in chunks])
+    np.testing.assert_array_equal(times, np.arange(len(times)) / 24)
+    shown = np.searchsorted(source_times, times + 1e-4, side="right") - 1
+    np.testing.assert_allclose(np.concatenate([c.source_times for c in chunks]), source_times[shown])
+    frames = np.concatenate([c.frames for c in chunks])
+    for frame, index in zip(frames, shown):
+        np.testing.assert_array_equal(frame, images[index])
+
+
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_decord_and_pyav_give_the_same_frames(videos, name):
+    by_decord = list(VideoSource(videos[name], backend="decord"))
+    by_pyav = list(VideoSource(videos[name], backend="pyav"))
+    assert len(by_decord) == len(by_pyav) > 0
+    for a, b in zip(by_decord, by_pyav):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        np.testing.assert_array_equal(a.times, b.times)
+
+
+def test_vfr_frames_are_picked_by_presentation_time(videos):
+    chunk = next(iter(VideoSource(videos["mkv-h264-vfr"], fps=24, chunk=6)))
+    # grid 0, 41.7, 83.3, 125, 166.7, 208.3 ms; frames start at 0, 70, 110, 150, 190 ms
+    np.testing.assert_allclose(chunk.source_times, [0, 0, 0.07, 0.11, 0.15, 0.19])
+
+
+def test_other_rates_and_chunks(videos):
+    chunks = list(VideoSource(videos["avi-mpeg4-15fps"], fps=10, chunk=4))
+    assert len(chunks) == 5                                   # 2 s at 10 fps = 20 frames
+    np.testing.assert_allclose([c.start for c in chunks], [0, 0.4, 0.8, 1.2, 1.6])
+
+
+def test_auto_falls_back_to_pyav_when_decord_fails_midway(videos, monkeypatch):
+    expected = list(VideoSource(videos["webm-vp9-25fps"], backend="pyav"))
+    monkeypatch.setattr(decode, "BATCH_CHUNKS", 2)
+    real_reader = decode.decord.VideoReader
+
+    class FailingReader:  # decodes the first batch, then fails like a broken file would
+        def __init__(self, *args, **kwargs):
+            self.reader, self.calls = real_reader(*args, **kwargs), 0
+
+        def __len__(self):
+            return len(self.reader)
+
+        def get_batch(self, indices):
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("simulated decord failure")
+            return self.reader.get_batch(indices)
+
+    monkeypatch.setattr(decode.decord, "VideoReader", FailingReader)
+    source = VideoSource(videos["webm-vp9-25fps"])
+    chunks = list(source)
+    assert source.backend_used == "pyav"
+    assert [c.index for c in chunks] == list(range(len(expected)))
+    for a, b in zip(chunks, expected):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    with pytest.raises(VidpipeError, match="decord failed"):
+        list(VideoSource(videos["webm-vp9-25fps"], backend="decord"))
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+def bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Every bad-input kind: file -> the words its error must contain."""
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "notes.mp4").write_text("not a video, just text\n" * 50)
+    data = good.read_bytes()
+    (folder / "truncated.mkv").write_bytes(data[: len(data) // 2])
+    (folder / "corrupt.mp4").write_bytes(os.urandom(4096) + data[4096:])
+    make_audio_only(folder / "audio.mp4")
+    return {
+        "empty": (folder / "empty.mp4", "empty file"),
+        "not a video": (folder / "notes.mp4", "not a video"),
+        "truncated": (folder / "truncated.mkv", "truncated"),
+        "corrupt": (folder / "corrupt.mp4", "corrupt"),
+        "audio only": (folder / "audio.mp4", "audio only"),
+        "missing": (folder / "missing.mp4", "file not found"),
+        "folder": (folder, "not a regular file"),
+    }
+
+
+@pytest.fixture(scope="module")
+def long_mkv(tmp_path_factory) -> Path:
+    # 3 s of noisy frames: big enough that half the file is half the video
+    return make_video(tmp_path_factory.mktemp("long") / "long.mkv", frames=72, size=(96, 64))
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_bad_files_raise_one_line_errors_naming_the_file(tmp_path, long_mkv, backend):
+    for kind, (path, words) in bad_files(tmp_path, long_mkv).items():
+        with pytest.raises(VidpipeError) as error:
+            list(VideoSource(path, backend=backend))
+        message = str(error.value)
+        assert str(path) in message and words in message, (kind, message)
+        assert "\n" not in message
+
+
+def without_root_read_override() -> list[str]:
+    """Command prefix under which permissions apply: root reads anything unless its
+    DAC capabilities are dropped (setpriv); other users need nothing."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file permissions cannot apply")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_unreadable_file_raises_permission_error(tmp_path, long_mkv):
+    locked = tmp_path / "locked.mkv"
+    locked.write_bytes(long_mkv.read_bytes())
+    locked.chmod(0)
+    code = ("import sys\nfrom extractors.decode import VideoSource\nfrom pipeline.errors import VidpipeError\n"
+            f"try:\n    VideoSource({str(locked)!r})\nexcept VidpipeError as e:\n    print(e); sys.exit(3)\n")
+    run = subprocess.run([*without_root_read_override(), sys.executable, "-c", code],
+                         capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr
+    assert f"{locked}: permission denied" in run.stdout
