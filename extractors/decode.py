@@ -39,6 +39,7 @@ BACKENDS = ("auto", "decord", "pyav")
 TIME_EPS = 1e-4            # seconds: timestamps closer than this are the same instant
 BATCH_BYTES = 32 << 20     # decoded frames held at once by the decord backend...
 BATCH_CHUNKS = 32          # ...and at most this many chunks per get_batch
+THREADED_DECODE_PIXELS = 640 * 360   # smaller frames decode faster on one thread
 TRUNCATED_SECONDS = 0.5    # missing video beyond this (and 3 frames) means a truncated file
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
                     ".wmv", ".flv", ".ts", ".mts", ".m2ts", ".3gp", ".ogv")
@@ -218,7 +219,8 @@ class VideoSource:
 
         def timed_frames(container: av.container.InputContainer) -> Iterator[tuple[float, Any]]:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            if self.info.width * self.info.height >= THREADED_DECODE_PIXELS:
+                stream.thread_type = "AUTO"
             first = None
             previous = None
             try:

@@ -7,6 +7,7 @@ batches of windows. The streaming detector and `vidpipe detect` must agree with 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -119,5 +120,14 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        # NaN (no class with a positive step) is not JSON: written as null.
+        Path(out).write_text(json.dumps(_nan_to_none(report), indent=2))
     return report
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

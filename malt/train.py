@@ -97,6 +97,7 @@ def _resolve_config(config, overrides, out: Path, store, label_set, labels_sourc
                                    f"leave {key} out to take it from the data")
             setattr(requested.model, key, value)
         validate_model_config(requested.model, source)
+        _validate_train_config(requested.train, source)
 
     if not resume:
         if (out / LAST).exists():
@@ -116,6 +117,19 @@ def _resolve_config(config, overrides, out: Path, store, label_set, labels_sourc
         raise VidpipeError(f"{config}: differs from the config of the run in {out} "
                            f"({', '.join(keys)}); --resume continues with the run's own config")
     return cfg, checkpoint
+
+
+def _validate_train_config(cfg: TrainConfig, source: str) -> None:
+    """One-line error naming the first invalid `train.*` value."""
+    checks = [("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+              ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("warmup_epochs", cfg.warmup_epochs >= 0, ">= 0"),
+              ("warmup_factor", 0 <= cfg.warmup_factor <= 1, "in [0, 1]"),
+              ("eval_every", cfg.eval_every >= 1, ">= 1"),
+              ("keep_checkpoints", cfg.keep_checkpoints >= 0, ">= 0")]
+    for key, ok, rule in checks:
+        if not ok:
+            raise VidpipeError(f"{source}: 'train.{key}' must be {rule}, got {getattr(cfg, key)}")
 
 
 def _explicit_model_keys(config, overrides) -> set[str]:
@@ -240,6 +254,10 @@ def _run(cfg: Config, checkpoint: Checkpoint | None, out: Path, store: FeatureSt
 
     for epoch in range(start_epoch, train_cfg.epochs):
         windows.set_epoch(epoch)
+        if not len(windows):
+            raise VidpipeError(f"{labels_source}: no training window: the videos of split "
+                               f"'{cfg.data.train_split}' are shorter than "
+                               f"model.short_memory_steps={cfg.model.short_memory_steps}")
         # A new sampler each epoch: the number of windows changes with the random offsets.
         sampler = DistributedSampler(windows, num_replicas=world, rank=rank, shuffle=True,
                                      seed=train_cfg.seed)

@@ -160,11 +160,11 @@ def _shift(background: np.ndarray, jitter: np.ndarray) -> np.ndarray:
 
 
 def _random_object(spec: SyntheticSpec, rng: np.random.Generator) -> _Object:
-    size = rng.uniform(0.08, 0.16) * spec.height
+    size = rng.uniform(0.12, 0.2) * spec.height
     return _Object(shape=str(rng.choice(SHAPES)),
                    colour=tuple(int(c) for c in rng.integers(120, 256, 3)),
                    size=size,
-                   x=rng.uniform(0.3, 0.7) * spec.width,
+                   x=rng.uniform(0.35, 0.65) * spec.width,
                    y=rng.uniform(0.35, 0.65) * spec.height,
                    angle=rng.uniform(0, 180))
 
@@ -182,19 +182,19 @@ def _random_motion(label: str | None, spec: SyntheticSpec, rng: np.random.Genera
                                     - height * abs(math.sin(math.pi * rate * t)))
     if label == "Slide":
         speed = rng.uniform(0.25, 0.5) * spec.width * rng.choice([-1, 1])
-        span = 0.25 * spec.width  # glide this far either side, then turn back
+        span = 0.2 * spec.width  # glide this far either side, then turn back
 
         def slide(obj: _Object, t: float) -> _Object:
             phase = (speed * t / span + 1) % 4  # triangle wave in [-1, 1]
             return moved(obj, x=obj.x + span * (phase - 1 if phase < 2 else 3 - phase))
         return slide
     if label == "Spin":
-        degrees_per_s = rng.uniform(120, 300) * rng.choice([-1, 1])
+        degrees_per_s = rng.uniform(180, 360) * rng.choice([-1, 1])
         # a spinning circle would not show its motion: it spins as a bar
         return lambda obj, t: moved(obj, angle=obj.angle + degrees_per_s * t,
                                     shape="bar" if obj.shape == "circle" else obj.shape)
     if label == "Pulse":
-        rate, depth = rng.uniform(1.0, 2.0), rng.uniform(0.3, 0.5)
+        rate, depth = rng.uniform(1.0, 2.0), rng.uniform(0.4, 0.6)
         return lambda obj, t: moved(obj, size=obj.size
                                     * (1 + depth * math.sin(2 * math.pi * rate * t)))
     raise ValueError(f"unknown synthetic class {label!r}")

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import fractions
 import functools
+import os
+import shutil
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import torch
 
 from extractors.features import FeatureSettings
@@ -83,3 +86,13 @@ def decode_all(path: str | Path) -> tuple[np.ndarray, list[np.ndarray]]:
             times.append(float(frame.pts * frame.time_base))
             images.append(frame.to_ndarray(format="rgb24"))
     return np.array(times) - times[0], images
+
+
+def without_root_read_override() -> list[str]:
+    """Command prefix under which permissions apply: root reads anything unless its
+    DAC capabilities are dropped (setpriv); other users need nothing."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file permissions cannot apply")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract_helpers import decode_all, make_audio_only, make_video
+from extract_helpers import decode_all, make_audio_only, make_video, without_root_read_override
 from extractors import decode
 from extractors.decode import VideoSource
 from pipeline.errors import VidpipeError
@@ -145,16 +144,6 @@ def test_bad_files_raise_one_line_errors_naming_the_file(tmp_path, long_mkv, bac
         message = str(error.value)
         assert str(path) in message and words in message, (kind, message)
         assert "\n" not in message
-
-
-def without_root_read_override() -> list[str]:
-    """Command prefix under which permissions apply: root reads anything unless its
-    DAC capabilities are dropped (setpriv); other users need nothing."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: file permissions cannot apply")
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 
 
 def test_unreadable_file_raises_permission_error(tmp_path, long_mkv):

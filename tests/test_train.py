@@ -142,12 +142,23 @@ def test_cli_errors(tmp_path, cache, trained, capsys):
                               "--set", "model.num_classes=5"])
     assert "model.num_classes=5 but the data has 3" in err
 
+    err = _cli_error(capsys, ["train", "--config", str(write_config(tmp_path / "ok.yaml")),
+                              "--cache", str(cache), "--out", str(tmp_path / "r"),
+                              "--set", "train.eval_every=0"])
+    assert "'train.eval_every' must be >= 1, got 0" in err
+
     other = random_cache(tmp_path / "other_cache", rgb_dim=7)
     err = _cli_error(capsys, ["eval", "--checkpoint", str(trained / "best.pt"), "--cache", str(other)])
     assert "features are 7+4-dim" in err and "best.pt" in err
 
     err = _cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "none.pt"), "--cache", str(cache)])
     assert "none.pt: checkpoint not found" in err
+
+
+def test_videos_shorter_than_the_short_memory(tmp_path):
+    cache = random_cache(tmp_path / "cache", steps=5)
+    with pytest.raises(VidpipeError, match="no training window.*short_memory_steps=8"):
+        train(write_config(tmp_path / "c.yaml"), cache, tmp_path / "run", progress=False)
 
 
 def test_resume_checks_the_cache(trained, tmp_path):
@@ -229,3 +240,33 @@ def test_train_from_an_annotation_csv(cache, tmp_path):
     checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
     assert checkpoint["class_names"] == ["background", "jump", "run"]
     assert checkpoint["config"]["model"]["num_classes"] == 3
+
+
+def test_normalize_features_is_stored_in_the_model(cache, tmp_path):
+    """Statistics of the training split go into the model: eval and streaming use them too."""
+    from malt.data import feature_statistics
+    from malt.stream import OnlineDetector
+
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 1, "normalize_features": True})
+    train(config, cache, tmp_path / "run", progress=False)
+    model, checkpoint = load_model(tmp_path / "run/last.pt", "cpu")
+    labels = LabelSet.load(cache / "labels.h5")
+    videos = load_videos(FeatureStore.open(cache), labels, labels.split("train"))
+    shift, scale = feature_statistics(videos)
+    for fusion in (model.long_fusion, model.short_fusion):
+        np.testing.assert_allclose(fusion.shift.numpy(), shift, rtol=1e-6)
+        np.testing.assert_allclose(fusion.scale.numpy(), scale, rtol=1e-6)
+    assert scale[0] != scale[-1]                    # one scale per modality, RGB vs flow
+    video = FeatureStore.open(cache).read("video_4")
+    offline = predict_offline(model, video.rgb, video.flow)
+    detector = OnlineDetector(model)
+    streamed = np.stack([detector.step(r, f) for r, f in zip(video.rgb, video.flow)])
+    np.testing.assert_allclose(streamed, offline, atol=1e-5)
+
+
+def test_float_values_written_without_a_dot(cache, tmp_path):
+    """YAML reads `3e-3` as a string; the config still takes it as a number."""
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    history = train(config, cache, tmp_path / "run", overrides=["train.lr=3e-3"], progress=False)
+    assert history[0]["lr"] <= 3e-3
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["train"]["lr"] == 0.003
