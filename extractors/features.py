@@ -9,6 +9,7 @@ live detector uses it to featurise new video exactly like the training cache).
 from __future__ import annotations
 
 import importlib.metadata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -121,9 +122,10 @@ class TwoStreamExtractor:
                                random_init=settings.random_init, seed=settings.seed + 1)
         self.rgb.to(self.device)
         self.flow.to(self.device)
-        if self.device.type == "cuda":
-            self.rgb.backbone.to(memory_format=torch.channels_last)
-            self.flow.backbone.to(memory_format=torch.channels_last)
+        self.rgb.backbone.to(memory_format=torch.channels_last)   # faster convolutions on CPU and GPU
+        self.flow.backbone.to(memory_format=torch.channels_last)
+        # OpenCV flow runs on the CPU outside the GIL: overlap it with the RGB network
+        self.flow_thread = ThreadPoolExecutor(1, "opencv-flow") if self.flow_method != "raft" else None
         use_amp = settings.amp and self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
 
@@ -132,7 +134,8 @@ class TwoStreamExtractor:
         """The settings that define the features: equal records mean comparable features.
 
         Batch size, decoder backend, device and precision are left out (same features up to
-        float rounding); they and the package versions are recorded per video instead.
+        float rounding); the cache records decoder, device, precision and package versions
+        per video instead (`run_record`), so an upgrade does not lock a cache.
         """
         s = self.settings
         record = {
@@ -236,10 +239,12 @@ class TwoStreamExtractor:
     def features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """frames (B, K, 3, h, w) float [0, 255], resized, on the device -> rgb (B, Dr), flow (B, Df)."""
         centre = frames[:, self.settings.chunk // 2]            # (B, 3, h, w)
+        pending_flow = self.flow_thread.submit(self.flow.compute_flow, frames) if self.flow_thread else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             rgb = self.rgb(centre)
-            flow = self.flow(frames)
+            fields = pending_flow.result() if pending_flow else self.flow.compute_flow(frames)
+            flow = self.flow.embed(fields)                      # (B, fields, 2, h, w) -> (B, Df)
         return rgb.float(), flow.float()
 
     @torch.inference_mode()

@@ -127,8 +127,12 @@ class FlowStream(nn.Module):
         flow = self.estimator(frames[:, first].flatten(0, 1), frames[:, second].flatten(0, 1))
         return flow.view(batch, self.fields, *flow.shape[1:])
 
+    def embed(self, flow: torch.Tensor) -> torch.Tensor:
+        """flow (B, fields, 2, h, w) in pixels -> (B, D)."""
+        flow = center_crop(flow, self.crop)                       # (B, fields, 2, crop, crop)
+        x = flow_to_input(flow).flatten(1, 2)                     # (B, 2*fields, crop, crop): x1, y1, x2, ...
+        return self.backbone(x)                                   # (B, D)
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B, K, 3, h, w) float [0, 255], short side resized -> (B, D)."""
-        flow = center_crop(self.compute_flow(frames), self.crop)  # (B, fields, 2, crop, crop)
-        x = flow_to_input(flow).flatten(1, 2)                     # (B, 2*fields, crop, crop): x1, y1, x2, ...
-        return self.backbone(x.to(frames.dtype))                  # (B, D)
+        return self.embed(self.compute_flow(frames))

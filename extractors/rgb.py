@@ -20,7 +20,8 @@ def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
     target = (max(size, round(height * scale)), max(size, round(width * scale)))
     if target == (height, width):
         return frames
-    return F.interpolate(frames, size=target, mode="bilinear", align_corners=False, antialias=True)
+    # antialiasing matters when shrinking only (and is slow on the CPU)
+    return F.interpolate(frames, size=target, mode="bilinear", align_corners=False, antialias=scale < 1)
 
 
 def center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:

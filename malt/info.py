@@ -24,7 +24,9 @@ from pipeline.config import load_config
 class ModelInfo:
     params: dict[str, int]          # block -> parameter count, ending with 'total'
     decoder_params: dict[str, int]  # 'recurrent' / 'cascaded' -> decoder parameters for this config
-    macs_per_step: int              # streaming step once both memories are full
+    macs_per_step: int              # streaming step once both memories are full, mean over steps
+    macs_refresh_step: int          # the one step in long_memory_stride that reruns the encoder
+    macs_other_step: int            # every other step (short-memory path only)
     macs_per_window: int            # offline forward of one full window (= recompute per step)
 
 
@@ -45,20 +47,25 @@ def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
     decoder_params = {kind: count_params(RecurrentDecoder(dataclasses.replace(cfg, decoder=kind)))
                       for kind in ("recurrent", "cascaded")}
 
-    # Random features long enough that both memories are full at the last step.
-    steps = cfg.long_memory_steps + cfg.short_memory_steps
+    # Random features long enough that both memories are full, then one whole cycle of
+    # `long_memory_stride` steps: the encoder reruns on one of them (malt.stream).
+    full, stride = cfg.long_memory_steps + cfg.short_memory_steps, cfg.long_memory_stride
     rng = np.random.default_rng(seed)
-    rgb = rng.standard_normal((steps + 1, cfg.rgb_dim), dtype=np.float32)
-    flow = rng.standard_normal((steps + 1, cfg.flow_dim), dtype=np.float32)
+    rgb = rng.standard_normal((full + 1 + stride, cfg.rgb_dim), dtype=np.float32)
+    flow = rng.standard_normal((full + 1 + stride, cfg.flow_dim), dtype=np.float32)
     detector = OnlineDetector(model, device="cpu")
-    detector.feed_history(rgb[:steps], flow[:steps])
-    with FlopCounterMode(display=False) as counter:
-        detector.step(rgb[steps], flow[steps])
-    macs_per_step = counter.get_total_flops() // 2
-    window = [torch.as_tensor(a)[None] for a in gather_window(rgb, flow, steps, cfg)]
+    detector.feed_history(rgb[:full], flow[:full])
+    detector.step(rgb[full], flow[full])    # (the first step after feed_history always refreshes)
+    cycle = []
+    for t in range(full + 1, full + 1 + stride):
+        with FlopCounterMode(display=False) as counter:
+            detector.step(rgb[t], flow[t])
+        cycle.append(counter.get_total_flops() // 2)
+    window = [torch.as_tensor(a)[None] for a in gather_window(rgb, flow, full, cfg)]
     with FlopCounterMode(display=False) as counter:   # (under no_grad its module tracker fails)
         model(*window)
-    return ModelInfo(params, decoder_params, macs_per_step, counter.get_total_flops() // 2)
+    return ModelInfo(params, decoder_params, sum(cycle) // stride, max(cycle), min(cycle),
+                     counter.get_total_flops() // 2)
 
 
 def format_info(info: ModelInfo) -> str:
@@ -69,7 +76,9 @@ def format_info(info: ModelInfo) -> str:
     lines += ["",
               f"decoder parameters: recurrent {rec:,} vs cascaded {cas:,} "
               f"({cas - rec:,} fewer, {cas / rec:.1f}x)",
-              f"multiply-adds per streaming step: {_giga(info.macs_per_step)}",
+              f"multiply-adds per streaming step: {_giga(info.macs_per_step)} on average "
+              f"({_giga(info.macs_refresh_step)} on the steps that rerun the encoder, "
+              f"{_giga(info.macs_other_step)} on the others)",
               f"multiply-adds per window (recompute from scratch): {_giga(info.macs_per_window)} "
               f"({info.macs_per_window / info.macs_per_step:.1f}x a streaming step)"]
     return "\n".join(lines)

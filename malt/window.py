@@ -2,12 +2,23 @@
 offline evaluation and the streaming detector.
 
 Short memory: steps max(0, t-S+1) .. t, every step (S = short_memory_steps; fewer near the
-start of a video). Long memory: L = long_memory_steps // long_memory_stride slots, one step
-every `long_memory_stride` steps, the newest slot being the step right before the short
-memory; slots that would fall before step 0 hold -1 (padding, always the oldest slots).
+start of a video). Long memory: L = long_memory_steps // long_memory_stride slots holding
+grid steps, i.e. steps s with s % stride == stride - 1 (the last step of each block of
+`stride` steps, counted from step 0), the most recent L of those before the short memory;
+slots that would fall before step 0 hold -1 (padding, always the oldest slots).
 
-Example (long_memory_steps=16, stride=4, S=4): t=20 -> short 17..20, long [4, 8, 12, 16];
-t=9 -> short 6..9, long [-1, -1, 1, 5]; t=2 -> short 0..2, long all -1.
+Why a grid fixed to absolute step indices: the long memory then changes only once every
+`stride` steps (when a grid step leaves the short memory), so the streaming detector
+recomputes the encoder once per `stride` steps instead of every step. The information is
+LSTR's (every stride-th step of the last long_memory_steps); the gap between the newest long
+slot and the short memory varies from 0 to stride-1 steps, no wider than the stride-1
+steps skipped between two long slots anyway. Any fixed phase would do; stride - 1 makes a
+long slot the newest step of its block, and M_L gets its first step as soon as the
+first whole block of `stride` steps has left the short memory.
+
+Example (long_memory_steps=16, stride=4, S=4): t=20 -> short 17..20, long [3, 7, 11, 15];
+t=23 -> short 20..23, long [7, 11, 15, 19]; t=9 -> short 6..9, long [-1, -1, -1, 3];
+t=6 -> short 3..6, long all -1.
 """
 from __future__ import annotations
 
@@ -22,14 +33,21 @@ def num_long_tokens(cfg: ModelConfig) -> int:
     return cfg.long_memory_steps // cfg.long_memory_stride
 
 
+def long_grid_phase(cfg: ModelConfig) -> int:
+    """Long-memory steps are the steps s with s % long_memory_stride == this phase."""
+    return cfg.long_memory_stride - 1
+
+
 def window_indices(t: int, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """(long_idx (L,) int64 with -1 for padding, short_idx (S,) int64) of the window ending at t."""
     if t < 0:
         raise ValueError(f"step index must be >= 0, got {t}")
     short_start = max(0, t - cfg.short_memory_steps + 1)
     short_idx = np.arange(short_start, t + 1, dtype=np.int64)
-    offsets = cfg.long_memory_stride * np.arange(num_long_tokens(cfg) - 1, -1, -1, dtype=np.int64)
-    long_idx = short_start - 1 - offsets                    # oldest slot first
+    stride, phase = cfg.long_memory_stride, long_grid_phase(cfg)
+    newest = (short_start - 1 - phase) // stride * stride + phase   # last grid step < short_start
+    offsets = stride * np.arange(num_long_tokens(cfg) - 1, -1, -1, dtype=np.int64)
+    long_idx = newest - offsets                             # oldest slot first
     long_idx[long_idx < 0] = -1
     return long_idx, short_idx
 

@@ -66,7 +66,8 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
                              flow_weights=flow_weights, random_init=random_init)
     summary = extract_folder(videos_dir, out, settings, device=device, workers=workers,
                              progress=not no_progress)
-    click.echo(summary.report())
+    if summary.rank == 0 or not summary.all_ranks:
+        click.echo(summary.report())
     if not summary.ok:
         sys.exit(1)
 
@@ -224,12 +225,12 @@ def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, clas
 @cli.command()
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(path_type=str),
               help="Folder for the generated videos, cache, model and timelines.")
-@click.option("--videos", "num_videos", default=32, show_default=True,
+@click.option("--videos", "num_videos", default=48, show_default=True,
               type=click.IntRange(min=2), help="Synthetic videos to generate (1/4 held out).")
 @click.option("--duration", default=20.0, show_default=True, type=float,
               help="Seconds per video.")
-@click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="Training epochs (default: configs/demo.yaml's).")
+@click.option("--epochs", default=60, show_default=True, type=click.IntRange(min=1),
+              help="Training epochs.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(out, num_videos, duration, epochs, device, seed) -> None:

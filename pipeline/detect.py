@@ -193,7 +193,8 @@ class _Runner:
         return Detection(source, timeline, files, interrupted)
 
     def _stream_steps(self, source: str) -> tuple[Iterator[_Timed], dict]:
-        """Decode and featurise as a stream; one step at a time when live (lowest latency)."""
+        """Decode and featurise as a stream; one step at a time when live or from a URL or
+        device (lowest latency), in batches from a file otherwise (fastest)."""
         extractor = self.extractor
         video = extractor.source(source)
         ready: dict[int, float] = {}
@@ -204,7 +205,8 @@ class _Runner:
                 yield chunk
 
         def steps() -> Iterator[_Timed]:
-            batch = 1 if self.live else None
+            # batching steps delays each decision until the batch is full: not for live use
+            batch = 1 if self.live or not video.info.is_file else None
             for step in extractor.stream_chunks(chunks(), batch_size=batch):
                 yield _Timed(step.timestamp, step.rgb, step.flow, ready.pop(step.index))
 

@@ -51,6 +51,7 @@ class ExtractSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
     steps: int = 0
     seconds: float = 0.0
+    all_ranks: bool = False     # sums every rank's summary (torchrun)
 
     @property
     def ok(self) -> bool:
@@ -59,6 +60,8 @@ class ExtractSummary:
     def report(self) -> str:
         total = len(self.extracted) + len(self.skipped) + len(self.failed)
         shard = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        if self.all_ranks:
+            shard = f" (all {self.world_size} ranks)"
         rate = f", {self.steps / self.seconds:.1f} steps/s" if self.seconds > 0 and self.steps else ""
         lines = [f"{self.out_dir}: {total} videos{shard}: {len(self.extracted)} extracted "
                  f"({self.steps} steps{rate}), {len(self.skipped)} already cached, "
@@ -174,10 +177,33 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
         videos_bar.close()
         steps_bar.close()
     summary.seconds = time.perf_counter() - started
-    return summary
+    return _all_ranks(summary)
 
 
 # -- helpers --------------------------------------------------------------------------------
+def _all_ranks(summary: ExtractSummary) -> ExtractSummary:
+    """Under torchrun, wait for every rank and sum their summaries (each rank reports the
+    whole job; a rank with failures no longer ends before the others, which torchrun would
+    answer by stopping them). Other launchers (RANK/WORLD_SIZE only): this rank's share."""
+    if summary.world_size == 1 or "MASTER_ADDR" not in os.environ:
+        return summary
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # ranks may take hours
+    gathered: list[ExtractSummary | None] = [None] * summary.world_size
+    dist.all_gather_object(gathered, summary)
+    dist.destroy_process_group()
+    total = ExtractSummary(summary.out_dir, summary.rank, summary.world_size,
+                           seconds=max(s.seconds for s in gathered), all_ranks=True)
+    for part in gathered:
+        total.extracted += part.extracted
+        total.skipped += part.skipped
+        total.failed += part.failed
+        total.steps += part.steps
+    return total
+
+
 def _cached_print(store: FeatureStore, video_id: str) -> str | None:
     if video_id not in store:
         return None

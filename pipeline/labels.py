@@ -392,7 +392,8 @@ def describe(labels: LabelSet) -> str:
     """A few lines a person reads after `vidpipe labels`."""
     steps = sum(len(v.targets) for v in labels.videos.values())
     action = sum(float((v.targets[:, 0] < 1).sum()) for v in labels.videos.values())
-    lines = [f"{len(labels.videos)} videos, {labels.num_classes - 1} classes "
+    lines = [f"{len(labels.videos)} video{'' if len(labels.videos) == 1 else 's'}, "
+             f"{labels.num_classes - 1} classes "
              f"({', '.join(labels.class_names[1:])}), {steps} steps, "
              f"{action / max(steps, 1):.1%} of them in an action"]
     if labels.splits:

@@ -311,7 +311,11 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
 
     peaks = timeline.probs[:, 1:].max(axis=0) if len(timeline.probs) else np.zeros(len(names) - 1)
     top = [int(i) + 1 for i in np.argsort(-peaks, kind="stable")[:top_classes]]
-    rows = sorted({s.label for s in timeline.segments}, key=names.index) or ["(no action)"]
+    # Optional ground truth ({"label", "start_s", "end_s"} dicts in the metadata, as the
+    # demo records it): drawn as a pale band under each row's detections.
+    truth = [t for t in timeline.metadata.get("ground_truth") or [] if t["label"] in names]
+    labels = {s.label for s in timeline.segments} | {t["label"] for t in truth}
+    rows = sorted(labels, key=names.index) or ["(no action)"]
 
     fig, (bands, curves) = plt.subplots(
         2, 1, figsize=(width_px / dpi, height_px / dpi), dpi=dpi, sharex=True,
@@ -322,14 +326,21 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
                  f"{'' if len(timeline.segments) == 1 else 's'}  ·  "
                  f"{format_time(duration, 1)}", fontsize=12)
 
+    detected_height = 0.5 if truth else 0.8
     for row, label in enumerate(rows):
         spans = [(s.start_s, s.end_s - s.start_s) for s in timeline.segments if s.label == label]
         if spans:
-            bands.broken_barh(spans, (row - 0.4, 0.8), facecolors=colour[label],
+            bands.broken_barh(spans, (row - 0.4, detected_height), facecolors=colour[label],
                               edgecolors="none")
+        true_spans = [(t["start_s"], t["end_s"] - t["start_s"]) for t in truth
+                      if t["label"] == label]
+        if true_spans:
+            bands.broken_barh(true_spans, (row + 0.12, 0.28), facecolors=colour[label],
+                              alpha=0.35, edgecolors="none")
     bands.set_yticks(range(len(rows)), rows)
     bands.set_ylim(len(rows) - 0.5, -0.5)
-    bands.set_title("detected actions", fontsize=10, loc="left")
+    bands.set_title("detected actions" + (" (pale: ground truth)" if truth else ""),
+                    fontsize=10, loc="left")
     bands.grid(axis="x", alpha=0.3)
 
     for c in top:

@@ -126,6 +126,18 @@ def test_ranks_share_the_videos(videos, tmp_path, monkeypatch):
     assert_same_caches(tmp_path / "single", tmp_path / "sharded")
 
 
+def test_torchrun_ranks_extract_their_shares_and_report_the_whole_job(videos, tmp_path):
+    (videos / "empty.mp4").write_bytes(b"")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--no-python", sys.executable, "-m",
+                          "pipeline.cli", "extract", str(videos), "--out", str(tmp_path / "cache"), *TINY_OPTIONS],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0                            # one bad file: the job reports failure
+    reports = [line for line in run.stdout.splitlines() if "(all 2 ranks)" in line]
+    assert len(reports) == 1 and "3 extracted" in reports[0] and "1 failed" in reports[0], run.stdout
+    assert len(FeatureStore.open(tmp_path / "cache")) == 3
+
+
 def test_bad_files_are_reported_and_the_batch_completes(videos, tmp_path):
     (videos / "empty.mp4").write_bytes(b"")
     (videos / "text.mkv").write_text("hello\n" * 100)
@@ -155,8 +167,8 @@ def test_bad_files_are_reported_and_the_batch_completes(videos, tmp_path):
 def test_killed_run_leaves_a_readable_cache_and_resumes_to_the_same_result(tmp_path):
     folder = tmp_path / "videos"
     folder.mkdir()
-    for index in range(8):
-        make_video(folder / f"v{index}.mp4", frames=72, size=(96, 64), seed=index)
+    for index in range(6):
+        make_video(folder / f"v{index}.mp4", frames=48, seed=index)
     cache = tmp_path / "cache"
     process = cli_popen("extract", str(folder), "--out", str(cache), *TINY_OPTIONS)
     try:
@@ -167,11 +179,11 @@ def test_killed_run_leaves_a_readable_cache_and_resumes_to_the_same_result(tmp_p
         process.wait()
     store = FeatureStore.open(cache)                   # readable right after the kill
     finished = store.video_ids()
-    assert 1 <= len(finished) < 8
+    assert 1 <= len(finished) < 6
     for vid in finished:
-        assert store.num_steps(vid) == 12
+        assert store.num_steps(vid) == 8
     resumed = extract_folder(folder, cache, load_settings(None, [], **TINY), device="cpu", progress=False)
-    assert set(resumed.skipped) == {f"{vid}" for vid in finished} and len(resumed.extracted) == 8 - len(finished)
+    assert set(resumed.skipped) == {f"{vid}" for vid in finished} and len(resumed.extracted) == 6 - len(finished)
     assert not [p for p in (cache / "videos").iterdir() if not p.name.endswith(".h5") or p.name.startswith(".")]
     extract_folder(folder, tmp_path / "uninterrupted", tiny_settings(), device="cpu", progress=False)
     assert_same_caches(cache, tmp_path / "uninterrupted")
@@ -179,7 +191,7 @@ def test_killed_run_leaves_a_readable_cache_and_resumes_to_the_same_result(tmp_p
 
 def test_memory_stays_flat_on_a_long_video(tmp_path):
     """Peak RSS after decoding a 10-minute video (both backends) and extracting its features
-    hardly exceeds the peak after a 2-minute one, while its frames alone would take 265 MB.
+    hardly exceeds the peak after a 2-minute one, while its frames alone would take 133 MB.
     (Tiny frames, a tiny timm test backbone and one flow field per step keep it fast.)"""
     script = textwrap.dedent(f"""
         import resource, sys
@@ -188,8 +200,8 @@ def test_memory_stays_flat_on_a_long_video(tmp_path):
         from extractors.decode import VideoSource
         from extractors.features import TwoStreamExtractor
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        short = make_video({str(tmp_path / "short.mp4")!r}, frames=24 * 120, size=(96, 64), codec="mpeg4")
-        long = make_video({str(tmp_path / "long.mp4")!r}, frames=24 * 600, size=(96, 64), codec="mpeg4")
+        short = make_video({str(tmp_path / "short.mp4")!r}, frames=24 * 120, size=(64, 48), codec="mpeg4")
+        long = make_video({str(tmp_path / "long.mp4")!r}, frames=24 * 600, size=(64, 48), codec="mpeg4")
         extractor = TwoStreamExtractor(tiny_settings(rgb_backbone="test_resnet", flow_backbone="test_resnet",
                                                      resize=32, crop=32, dis_preset="ultrafast",
                                                      flow_fields=1, batch_size=32), device="cpu")

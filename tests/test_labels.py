@@ -150,7 +150,7 @@ def test_cli_writes_labels_file(store, tmp_path, capsys):
     main(["labels", str(csv), "--cache", str(store.root), "--classes", "Spin,Bounce"])
     loaded = LabelSet.load(store.root / "labels.h5")
     assert loaded.class_names == ["background", "Spin", "Bounce"]
-    assert "1 videos, 2 classes" in capsys.readouterr().out
+    assert "1 video, 2 classes (Spin, Bounce)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["labels", str(tmp_path / "missing.csv"), "--cache", str(store.root)])
     assert exit_info.value.code == 2

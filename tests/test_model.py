@@ -124,8 +124,13 @@ def test_recurrent_decoder_has_one_stage_of_parameters_cascaded_has_n(num_branch
 
 def test_window_indices_examples():
     cfg = tiny_config()                                 # long 16 steps / stride 4, short 4
-    assert [a.tolist() for a in window_indices(20, cfg)] == [[4, 8, 12, 16], [17, 18, 19, 20]]
-    assert [a.tolist() for a in window_indices(9, cfg)] == [[-1, -1, 1, 5], [6, 7, 8, 9]]
+    # Long memory: grid steps s % 4 == 3 before the short memory, fixed as the window slides.
+    assert [a.tolist() for a in window_indices(20, cfg)] == [[3, 7, 11, 15], [17, 18, 19, 20]]
+    assert [a.tolist() for a in window_indices(22, cfg)] == [[3, 7, 11, 15], [19, 20, 21, 22]]
+    assert [a.tolist() for a in window_indices(23, cfg)] == [[7, 11, 15, 19], [20, 21, 22, 23]]
+    assert [a.tolist() for a in window_indices(13, cfg)] == [[-1, -1, 3, 7], [10, 11, 12, 13]]
+    assert [a.tolist() for a in window_indices(9, cfg)] == [[-1, -1, -1, 3], [6, 7, 8, 9]]
+    assert [a.tolist() for a in window_indices(6, cfg)] == [[-1, -1, -1, -1], [3, 4, 5, 6]]
     assert [a.tolist() for a in window_indices(2, cfg)] == [[-1, -1, -1, -1], [0, 1, 2]]
     assert [a.tolist() for a in window_indices(0, cfg)] == [[-1, -1, -1, -1], [0]]
 
@@ -138,20 +143,20 @@ def test_window_indices_properties(t):
     assert np.all(np.diff(short_idx) == 1)
     valid = long_idx[long_idx >= 0]
     assert np.all(long_idx[: len(long_idx) - len(valid)] == -1)     # padding only at the oldest slots
-    assert np.all(np.diff(valid) == 3)
+    assert np.all(np.diff(valid) == 3) and np.all(valid % 3 == 2)   # the fixed grid s % 3 == 2
     if len(valid):
-        assert valid[-1] == short_idx[0] - 1 and valid[0] >= 0
-    assert len(valid) == min(8, -(-short_idx[0] // 3))             # every step before M_S that fits
+        assert short_idx[0] - 3 <= valid[-1] < short_idx[0] and valid[0] >= 0
+    assert len(valid) == min(8, short_idx[0] // 3)                 # every grid step before M_S that fits
 
 
 def test_gather_window_zero_fills_padding():
     cfg = tiny_config()
-    rgb, flow = random_video(12, cfg)
-    window = gather_window(rgb, flow, 9, cfg)
+    rgb, flow = random_video(16, cfg)
+    window = gather_window(rgb, flow, 13, cfg)
     assert window.long_valid.tolist() == [False, False, True, True]
     assert not window.rgb_long[:2].any()
-    np.testing.assert_array_equal(window.flow_long[2:], flow[[1, 5]])
-    np.testing.assert_array_equal(window.rgb_short, rgb[6:10])
+    np.testing.assert_array_equal(window.flow_long[2:], flow[[3, 7]])
+    np.testing.assert_array_equal(window.rgb_short, rgb[10:14])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -185,6 +190,8 @@ def test_model_info_counts_blocks_and_shows_recurrent_is_smaller():
     assert total == sum(info.params.values()) == count(MALT(cfg))
     assert info.decoder_params["cascaded"] == 3 * info.decoder_params["recurrent"]
     assert 0 < info.macs_per_step < info.macs_per_window
+    # The encoder reruns on one step per long_memory_stride; the others skip it.
+    assert 0 < info.macs_other_step < info.macs_per_step < info.macs_refresh_step < info.macs_per_window
 
 
 def test_model_info_cli(capsys):

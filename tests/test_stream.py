@@ -77,11 +77,12 @@ def test_cost_per_step_does_not_grow_with_stream_length():
             detector.step(rgb[t], flow[t])
         return counter.get_total_flops()
 
-    detector.feed_history(rgb[:40], flow[:40])
-    early = step_flops(40)
+    # The encoder runs on one step of every `stride` (4): compare whole cycles at equal phase.
+    detector.feed_history(rgb[:41], flow[:41])
+    early = [step_flops(t) for t in range(41, 45)]
     buffers = [detector._long_ring.shape, detector._short_ring.shape]
-    detector.feed_history(rgb[41:399], flow[41:399])
-    assert step_flops(399) == early > 0
+    detector.feed_history(rgb[45:393], flow[45:393])
+    assert [step_flops(t) for t in range(393, 397)] == early and min(early) > 0
     assert [detector._long_ring.shape, detector._short_ring.shape] == buffers
 
 
@@ -122,3 +123,28 @@ def test_feed_history_longer_than_the_buffers():
     fed.feed_history(rgb[:85], flow[:85])            # more than long + short memory steps
     np.testing.assert_allclose(stream_probs(fed, rgb[85:], flow[85:]),
                                offline_probs(model, rgb, flow, range(85, 90)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("changes, first_change", [
+    ({}, 7),                                                # stride 4, S 4: M_L gains step 3 at t=7
+    ({"long_memory_steps": 12, "long_memory_stride": 3, "short_memory_steps": 5,
+      "branch_queries": [5, 3, 2, 5]}, 7),                  # stride 3, S 5: M_L gains step 2 at t=7
+])
+def test_encoder_runs_once_per_stride_steps_and_only_grid_steps_are_projected(changes, first_change):
+    model = tiny_model(**changes)
+    cfg = model.cfg
+    num_steps = 3 * (cfg.long_memory_steps + cfg.short_memory_steps)   # long past full memories
+    rgb, flow = random_video(num_steps, cfg, seed=5)
+    encoder_runs, fused_rows = [], []
+    # Every encoder run (offline or streaming) ends branch 1 with this LayerNorm, once.
+    model.encoder.branches[0].compress.norm.register_forward_hook(
+        lambda module, args, out: encoder_runs.append(detector.steps_seen - 1))
+    model.long_fusion.register_forward_hook(lambda module, args, out: fused_rows.append(args[0].shape[1]))
+    detector = OnlineDetector(model)
+    streamed = stream_probs(detector, rgb, flow)
+    stride = cfg.long_memory_stride
+    # Once at the start (empty long memory), then whenever a grid step leaves the short memory.
+    assert encoder_runs == [0] + list(range(first_change, num_steps, stride))
+    # One fused row per grid step (s % stride == stride - 1), nothing else.
+    assert fused_rows == [1] * len(range(stride - 1, num_steps, stride))
+    np.testing.assert_allclose(streamed, offline_probs(model, rgb, flow, range(num_steps)), atol=1e-5, rtol=0)

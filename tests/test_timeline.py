@@ -126,7 +126,9 @@ def test_csv_export(tmp_path):
 def test_png_written_with_requested_size(tmp_path, steps):
     import matplotlib.image
 
-    path = make_timeline(steps).save_png(tmp_path / "t.png", width_px=1200, height_px=500)
+    timeline = make_timeline(steps)
+    timeline.metadata["ground_truth"] = [{"label": "Spin", "start_s": 1.0, "end_s": 2.0}]
+    path = timeline.save_png(tmp_path / "t.png", width_px=1200, height_px=500)
     image = matplotlib.image.imread(path)
     assert image.shape[:2] == (500, 1200)
     assert image[..., :3].std() > 0.05  # something was drawn

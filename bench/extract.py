@@ -1,0 +1,149 @@
+"""Extraction speed on a generated clip (default 60 s, 320x240, 30 fps, H.264).
+
+Prints one table: decode speed per backend, flow speed per method, CNN steps/s per backbone,
+and whole extraction as a multiple of real time (DIS + resnet18 on the CPU; RAFT + resnet50
+on CUDA when present). Backbones use random weights (same speed as pretrained, no download).
+
+    .venv/bin/python bench/extract.py [--seconds 60] [--threads N] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extractors.decode import VideoSource  # noqa: E402
+from extractors.features import FeatureSettings, TwoStreamExtractor  # noqa: E402
+from extractors.flow import OpenCVFlow, RAFTFlow  # noqa: E402
+from extractors.backbone import create_timm_backbone  # noqa: E402
+from extractors.rgb import resize_short_side  # noqa: E402
+
+PAIRS_PER_SECOND = 4 * 5   # flow fields per second of video: 4 steps of 5 fields
+
+
+def make_clip(path: Path, seconds: float, fps: int = 30, size: tuple[int, int] = (320, 240)) -> Path:
+    """Moving textured content so that flow and codecs do real work."""
+    import av
+
+    width, height = size
+    rng = np.random.default_rng(0)
+    texture = np.kron(rng.integers(0, 256, (height // 8 + 1, (width + 2000) // 8 + 1, 3)),
+                      np.ones((8, 8, 1)))[:height].astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(int(seconds * fps)):
+            shift = (3 * index) % 2000
+            frame = av.VideoFrame.from_ndarray(texture[:, shift:shift + width].copy(), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def frame_pairs(clip: Path, resize: int, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk = next(iter(VideoSource(clip, chunk=count + 1)))
+    frames = torch.from_numpy(chunk.frames).permute(0, 3, 1, 2).float().to(device)
+    frames = resize_short_side(frames, resize)
+    return frames[:-1], frames[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="clip length")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows: list[tuple[str, str, str]] = []
+
+    def row(what: str, speed: str, note: str = "") -> None:
+        rows.append((what, speed, note))
+        print(f"  {what:<44} {speed:>16}  {note}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        clip = make_clip(Path(folder) / "clip.mp4", args.seconds)
+        frames_out = int(args.seconds * 24)
+
+        for backend in ("decord", "pyav"):
+            seconds = timed(lambda: sum(1 for _ in VideoSource(clip, backend=backend)))
+            row(f"decode {backend} (24 fps RGB out)", f"{frames_out / seconds:,.0f} frames/s",
+                f"{args.seconds / seconds:.1f}x real time")
+
+        settings = FeatureSettings()
+        for method, count in (("tvl1", 3), ("dis", 20)):
+            first, second = frame_pairs(clip, settings.resize, count, torch.device("cpu"))
+            estimator = OpenCVFlow(method, settings.dis_preset)
+            seconds = timed(lambda: estimator(first, second))
+            row(f"flow {method} {tuple(first.shape[-2:])} cpu", f"{count / seconds:,.1f} pairs/s",
+                f"{count / seconds / PAIRS_PER_SECOND:.2f}x real time")
+        raft_devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+        for raft_device in raft_devices:
+            count = 2 if raft_device.type == "cpu" else 40
+            first, second = frame_pairs(clip, settings.resize, count, raft_device)
+            raft = RAFTFlow("raft_large", 12, weights_file=None, random_init=True, seed=0).to(raft_device)
+            with torch.inference_mode():
+                raft(first[:1], second[:1])                         # warm-up
+                synchronize(raft_device)
+                seconds = timed(lambda: (raft(first, second), synchronize(raft_device)))
+            row(f"flow raft_large {tuple(first.shape[-2:])} {raft_device.type}", f"{count / seconds:,.1f} pairs/s",
+                f"{count / seconds / PAIRS_PER_SECOND:.2f}x real time")
+
+        for name in ("resnet18", "resnet50"):
+            rgb, _ = create_timm_backbone(name, 3, weights_file=None, random_init=True, seed=0, option="")
+            flow, _ = create_timm_backbone(name, 10, weights_file=None, random_init=True, seed=1, option="")
+            rgb.to(device), flow.to(device)
+            batch, repeats = 16, (1 if device.type == "cpu" else 20)
+            images = torch.rand(batch, 3, 224, 224, device=device)
+            stacks = torch.rand(batch, 10, 224, 224, device=device)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+            with torch.inference_mode(), autocast:
+                rgb(images), flow(stacks)                           # warm-up
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    rgb(images), flow(stacks)
+                synchronize(device)
+                seconds = time.perf_counter() - start
+            steps = batch * repeats / seconds
+            row(f"CNN {name} rgb+flow 224 {device.type}", f"{steps:,.1f} steps/s", f"{steps / 4:.2f}x real time")
+
+        runs = [("dis", "resnet18", torch.device("cpu"))]
+        if device.type == "cuda":
+            runs.append(("raft", "resnet50", device))
+        for method, name, run_device in runs:
+            extractor = TwoStreamExtractor(FeatureSettings(rgb_backbone=name, flow_backbone=name, flow_method=method,
+                                                           random_init=True), device=run_device)
+            seconds = timed(lambda: extractor.extract(clip))
+            row(f"whole extract --flow {method} {name} {run_device.type}", f"{args.seconds / seconds:.2f}x real time",
+                f"{args.seconds * 4 / seconds:.1f} steps/s")
+
+    print(f"\nvidpipe extraction benchmark: {args.seconds:g} s clip, 320x240 @ 30 fps -> 24 fps, chunks of 6; "
+          f"torch threads {torch.get_num_threads()}, device {device}")
+    print(f"| {'what':<44} | {'speed':>18} | note")
+    print(f"|{'-' * 46}|{'-' * 20}|------")
+    for what, speed, note in rows:
+        print(f"| {what:<44} | {speed:>18} | {note}")
+
+
+if __name__ == "__main__":
+    main()
