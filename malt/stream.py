@@ -139,10 +139,9 @@ class OnlineDetector:
             ring_slots = torch.as_tensor(steps[grid_rows] // stride % self.ring_size, device=self.device)
             self._long_ring[:, ring_slots] = F.linear(long_fused, self._long_weight).view(
                 len(rows), -1, self.cfg.d_model).transpose(0, 1)                  # (2n, G, D)
-        steps = torch.as_tensor(steps, device=self.device)
         recent = min(count, self.cfg.short_memory_steps)    # only these can be in the short memory
-        short_fused = model.short_fusion(rgb[:, -recent:], flow[:, -recent:])[0]  # (T', D)
-        slots = steps[-recent:] % self.cfg.short_memory_steps
+        short_fused = model.short_fusion(rgb[:, count - recent:], flow[:, count - recent:])[0]  # (T', D)
+        slots = torch.as_tensor(steps[count - recent:] % self.cfg.short_memory_steps, device=self.device)
         self._short_ring[slots] = short_fused
         self._short_ring_qkv[slots] = F.linear(short_fused, self._short_weight).view(recent, 3, -1)
         self.steps_seen += count
