@@ -10,8 +10,6 @@ epoch progress (malt.train.lr_factor), so `epoch` is its whole state.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 
 from malt.config import Config
 from malt.model import MALT
+from pipeline.atomic import atomic_path
 from pipeline.config import from_dict
 from pipeline.errors import VidpipeError
 
@@ -43,17 +42,9 @@ class Checkpoint:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
-    """Atomic write (temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
+    """Atomic write (pipeline.atomic): a kill never leaves a corrupt checkpoint."""
+    with atomic_path(path, suffix=".pt") as tmp:
         torch.save(asdict(checkpoint), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

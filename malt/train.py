@@ -34,6 +34,7 @@ from malt.data import TrainWindows, feature_statistics, load_videos, resolve_lab
 from malt.evaluate import check_compatible, evaluate_videos
 from malt.losses import malt_loss
 from malt.model import MALT
+from pipeline.atomic import write_text_atomically
 from pipeline.config import load_config, to_dict
 from pipeline.errors import VidpipeError
 from pipeline.store import FeatureStore
@@ -354,6 +355,4 @@ def _link(source: Path, target: Path) -> None:
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
     """The whole history, rewritten atomically: after a resume it matches the checkpoint."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in history))

@@ -98,6 +98,8 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
     echo(f"{len(detections)} of {len(videos)} videos done, timelines in {out_dir}")
     if failures:
         echo(f"{len(failures)} failed:\n  " + "\n  ".join(failures))
+        if not detections:
+            raise VidpipeError(f"{folder}: no video could be processed ({failures[0]})")
     return detections
 
 

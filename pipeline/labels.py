@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import VidpipeError
 
 LABELS_FILE = "labels.h5"
@@ -48,12 +47,8 @@ class LabelSet:
         return sorted(v for v, s in self.splits.items() if s == name and v in self.videos)
 
     def save(self, path: str | Path) -> None:
-        """Atomic write: temporary file in the same folder, then os.replace."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-labels-", suffix=".h5", dir=path.parent)
-        os.close(fd)
-        try:
+        """Atomic write (pipeline.atomic): a reader never sees a half-written file."""
+        with atomic_path(path, suffix=".h5") as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.attrs["class_names"] = json.dumps(self.class_names)
                 h5.attrs["splits"] = json.dumps(self.splits)
@@ -61,10 +56,6 @@ class LabelSet:
                     group = h5.create_group(video_id)
                     group.create_dataset("targets", data=labels.targets.astype(np.float32))
                     group.create_dataset("ambiguous", data=labels.ambiguous.astype(bool))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "LabelSet":

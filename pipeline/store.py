@@ -15,10 +15,7 @@ sees a half-written file; a kill loses at most the video in progress.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +23,12 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.atomic import TEMP_PREFIX, atomic_path, is_stale_temporary, write_text_atomically
 from pipeline.errors import VidpipeError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VIDEOS_DIR = "videos"
-TEMP_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -53,34 +50,6 @@ def video_id_from_path(relative_path: str | Path) -> str:
     """
     text = Path(relative_path).as_posix()
     return re.sub(r"[^A-Za-z0-9._-]", "_", text.replace("/", "__")).lstrip(".") or "video"
-
-
-def _temp_prefix() -> str:
-    """Temporary names carry host and pid, so a writer only removes files of dead writers."""
-    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-
-
-def _is_stale(temp: Path) -> bool:
-    """A temporary file whose writer (on this host) is no longer running."""
-    match = re.match(re.escape(TEMP_PREFIX) + r"(.+)-(\d+)-", temp.name)
-    if not match or match.group(1) != socket.gethostname():
-        return match is None
-    try:
-        os.kill(int(match.group(2)), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:
@@ -140,7 +109,7 @@ class FeatureStore:
                     f"{', '.join(diff)}); use another --out folder")
         else:
             (root / VIDEOS_DIR).mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(root / MANIFEST, json.dumps(
+            write_text_atomically(root / MANIFEST, json.dumps(
                 {"format_version": FORMAT_VERSION, "settings": settings}, indent=2, sort_keys=True))
             store = cls(root, settings)
         store.remove_stale_temporaries()
@@ -202,26 +171,17 @@ class FeatureStore:
     # -- writing ------------------------------------------------------------------------
     def write(self, video_id: str, rgb: np.ndarray, flow: np.ndarray,
               timestamps: np.ndarray, attrs: dict[str, Any] | None = None) -> Path:
-        """Write one video atomically (temporary file + os.replace)."""
+        """Write one video atomically (pipeline.atomic)."""
         if not (len(rgb) == len(flow) == len(timestamps)):
             raise ValueError(f"{video_id}: rgb {rgb.shape}, flow {flow.shape} and "
                              f"timestamps {timestamps.shape} differ in length")
-        self.videos_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), suffix=".h5", dir=self.videos_dir)
-        os.close(fd)
-        try:
+        with atomic_path(self._path(video_id), suffix=".h5") as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("rgb", data=np.asarray(rgb, np.float32))
                 h5.create_dataset("flow", data=np.asarray(flow, np.float32))
                 h5.create_dataset("timestamps", data=np.asarray(timestamps, np.float64))
                 for key, value in {"video_id": video_id, **(attrs or {})}.items():
                     h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, self._path(video_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return self._path(video_id)
 
     def remove_stale_temporaries(self) -> None:
@@ -232,5 +192,5 @@ class FeatureStore:
         for folder in (self.root, self.videos_dir):
             if folder.is_dir():
                 for tmp in folder.glob(TEMP_PREFIX + "*"):
-                    if _is_stale(tmp):
+                    if is_stale_temporary(tmp):
                         tmp.unlink(missing_ok=True)

@@ -96,7 +96,8 @@ def generate_dataset(out_dir: str | Path, spec: SyntheticSpec | None = None,
     return SyntheticDataset(videos_dir, annotations, list(CLASSES), train, test)
 
 
-def plan_segments(spec: SyntheticSpec, rng: np.random.Generator) -> list[tuple[str, int, int]]:
+def plan_segments(spec: SyntheticSpec, rng: np.random.Generator
+                  ) -> list[tuple[str | None, int, int]]:
     """(label, first frame, end frame) for the whole video; label None = background.
 
     Actions cycle through a shuffled class order so every class appears in every video
@@ -111,7 +112,7 @@ def plan_segments(spec: SyntheticSpec, rng: np.random.Generator) -> list[tuple[s
         if frame >= total:
             break
         if not order:
-            order = list(rng.permutation(CLASSES))
+            order = [str(c) for c in rng.permutation(CLASSES)]
         length = int(rng.uniform(*spec.action_s) * spec.fps)
         plan.append((order.pop(), frame, min(frame + length, total)))
         frame += length

@@ -1,0 +1,85 @@
+"""Online detection speed: the whole live chain against its parts, on one synthetic video.
+
+Prints one table: feature extraction alone (the baseline), `detect` from a cache (model +
+timeline only), `detect` from the file in batches, and `detect --live` (one step at a time),
+each as steps/s, a multiple of real time and a ratio to the baseline, plus the live decision
+latency (chunk's last frame decoded -> decision). Demo-size settings: the demo's extractor
+(random-init resnet18s, DIS flow) and the model of configs/demo.yaml with random weights.
+
+    .venv/bin/python bench/detect.py [--seconds 60] [--threads 1] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extractors.features import TwoStreamExtractor  # noqa: E402
+from malt.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from malt.config import Config  # noqa: E402
+from malt.model import MALT  # noqa: E402
+from pipeline.config import load_config, to_dict  # noqa: E402
+from pipeline.demo import DEMO_CONFIG, demo_feature_settings  # noqa: E402
+from pipeline.detect import detect  # noqa: E402
+from pipeline.store import FeatureStore  # noqa: E402
+from pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = generate_dataset(root / "data", SyntheticSpec(num_videos=1, duration_s=args.seconds),
+                                progress=False)
+        video = data.videos_dir / data.test[0]
+        extractor = TwoStreamExtractor(demo_feature_settings(), args.device)
+
+        started = time.perf_counter()
+        rgb, flow, timestamps = extractor.extract(video)
+        extract_s = time.perf_counter() - started
+        store = FeatureStore.open_or_create(root / "cache", extractor.settings_record())
+        from pipeline.extract import fingerprint
+        store.write(video.name, rgb, flow, timestamps, {"fingerprint": fingerprint(video)})
+
+        cfg = load_config(Config, DEMO_CONFIG)
+        cfg.model.rgb_dim, cfg.model.flow_dim = rgb.shape[1], flow.shape[1]
+        cfg.model.num_classes = len(CLASSES) + 1
+        torch.manual_seed(0)
+        checkpoint = root / "run" / "last.pt"
+        save_checkpoint(Checkpoint(model_state=MALT(cfg.model).state_dict(), config=to_dict(cfg),
+                                   feature_settings=store.settings,
+                                   class_names=["background", *CLASSES]), checkpoint)
+
+        rows = [("features only (baseline)", extract_s, None)]
+        for name, kwargs in [("detect from cache", {"cache": store.root}),
+                             ("detect from file, batched", {}),
+                             ("detect --live (1 step at a time)", {"live": True})]:
+            (detection,) = detect(video, checkpoint, out=root / "out", device=args.device,
+                                  picture=False, echo=lambda _: None, **kwargs)
+            timings = detection.timeline.metadata["timings"]
+            rows.append((name, timings["total_s"], timings["latency_ms"] if kwargs.get("live") else None))
+
+    steps, video_s = len(timestamps), len(timestamps) * float(store.settings["step_seconds"])
+    print(f"{steps} steps ({video_s:.0f} s of {SyntheticSpec().width}x{SyntheticSpec().height} "
+          f"video), device {args.device}, {args.threads} thread(s)")
+    print(f"{'what':<34} {'seconds':>8} {'steps/s':>8} {'x real time':>12} {'vs baseline':>12}  latency ms (p50 / p95)")
+    for name, seconds, latency in rows:
+        lat = f"{latency['p50']:.0f} / {latency['p95']:.0f}" if latency else ""
+        print(f"{name:<34} {seconds:8.2f} {steps / seconds:8.1f} {video_s / seconds:12.1f} "
+              f"{seconds / extract_s:11.2f}x  {lat}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The one way vidpipe writes a file that someone may read while it is being written.
+
+`with atomic_path(final) as tmp:` yields a temporary name in the same folder; the caller
+writes `tmp`; on success it is flushed to disk, given the usual permissions and moved onto
+`final` with `os.replace`, so readers see either the old file or the complete new one.
+On any error (or a kill) `final` is untouched; a killed writer's temporary file is
+recognisable by `is_stale_temporary` and removed by the next writer.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _temp_prefix() -> str:
+    # Host and pid in the name: a writer can tell a dead writer's file from a running one's.
+    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def is_stale_temporary(path: Path) -> bool:
+    """A temporary file whose writer (on this host) is no longer running."""
+    match = re.match(re.escape(TEMP_PREFIX) + r"(.+)-(\d+)-", path.name)
+    if match is None:
+        return True
+    if match.group(1) != socket.gethostname():
+        return False          # another machine's writer: cannot tell, leave it
+    try:
+        os.kill(int(match.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=suffix, dir=final.parent)
+    os.close(fd)
+    temp = Path(name)
+    try:
+        yield temp
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)   # mkstemp makes files private
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as temp:
+        temp.write_text(text)
+    return Path(path)
