@@ -10,13 +10,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 
 from extractors.features import FeatureSettings
-
-# The test machine's cores are shared: torch's multi-threaded kernels spin and slow down by
-# orders of magnitude under contention. One thread keeps the tests fast and predictable.
-torch.set_num_threads(1)
 
 # resnet18 with random weights on 48-pixel crops: real code paths, fast on CPU.
 TINY = dict(rgb_backbone="resnet18", flow_backbone="resnet18", flow_method="dis",

@@ -2,7 +2,6 @@
 import dataclasses
 
 import numpy as np
-import pytest
 import torch
 
 from malt.config import ModelConfig
@@ -12,16 +11,6 @@ TINY = ModelConfig(rgb_dim=6, flow_dim=5, num_classes=4, d_model=16, num_heads=2
                    dropout=0.1, long_memory_steps=16, long_memory_stride=4, short_memory_steps=4,
                    sparse_k=3, num_branches=2, branch_queries=[4, 3, 2, 5],
                    branch_layers=[1, 2, 1, 2], decoder="recurrent", decoder_layers=1)
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one thread. On a loaded machine every multi-threaded small op waits for
-    a descheduled worker (milliseconds each), which made these tests 50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_config(**changes) -> ModelConfig:

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from malt.attention import SparseCrossAttention
-from model_helpers import single_thread  # noqa: F401  (autouse fixture)
 
 DIM, HEADS = 16, 2
 

@@ -11,7 +11,6 @@ from malt.config import Config
 from malt.model import MALT
 from malt.train import train
 from pipeline.config import from_dict
-from train_helpers import single_thread  # noqa: F401 (autouse)
 from train_helpers import random_cache, write_config
 
 

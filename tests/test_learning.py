@@ -11,7 +11,6 @@ from malt.metrics import per_frame_metrics
 from malt.train import train
 from pipeline.labels import LabelSet
 from pipeline.store import FeatureStore
-from train_helpers import single_thread  # noqa: F401 (autouse)
 from train_helpers import long_range_cache, write_config
 
 CONFIG = {

@@ -10,7 +10,6 @@ from malt.window import gather_window, num_long_tokens, window_indices
 from pipeline.config import load_config
 from pipeline.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_config, tiny_model
-from model_helpers import single_thread  # noqa: F401  (autouse fixture)
 
 
 def random_batch(cfg, batch=2, num_short=None, seed=0):

@@ -8,7 +8,6 @@ from malt.stream import OnlineDetector
 from malt.window import gather_window
 from pipeline.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_model
-from model_helpers import single_thread  # noqa: F401  (autouse fixture)
 
 # Tiny config: long memory 16 steps / stride 4 (4 slots), short memory 4 steps, so a stream of
 # 45 steps covers the empty start, the filling long memory and many full windows.

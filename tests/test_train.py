@@ -18,7 +18,6 @@ from pipeline.cli import main
 from pipeline.errors import VidpipeError
 from pipeline.labels import LabelSet
 from pipeline.store import FeatureStore
-from train_helpers import single_thread  # noqa: F401 (autouse)
 from train_helpers import random_cache, write_config
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 import yaml
 
 from pipeline.labels import LABELS_FILE, LabelSet, VideoLabels
@@ -18,18 +16,6 @@ TINY_CONFIG = {
     "train": {"epochs": 3, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "seed": 0},
 }
 SETTINGS = {"source": "synthetic test", "step_seconds": 0.25}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared machine two threads fight.
-
-    Module scope: set before the module's other fixtures, so that a run made by a fixture
-    and a run made in a test use the same thread count (the same float summation order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_config(path: Path, config: dict = TINY_CONFIG, **sections) -> Path:
