@@ -58,7 +58,8 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
            live: bool = False, device: str | None = None, picture: bool = True,
            weights: dict[str, str] | None = None,
            echo: Callable[[str], None] = print) -> list[Detection]:
-    """Detect actions in `source` (a video file, URL, device, or a folder of videos).
+    """Detect actions in `source` (a video file, URL, device, a folder of videos, or the id
+    of a video in `cache`).
 
     `weights`: {"rgb"|"flow"|"raft": path} for features made with weights files (the
     checkpoint records their sha256). Returns one `Detection` per video done.
@@ -127,15 +128,25 @@ class _Runner:
                     raft_weights=self.weights.get("raft"))
             except VidpipeError as exc:
                 raise VidpipeError(f"{self.checkpoint_path}: {exc}") from None
+            except KeyError as exc:  # e.g. imported precomputed features: no extractor record
+                raise VidpipeError(
+                    f"{self.checkpoint_path}: its features were not made by `vidpipe extract` "
+                    f"(no '{exc.args[0]}' in their settings), so new video cannot be "
+                    "featurised the same way; detect on videos of its --cache by id") from None
         return self._extractor
 
     def cached_id(self, source: str) -> str | None:
         """The cache id holding this very file, whatever its name now: the content
-        fingerprint `vidpipe extract` records per video identifies it."""
+        fingerprint `vidpipe extract` records per video identifies it. A source that is no
+        file but a video id of the cache (e.g. of imported features) names it directly."""
         from pipeline.extract import fingerprint
 
         path = Path(source)
-        if self.store is None or not path.is_file():
+        if self.store is None:
+            return None
+        if not path.exists() and source in self.store:
+            return source
+        if not path.is_file():
             return None
         if self._by_fingerprint is None:  # read once: a folder run looks up every video
             self._by_fingerprint = {self.store.attrs(v).get("fingerprint"): v

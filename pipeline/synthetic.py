@@ -20,9 +20,8 @@ the format `vidpipe labels` reads) and `classes.txt`. Everything is seeded.
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import av
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from pipeline.atomic import atomic_path, write_text_atomically
 
 CLASSES = ["Bounce", "Slide", "Spin", "Pulse"]
 SHAPES = ["circle", "square", "bar", "triangle"]
@@ -87,12 +88,12 @@ def generate_dataset(out_dir: str | Path, spec: SyntheticSpec | None = None,
         rows += [(name, label, f"{start:.4f}", f"{end:.4f}", split)
                  for label, start, end in segments]
         (test if split == "test" else train).append(name)
-    annotations = out_dir / ANNOTATIONS_FILE
-    with open(annotations, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["video", "label", "start_s", "end_s", "split"])
-        writer.writerows(rows)
-    (out_dir / CLASSES_FILE).write_text("\n".join(CLASSES) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["video", "label", "start_s", "end_s", "split"])
+    writer.writerows(rows)
+    annotations = write_text_atomically(out_dir / ANNOTATIONS_FILE, buffer.getvalue())
+    write_text_atomically(out_dir / CLASSES_FILE, "\n".join(CLASSES) + "\n")
     return SyntheticDataset(videos_dir, annotations, list(CLASSES), train, test)
 
 
@@ -225,22 +226,14 @@ def _draw(image: np.ndarray, obj: _Object) -> None:
 
 
 def _encode(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    """H.264 mp4 through PyAV, written under a temporary name and moved into place."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, "w") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "18", "preset": "veryfast"}
-            for image in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    """H.264 mp4 through PyAV, written atomically (pipeline.atomic)."""
+    with atomic_path(path, suffix=".mp4") as temp, av.open(str(temp), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a video is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for packet in stream.encode():
+            container.mux(packet)

@@ -21,14 +21,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import atomic_path, write_text_atomically
 from pipeline.errors import VidpipeError
 
 TIMELINE_FORMAT = "vidpipe-timeline"
@@ -207,7 +206,7 @@ class Timeline:
         }
 
     def save_json(self, path: str | Path) -> Path:
-        return _atomic_write(Path(path), json.dumps(self.to_dict()))
+        return write_text_atomically(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> "Timeline":
@@ -236,24 +235,11 @@ class Timeline:
         writer.writerow(["label", "start_s", "end_s", "score"])
         writer.writerows([s.label, f"{s.start_s:.3f}", f"{s.end_s:.3f}", f"{s.score:.4f}"]
                          for s in self.segments)
-        return _atomic_write(Path(path), buffer.getvalue())
+        return write_text_atomically(path, buffer.getvalue())
 
     def save_png(self, path: str | Path, width_px: int = 1600, height_px: int = 700,
                  top_classes: int = 5) -> Path:
         return plot_timeline(self, path, width_px, height_px, top_classes)
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --- the picture -------------------------------------------------------------------------------
@@ -361,9 +347,8 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
                       "time (m:ss)" if duration < 3600 else "time (h:mm:ss)")
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with atomic_path(path, suffix=".png") as temp:
+        fig.savefig(temp, dpi=dpi, format="png")
     plt.close(fig)
-    return path
+    return Path(path)
 

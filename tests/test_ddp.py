@@ -48,9 +48,11 @@ def test_two_processes_equal_one(tmp_path):
     one = torch.load(single / "last.pt", weights_only=True)
     two = torch.load(ddp / "last.pt", weights_only=True)
     assert one["step"] == two["step"] == 4
+    # Summation order differs between one and two processes (float noise ~1e-6 after Adam);
+    # a wrong loss normalisation across processes moves weights by ~1e-4 (checked).
     for name, tensor in one["model_state"].items():
         np.testing.assert_allclose(two["model_state"][name].numpy(), tensor.numpy(),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
     # and training did move the weights (the comparison is not between two untouched models)
     torch.manual_seed(0)          # train.seed: the initial weights of both runs
     initial = MALT(from_dict(Config, one["config"]).model).state_dict()

@@ -117,3 +117,22 @@ def test_cli(setup, tmp_path, capsys):
               str(checkpoint), "--class-threshold", "Jump=0.4"])
     assert exit_info.value.code == 2
     assert "unknown class 'Jump'" in capsys.readouterr().err
+
+
+def test_imported_features_detect_by_cache_id_only(setup, tmp_path):
+    data, store, checkpoint = setup
+    features = store.read("synth_000.mp4")
+    imported = FeatureStore.open_or_create(tmp_path / "imported",
+                                           {"source": "precomputed", "step_seconds": 0.25})
+    imported.write("video_test_0000004", features.rgb, features.flow, features.timestamps)
+    from malt.checkpoint import read_checkpoint, save_checkpoint
+    ckpt = read_checkpoint(checkpoint)
+    ckpt.feature_settings = imported.settings
+    save_checkpoint(ckpt, tmp_path / "run" / "best.pt")
+    (detection,) = detect("video_test_0000004", tmp_path / "run" / "best.pt",
+                          cache=imported.root, out=tmp_path, echo=lambda _: None)
+    assert detection.files["json"] == tmp_path / "video_test_0000004.timeline.json"
+    assert len(detection.timeline.probs) == len(features)
+    with pytest.raises(VidpipeError, match="not made by `vidpipe extract`"):
+        detect(data.videos_dir / "synth_001.mp4", tmp_path / "run" / "best.pt",
+               out=tmp_path, echo=lambda _: None)
