@@ -229,8 +229,8 @@ def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, clas
               type=click.IntRange(min=2), help="Synthetic videos to generate (1/4 held out).")
 @click.option("--duration", default=20.0, show_default=True, type=float,
               help="Seconds per video.")
-@click.option("--epochs", default=60, show_default=True, type=click.IntRange(min=1),
-              help="Training epochs.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Training epochs (default: those of configs/demo.yaml).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(out, num_videos, duration, epochs, device, seed) -> None:

@@ -99,8 +99,9 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
     echo(f"{len(detections)} of {len(videos)} videos done, timelines in {out_dir}")
     if failures:
         echo(f"{len(failures)} failed:\n  " + "\n  ".join(failures))
-        if not detections:
-            raise VidpipeError(f"{folder}: no video could be processed ({failures[0]})")
+        # After the batch, so that every good video has its timeline; non-zero exit for scripts.
+        raise VidpipeError(f"{folder}: {len(failures)} of {len(videos)} videos failed "
+                           f"(first: {failures[0]})")
     return detections
 
 

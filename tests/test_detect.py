@@ -68,11 +68,12 @@ def test_folder_batch_skips_a_corrupt_file(setup, tmp_path):
     shutil.copy(data.videos_dir / "synth_000.mp4", folder / "good.mp4")
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
     lines = []
-    detections = detect(folder, checkpoint, out=tmp_path / "out", cache=store.root,
-                        echo=lines.append)
-    assert [d.source for d in detections] == [str(folder / "good.mp4")]
-    assert detections[0].timeline.metadata["video"]["cache_id"] == "synth_000.mp4"
+    with pytest.raises(VidpipeError, match="1 of 2 videos failed.*broken.mp4"):
+        detect(folder, checkpoint, out=tmp_path / "out", cache=store.root, echo=lines.append)
     assert any("broken.mp4" in l and l.startswith("skipped") for l in lines)
+    assert "1 of 2 videos done" in "\n".join(lines)
+    good = Timeline.load(tmp_path / "out" / "good.mp4.timeline.json")
+    assert good.metadata["video"]["cache_id"] == "synth_000.mp4"
     assert (tmp_path / "out" / "good.mp4.timeline.png").stat().st_size > 0
     with pytest.raises(VidpipeError, match="broken.mp4"):
         detect(folder / "broken.mp4", checkpoint, out=tmp_path / "out", echo=lambda _: None)
