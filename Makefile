@@ -24,7 +24,9 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/train.py
 	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/detect.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -11,24 +11,21 @@ latency (chunk's last frame decoded -> decision). Demo-size settings: the demo's
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from extractors.features import TwoStreamExtractor  # noqa: E402
-from malt.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from malt.config import Config  # noqa: E402
-from malt.model import MALT  # noqa: E402
-from pipeline.config import load_config, to_dict  # noqa: E402
-from pipeline.demo import DEMO_CONFIG, demo_feature_settings  # noqa: E402
-from pipeline.detect import detect  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
-from pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset  # noqa: E402
+from extractors.features import TwoStreamExtractor
+from malt.checkpoint import Checkpoint, save_checkpoint
+from malt.config import Config
+from malt.model import MALT
+from pipeline.config import load_config, to_dict
+from pipeline.demo import DEMO_CONFIG, demo_feature_settings
+from pipeline.detect import detect
+from pipeline.store import FeatureStore
+from pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
 
 
 def main() -> None:

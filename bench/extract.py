@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from extractors.decode import VideoSource  # noqa: E402
-from extractors.features import FeatureSettings, TwoStreamExtractor  # noqa: E402
-from extractors.flow import OpenCVFlow, RAFTFlow  # noqa: E402
-from extractors.backbone import create_timm_backbone  # noqa: E402
-from extractors.rgb import resize_short_side  # noqa: E402
+from extractors.decode import VideoSource
+from extractors.features import FeatureSettings, TwoStreamExtractor
+from extractors.flow import OpenCVFlow, RAFTFlow
+from extractors.backbone import create_timm_backbone
+from extractors.rgb import resize_short_side
 
 PAIRS_PER_SECOND = 4 * 5   # flow fields per second of video: 4 steps of 5 fields
 

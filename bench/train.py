@@ -13,7 +13,6 @@ The engine/model ratio is the cost of the data path; near 1 means the model domi
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,17 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from train_helpers import write_cache  # noqa: E402
-
-from malt.config import Config  # noqa: E402
-from malt.evaluate import predict_offline  # noqa: E402
-from malt.losses import malt_loss  # noqa: E402
-from malt.model import MALT  # noqa: E402
-from malt.train import train  # noqa: E402
-from malt.window import gather_window  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
+from malt.config import Config
+from malt.evaluate import predict_offline
+from malt.losses import malt_loss
+from malt.model import MALT
+from malt.train import train
+from malt.window import gather_window
+from pipeline.config import load_config
+from pipeline.labels import LABELS_FILE, LabelSet, VideoLabels
+from pipeline.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +37,15 @@ def make_cache(root: Path, cfg, windows: int, rng) -> Path:
     """Two videos giving `windows` full training windows in total, whatever the offset."""
     steps = cfg.short_memory_steps * (windows // 2) + cfg.short_memory_steps - 1
     names = ["background"] + [f"class_{c}" for c in range(1, cfg.num_classes)]
-    videos = {f"v{i}": (rng.standard_normal((steps, cfg.rgb_dim), dtype=np.float32),
-                        rng.standard_normal((steps, cfg.flow_dim), dtype=np.float32),
-                        np.eye(cfg.num_classes, dtype=np.float32)[rng.integers(0, cfg.num_classes, steps)],
-                        np.zeros(steps, bool)) for i in range(2)}
-    return write_cache(root, videos, names, {"v0": "train", "v1": "train"})
+    store = FeatureStore.open_or_create(root, {"source": "bench/train.py", "step_seconds": 0.25})
+    labels = {}
+    for video_id in ("v0", "v1"):
+        store.write(video_id, rng.standard_normal((steps, cfg.rgb_dim), dtype=np.float32),
+                    rng.standard_normal((steps, cfg.flow_dim), dtype=np.float32), np.arange(steps) * 0.25)
+        targets = np.eye(cfg.num_classes, dtype=np.float32)[rng.integers(0, cfg.num_classes, steps)]
+        labels[video_id] = VideoLabels(targets, np.zeros(steps, bool))
+    LabelSet(names, labels, {"v0": "train", "v1": "train"}).save(root / LABELS_FILE)
+    return root
 
 
 def model_only_rate(cfg: Config, videos_rgb, videos_flow, device, repeats: int = 2) -> float:
