@@ -43,9 +43,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int, device: torch.device) -> np.ndarray:
-    """Seconds per call, after one warm-up call."""
-    fn()
+def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> np.ndarray:
+    """Seconds per call, after `warmup` untimed calls (allocator and thread pools settle)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -65,11 +66,12 @@ def streaming_latency(model, cfg, position, steps, device, rng):
     history = position - 1
     detector.feed_history(rng.standard_normal((history, cfg.rgb_dim), dtype=np.float32),
                           rng.standard_normal((history, cfg.flow_dim), dtype=np.float32))
-    rgb = rng.standard_normal((1 + steps + stride, cfg.rgb_dim), dtype=np.float32)
-    flow = rng.standard_normal((1 + steps + stride, cfg.flow_dim), dtype=np.float32)
+    warmup = 1 + 4 * stride   # whole refresh cycles; the first also does the refresh that
+                              # always follows feed_history
+    rgb = rng.standard_normal((warmup + steps + stride, cfg.rgb_dim), dtype=np.float32)
+    flow = rng.standard_normal((warmup + steps + stride, cfg.flow_dim), dtype=np.float32)
     feed = iter(zip(rgb, flow))
-    # The warm-up step also does the refresh that always follows feed_history.
-    seconds = timed(lambda: detector.step(*next(feed)), steps, device)
+    seconds = timed(lambda: detector.step(*next(feed)), steps, device, warmup)
     cycle = []
     for _ in range(stride):
         with FlopCounterMode(display=False) as counter:
@@ -148,7 +150,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    columns = [("config", 24), ("params", 8), ("step@3k ms", 22), ("step@10k ms", 22),
+    columns = [("config", 24), ("params", 9), ("step@3k ms", 22), ("step@10k ms", 22),
                ("recompute ms", 18), ("speed-up", 16), ("GMAC step mean/refresh/other", 30),
                ("GMAC window", 13), ("train win/s", 13)]
     units = ["", "", "median / mean / p99", "median / mean / p99", "median / p99",

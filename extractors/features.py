@@ -21,6 +21,7 @@ from extractors.backbone import file_sha256
 from extractors.decode import Chunk, VideoSource
 from extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow
 from extractors.rgb import RGBStream, resize_short_side
+from pipeline.device import resolve_device
 from pipeline.errors import VidpipeError
 
 RESIZE_BYTES = 128 << 20   # float frames resized at once: bounds memory for 4K sources
@@ -61,6 +62,9 @@ class FeatureSettings:
             problems.append(f"crop must be 1..resize = {self.resize} (got {self.crop})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        files = [key for key in ("rgb_weights", "flow_weights", "raft_weights") if getattr(self, key)]
+        if self.random_init and files:  # else the files would be silently ignored
+            problems.append(f"random_init excludes weights files (got {', '.join(files)}): drop one")
         if problems:
             raise VidpipeError("extraction settings: " + "; ".join(problems))
         return self
@@ -74,18 +78,6 @@ class Step:
     end_time: float          # time of the chunk's last frame: when the step is complete
     rgb: np.ndarray          # (Dr,) float32
     flow: np.ndarray         # (Df,) float32
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise VidpipeError(f"device '{device}': not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise VidpipeError(f"device '{device}': CUDA is not available on this machine")
-    return resolved
 
 
 def package_versions() -> dict[str, str]:

@@ -10,6 +10,7 @@ epoch progress (malt.train.lr_factor), so `epoch` is its whole state.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from malt.config import Config
 from malt.model import MALT
 from pipeline.atomic import atomic_path
 from pipeline.config import from_dict
+from pipeline.device import resolve_device
 from pipeline.errors import VidpipeError
 
 
@@ -51,9 +53,13 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     path = Path(path)
     if not path.is_file():
         raise VidpipeError(f"{path}: checkpoint not found")
+    device = resolve_device(device)  # a bad --device is the user's mistake, not the file's
     try:
         data: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
         return Checkpoint(**data)
+    except pickle.UnpicklingError:  # torch's own text here suggests weights_only=False: not for us
+        raise VidpipeError(f"{path}: not a vidpipe checkpoint (not a torch file, or one holding "
+                           f"more than tensors and plain types)") from None
     except (TypeError, RuntimeError, EOFError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VidpipeError(f"{path}: not a vidpipe checkpoint ({first_line})") from None

@@ -36,6 +36,7 @@ from malt.losses import malt_loss
 from malt.model import MALT
 from pipeline.atomic import write_text_atomically
 from pipeline.config import load_config, to_dict
+from pipeline.device import resolve_device
 from pipeline.errors import VidpipeError
 from pipeline.store import FeatureStore
 
@@ -113,6 +114,14 @@ def _resolve_config(config, overrides, out: Path, store, label_set, labels_sourc
             raise VidpipeError(f"{out / LAST}: model.{key}={getattr(cfg.model, key)} but the data has "
                                f"{value} ({_describe_dim(key, store, labels_source)})")
     check_compatible(checkpoint, store, label_set.class_names, out / LAST, labels_source)
+    if requested is None and overrides:
+        # --set without --config: refuse (rather than silently drop) a change to the run's config
+        set_keys = {item.partition("=")[0].strip() for item in overrides}
+        changed = [key for key in _differing_keys(to_dict(load_config(Config, None, overrides)),
+                                                  to_dict(cfg)) if key in set_keys]
+        if changed:
+            raise VidpipeError(f"--set {', '.join(changed)}: differs from the config of the run in "
+                               f"{out}; --resume continues with the run's own config")
     if requested is not None and to_dict(requested) != to_dict(cfg):
         keys = _differing_keys(to_dict(requested), to_dict(cfg))
         raise VidpipeError(f"{config}: differs from the config of the run in {out} "
@@ -168,10 +177,8 @@ def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
+    target = resolve_device(device)
     if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VidpipeError(f"--device {device}: CUDA is not available on this machine")
         if target.index is None:
             target = torch.device("cuda", local_rank)
         torch.cuda.set_device(target)

@@ -232,7 +232,9 @@ def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, clas
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Training epochs (default: those of configs/demo.yaml).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the generated videos and the random-init backbones "
+                   "(training keeps configs/demo.yaml's train.seed).")
 def demo(out, num_videos, duration, epochs, device, seed) -> None:
     """Generate synthetic action videos, extract, train, evaluate and detect: the whole
     chain in a few minutes on a CPU, no data or weights needed."""

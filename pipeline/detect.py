@@ -64,7 +64,7 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
     `weights`: {"rgb"|"flow"|"raft": path} for features made with weights files (the
     checkpoint records their sha256). Returns one `Detection` per video done.
     """
-    from extractors.features import resolve_device
+    from pipeline.device import resolve_device
     from malt.checkpoint import load_model
 
     device = resolve_device(device)

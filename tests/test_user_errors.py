@@ -1,0 +1,108 @@
+"""User mistakes found by using the CLI as a researcher would: each gives one line
+`error: ...` naming the file or option and exits 2, never a traceback or a silent ignore."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from malt.config import Config, validate_model_config
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.extract import load_settings
+from pipeline.errors import VidpipeError
+from train_helpers import random_cache, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 1-epoch run on a tiny cache: (cache, run folder)."""
+    root = tmp_path_factory.mktemp("qa")
+    cache = random_cache(root / "cache")
+    config = write_config(root / "tiny.yaml", train={"epochs": 1})
+    main(["train", "--config", str(config), "--cache", str(cache), "--out", str(root / "run")])
+    return cache, root / "run"
+
+
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_file_that_is_not_a_checkpoint(run, tmp_path, capsys):
+    cache, _ = run
+    text = tmp_path / "annotations.csv"
+    text.write_text("video,label,start_s,end_s\n")
+    err = _cli_error(capsys, ["eval", "--checkpoint", str(text), "--cache", str(cache)])
+    assert "annotations.csv: not a vidpipe checkpoint" in err and "weights_only" not in err
+
+
+def test_bad_device_names_the_device(run, tmp_path, capsys, monkeypatch):
+    cache, folder = run
+    err = _cli_error(capsys, ["train", "--config", str(write_config(tmp_path / "c.yaml")),
+                              "--cache", str(cache), "--out", str(tmp_path / "r"), "--device", "gpu"])
+    assert "device 'gpu': not a torch device" in err
+    err = _cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
+                              "--device", "gpu"])
+    assert "device 'gpu': not a torch device" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
+                              "--device", "cuda"])
+    assert "device 'cuda': CUDA is not available" in err and "checkpoint" not in err
+
+
+def test_resume_refuses_an_override_it_would_ignore(run, capsys):
+    cache, folder = run
+    err = _cli_error(capsys, ["train", "--cache", str(cache), "--out", str(folder), "--resume",
+                              "--set", "train.epochs=3"])
+    assert "--set train.epochs: differs from the config of the run" in err
+    # an override equal to the run's own value changes nothing: the finished run stays finished
+    main(["train", "--cache", str(cache), "--out", str(folder), "--resume", "--set", "train.epochs=1"])
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_random_init_with_a_weights_file_is_refused(tmp_path):
+    weights = tmp_path / "rgb.pth"
+    weights.write_bytes(b"x")
+    with pytest.raises(VidpipeError, match="random_init excludes weights files.*rgb_weights"):
+        load_settings(None, (), random_init=True, rgb_weights=str(weights))
+
+
+@pytest.mark.parametrize("name", ["malt_thumos.yaml", "malt_tvseries.yaml", "demo.yaml"])
+@pytest.mark.parametrize("branches", [1, 2, 3, 4])
+def test_num_branches_ablation_is_one_override(name, branches):
+    """README: `--set model.num_branches=N` is the whole ablation, for every shipped config."""
+    path = REPO / "configs" / name
+    cfg = load_config(Config, path, [f"model.num_branches={branches}"])
+    validate_model_config(cfg.model, str(path))
+    assert cfg.model.num_branches == branches
+
+
+def test_readme_raw_thumos_train_matches_the_default_flow_stream():
+    """The THUMOS config expects BN-Inception flow (1024-d); our default flow stream is wider,
+    so the README's raw-video train command must override flow_dim with its real size."""
+    import timm
+
+    settings = load_settings()
+    flow_dim = timm.create_model(settings.flow_backbone, pretrained=False, num_classes=0,
+                                 in_chans=2 * settings.flow_fields).num_features
+    readme = (REPO / "README.md").read_text()
+    raw_section = readme[readme.index("From the raw THUMOS'14 videos"):]
+    train_command = raw_section[raw_section.index("vidpipe train"):raw_section.index("vidpipe eval")]
+    assert f"--set model.flow_dim={flow_dim}" in train_command
+
+
+def test_every_option_has_help():
+    import click
+
+    from pipeline.cli import cli
+
+    missing = [f"{name} {param.opts[0]}" for name, command in cli.commands.items()
+               for param in command.params if isinstance(param, click.Option) and not param.help]
+    assert not missing, missing
+    assert all(command.help for command in cli.commands.values())
