@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 install: $(VENV)/.installed
 
 # torch and torchvision are installed together, first, so that pip resolves a matching pair
-# from the registry (the standard build runs on CPU) instead of a lone CPU-only torch file.
+# from the registry (the standard build runs on CPU). 2.13.0 is excluded because some build
+# machines carry a lone CPU-only torch 2.13.0 file that no torchvision release matches.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
