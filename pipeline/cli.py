@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from pipeline.errors import VidpipeError
+from pipeline.errors import BatchIncomplete, VidpipeError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +75,7 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
 # --- labels / import ----------------------------------------------------------------------
 
 @cli.command()
-@click.argument("annotations", type=click.Path(path_type=str))
+@click.argument("annotations", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--cache", required=True, type=click.Path(path_type=str),
               help="Feature cache whose step timestamps the labels are built on.")
 @click.option("--classes", default=None,
@@ -85,16 +85,17 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
               help="Output labels file (default: CACHE/labels.h5).")
 @click.option("--skip-missing", is_flag=True,
               help="Skip annotated videos that are not in the cache instead of failing.")
-def labels(annotations: str, cache: str, classes: str | None, out: str | None,
+def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: str | None,
            skip_missing: bool) -> None:
     """Turn ANNOTATIONS into per-step targets on a cache's steps.
 
-    ANNOTATIONS is a CSV file (video,label,start_s,end_s[,split]), a JSON file, or a
-    THUMOS'14 folder of <Class>_val.txt / <Class>_test.txt files (see pipeline/labels.py).
+    Each of ANNOTATIONS is a CSV file (video,label,start_s,end_s[,split]), a JSON file, or a
+    THUMOS'14 folder of <Class>_val.txt / <Class>_test.txt files (see pipeline/labels.py);
+    several are read as one (e.g. THUMOS'14's validation and test annotation folders).
     """
     from pipeline.labels import write_labels
 
-    write_labels(cache, annotations, classes=classes, out=out, skip_missing=skip_missing)
+    write_labels(cache, list(annotations), classes=classes, out=out, skip_missing=skip_missing)
 
 
 @cli.command("import-features")
@@ -247,6 +248,9 @@ def demo(out, num_videos, duration, epochs, device, seed) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
+    except BatchIncomplete as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except VidpipeError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

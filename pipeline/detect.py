@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.errors import VidpipeError
+from pipeline.errors import BatchIncomplete, VidpipeError
 from pipeline.store import FeatureStore, video_id_from_path
 from pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
 
@@ -100,8 +100,8 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
     if failures:
         echo(f"{len(failures)} failed:\n  " + "\n  ".join(failures))
         # After the batch, so that every good video has its timeline; non-zero exit for scripts.
-        raise VidpipeError(f"{folder}: {len(failures)} of {len(videos)} videos failed "
-                           f"(first: {failures[0]})")
+        raise BatchIncomplete(f"{folder}: {len(failures)} of {len(videos)} videos failed "
+                              f"(listed above)")
     return detections
 
 
@@ -162,6 +162,10 @@ class _Runner:
         if cached is not None:
             steps = _cached_steps(self.store, cached)
             info = {"features": f"cache {self.store.root}"}
+        elif self.store is not None and not Path(source).exists() and "://" not in source \
+                and not source.startswith("/dev/"):
+            raise VidpipeError(f"{source}: no such file, and no video of that id in the cache "
+                               f"{self.store.root}")
         else:
             steps, info = self._stream_steps(source)
         step_seconds = float(self.ckpt.feature_settings["step_seconds"])
@@ -202,8 +206,9 @@ class _Runner:
                  "csv": timeline.save_csv(out_dir / f"{name}.timeline.csv")}
         if picture:
             files["png"] = timeline.save_png(out_dir / f"{name}.timeline.png")
-        self.echo(f"{source}: {len(timeline.segments)} segments in {timeline.duration_s:.1f} s "
-                  f"of video ({total:.1f} s) -> {files['json']}")
+        count = len(timeline.segments)
+        self.echo(f"{source}: {count} segment{'' if count == 1 else 's'} in "
+                  f"{timeline.duration_s:.1f} s of video ({total:.1f} s) -> {files['json']}")
         return Detection(source, timeline, files, interrupted)
 
     def _stream_steps(self, source: str) -> tuple[Iterator[_Timed], dict]:

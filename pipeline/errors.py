@@ -7,3 +7,7 @@ its traceback.
 
 class VidpipeError(Exception):
     """A problem the user can fix; the message names the file and the problem."""
+
+
+class BatchIncomplete(VidpipeError):
+    """A batch ran to its end but some inputs failed (each already reported): exit code 1."""

@@ -343,16 +343,21 @@ def _active_steps(segments: list[tuple[int, float, float]], timestamps: np.ndarr
     return active
 
 
-def build_labels(store, annotation_path: str | Path, class_names: list[str] | None = None,
-                 skip_missing: bool = False) -> LabelSet:
+def build_labels(store, annotation_path: str | Path | list[str | Path],
+                 class_names: list[str] | None = None, skip_missing: bool = False) -> LabelSet:
     """Annotations -> per-step targets on the cache's own timestamps (see the module notes).
+
+    `annotation_path` may list several sources (e.g. THUMOS'14's validation and test
+    annotation folders, which the release keeps apart); they are read as one.
 
     `class_names` fixes the class columns (background first or left out); without it the
     file's own class list is used, else its labels sorted. Every annotated video must be in
     the cache (unless `skip_missing`); cache videos without annotations are left unlabelled.
     """
-    source = Path(annotation_path)
-    annotations = read_annotations(source)
+    paths = [Path(p) for p in ([annotation_path] if isinstance(annotation_path, (str, Path))
+                               else annotation_path)]
+    source = paths[0] if len(paths) == 1 else Path(" + ".join(map(str, paths)))
+    annotations = _merge([read_annotations(path) for path in paths], source)
     names = _class_list(annotations, class_names, source)
     column = {name: i for i, name in enumerate(names)}
     matches = match_videos(store, annotations.videos, source, skip_missing)
@@ -379,6 +384,22 @@ def build_labels(store, annotation_path: str | Path, class_names: list[str] | No
     return LabelSet(class_names=names, videos=videos, splits=splits)
 
 
+def _merge(parts: list[Annotations], source: Path) -> Annotations:
+    """Several annotation sources read as one; a video's split must agree between them."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = Annotations(segments=[], videos=[], splits={})
+    for part in parts:
+        merged.segments += part.segments
+        merged.videos += [v for v in part.videos if v not in merged.videos]
+        for video, split in part.splits.items():
+            _add_split(merged.splits, video, split, str(source))
+        if part.classes is not None:
+            merged.classes = (merged.classes or []) + [c for c in part.classes
+                                                       if c not in (merged.classes or [])]
+    return merged
+
+
 def describe(labels: LabelSet) -> str:
     """A few lines a person reads after `vidpipe labels`."""
     steps = sum(len(v.targets) for v in labels.videos.values())
@@ -400,7 +421,8 @@ def parse_class_list(classes: str) -> list[str]:
     return [name.strip() for name in classes.split(",") if name.strip()]
 
 
-def write_labels(cache: str | Path, annotation_path: str | Path, classes: str | None = None,
+def write_labels(cache: str | Path, annotation_path: str | Path | list[str | Path],
+                 classes: str | None = None,
                  out: str | Path | None = None, skip_missing: bool = False) -> LabelSet:
     """`vidpipe labels`: build the LabelSet of a cache and save it (default CACHE/labels.h5)."""
     from pipeline.store import FeatureStore

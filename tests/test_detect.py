@@ -11,7 +11,7 @@ from malt.checkpoint import load_model
 from malt.evaluate import predict_offline
 from pipeline.cli import main
 from pipeline.detect import detect
-from pipeline.errors import VidpipeError
+from pipeline.errors import BatchIncomplete, VidpipeError
 from pipeline.store import FeatureStore
 from pipeline.timeline import Timeline, TimelineSettings
 
@@ -68,9 +68,14 @@ def test_folder_batch_skips_a_corrupt_file(setup, tmp_path):
     shutil.copy(data.videos_dir / "synth_000.mp4", folder / "good.mp4")
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
     lines = []
-    with pytest.raises(VidpipeError, match="1 of 2 videos failed.*broken.mp4"):
+    with pytest.raises(BatchIncomplete, match="1 of 2 videos failed"):
         detect(folder, checkpoint, out=tmp_path / "out", cache=store.root, echo=lines.append)
     assert any("broken.mp4" in l and l.startswith("skipped") for l in lines)
+    assert "1 failed:\n  " in "\n".join(lines) and "broken.mp4" in lines[-1]
+    with pytest.raises(SystemExit) as info:   # the CLI: exit 1, as `extract` on a partial batch
+        main(["detect", str(folder), "--checkpoint", str(checkpoint), "--cache", str(store.root),
+              "--out", str(tmp_path / "cli"), "--no-picture"])
+    assert info.value.code == 1
     assert "1 of 2 videos done" in "\n".join(lines)
     good = Timeline.load(tmp_path / "out" / "good.mp4.timeline.json")
     assert good.metadata["video"]["cache_id"] == "synth_000.mp4"
@@ -137,3 +142,9 @@ def test_imported_features_detect_by_cache_id_only(setup, tmp_path):
     with pytest.raises(VidpipeError, match="not made by `vidpipe extract`"):
         detect(data.videos_dir / "synth_001.mp4", tmp_path / "run" / "best.pt",
                out=tmp_path, echo=lambda _: None)
+
+
+def test_unknown_cache_id_is_named(setup, tmp_path):
+    _, store, checkpoint = setup
+    with pytest.raises(VidpipeError, match="nocacheid: no such file, and no video of that id"):
+        detect("nocacheid", checkpoint, out=tmp_path, cache=store.root, echo=lambda _: None)

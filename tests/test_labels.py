@@ -155,3 +155,27 @@ def test_cli_writes_labels_file(store, tmp_path, capsys):
         main(["labels", str(tmp_path / "missing.csv"), "--cache", str(store.root)])
     assert exit_info.value.code == 2
     assert "missing.csv: annotation file not found" in capsys.readouterr().err
+
+
+def test_several_sources_are_read_as_one(tmp_path):
+    """THUMOS'14 ships validation and test annotations in separate folders."""
+    store = make_cache(tmp_path / "cache", {
+        "video_validation_0000051.mp4": (40, {"source_path": "video_validation_0000051.mp4"}),
+        "video_test_0000004.mp4": (40, {"source_path": "video_test_0000004.mp4"}),
+    })
+    val, test = tmp_path / "val", tmp_path / "test"
+    val.mkdir()
+    test.mkdir()
+    (val / "BaseballPitch_val.txt").write_text("video_validation_0000051  1.0  2.0\n")
+    (test / "BaseballPitch_test.txt").write_text("video_test_0000004 5.0 6.0\n")
+    (test / "CliffDiving_test.txt").write_text("video_test_0000004 7.0 8.0\n")
+    labels = build_labels(store, [val, test])
+    assert labels.class_names == ["background", "BaseballPitch", "CliffDiving"]
+    assert labels.splits == {"video_validation_0000051.mp4": "train",
+                             "video_test_0000004.mp4": "test"}
+    assert labels.videos["video_test_0000004.mp4"].targets[:, 2].sum() == 4   # 7..8 s: 4 steps
+    clash = tmp_path / "clash.csv"
+    clash.write_text("video,label,start_s,end_s,split\n"
+                     "video_test_0000004,BaseballPitch,1,2,train\n")
+    with pytest.raises(VidpipeError, match="video_test_0000004.*split 'test'.*'train'"):
+        build_labels(store, [test, clash])
