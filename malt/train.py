@@ -9,7 +9,8 @@ A run folder holds config.yaml (the resolved config), metrics.jsonl (one line pe
 last.pt, best.pt (by `train.select_metric` on the test split) and checkpoints/epoch_NNN.pt
 (the newest `train.keep_checkpoints`). `resume=True` continues from last.pt exactly: weights,
 optimizer, AMP scaler, RNG states, epoch; windows and learning rates are functions of
-(seed, epoch), so a resumed run ends with the weights of an uninterrupted one.
+(seed, epoch), so a resumed run ends with the weights of an uninterrupted one. A resume may
+raise `train.epochs` to extend a finished run; any other change to the config is refused.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from malt.evaluate import check_compatible, evaluate_videos
 from malt.losses import malt_loss
 from malt.model import MALT
 from pipeline.atomic import write_text_atomically
-from pipeline.config import load_config, to_dict
+from pipeline.config import apply_overrides, load_config, to_dict
 from pipeline.device import resolve_device
 from pipeline.errors import VidpipeError
 from pipeline.store import FeatureStore
@@ -43,6 +44,8 @@ from pipeline.store import FeatureStore
 LAST, BEST, CONFIG, METRICS, CHECKPOINTS = "last.pt", "best.pt", "config.yaml", "metrics.jsonl", "checkpoints"
 # Model dimensions that come from the data: a config may leave them out.
 DATA_KEYS = ("rgb_dim", "flow_dim", "num_classes")
+# What `--resume` may change: more epochs extend a run (the cosine schedule stretches with them).
+RESUME_MAY_CHANGE = ("train.epochs",)
 
 
 def lr_factor(progress: float, cfg: TrainConfig) -> float:
@@ -114,19 +117,15 @@ def _resolve_config(config, overrides, out: Path, store, label_set, labels_sourc
             raise VidpipeError(f"{out / LAST}: model.{key}={getattr(cfg.model, key)} but the data has "
                                f"{value} ({_describe_dim(key, store, labels_source)})")
     check_compatible(checkpoint, store, label_set.class_names, out / LAST, labels_source)
-    if requested is None and overrides:
-        # --set without --config: refuse (rather than silently drop) a change to the run's config
-        set_keys = {item.partition("=")[0].strip() for item in overrides}
-        changed = [key for key in _differing_keys(to_dict(load_config(Config, None, overrides)),
-                                                  to_dict(cfg)) if key in set_keys]
-        if changed:
-            raise VidpipeError(f"--set {', '.join(changed)}: differs from the config of the run in "
-                               f"{out}; --resume continues with the run's own config")
-    if requested is not None and to_dict(requested) != to_dict(cfg):
-        keys = _differing_keys(to_dict(requested), to_dict(cfg))
-        raise VidpipeError(f"{config}: differs from the config of the run in {out} "
-                           f"({', '.join(keys)}); --resume continues with the run's own config")
-    return cfg, checkpoint
+    if requested is None:      # --resume without --config: overrides apply to the run's config
+        requested = apply_overrides(cfg, overrides)
+    changed = [key for key in _differing_keys(to_dict(requested), to_dict(cfg))
+               if key not in RESUME_MAY_CHANGE]
+    if changed:
+        raise VidpipeError(f"{config or '--set'}: differs from the config of the run in {out} "
+                           f"({', '.join(changed)}); --resume continues with the run's own config "
+                           f"(only {', '.join(RESUME_MAY_CHANGE)} may change)")
+    return requested, checkpoint
 
 
 def _validate_train_config(cfg: TrainConfig, source: str) -> None:
@@ -260,6 +259,9 @@ def _run(cfg: Config, checkpoint: Checkpoint | None, out: Path, store: FeatureSt
         if world > 1 else model
     windows = TrainWindows(train_videos, cfg.model, seed=train_cfg.seed)
 
+    if start_epoch >= train_cfg.epochs and rank == 0 and progress:
+        tqdm.write(f"{out}: the run has done its {train_cfg.epochs} epoch(s), nothing to do "
+                   f"(extend it with --resume --set train.epochs=N)")
     for epoch in range(start_epoch, train_cfg.epochs):
         windows.set_epoch(epoch)
         if not len(windows):

@@ -48,12 +48,21 @@ def load_config(cls: type[T], path: str | Path | None = None,
             raise VidpipeError(f"{path}: not valid YAML ({_first_line(exc)})") from None
         if not isinstance(data, dict):
             raise VidpipeError(f"{path}: expected a mapping at the top level")
+    return from_dict(cls, _with_overrides(data, overrides), source)
+
+
+def apply_overrides(config: T, overrides: list[str] | tuple[str, ...], source: str = "--set") -> T:
+    """A copy of `config` with `dotted.key=value` overrides applied (checked like a file)."""
+    return from_dict(type(config), _with_overrides(to_dict(config), overrides), source)
+
+
+def _with_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise VidpipeError(f"override '{item}': expected KEY=VALUE, e.g. model.sparse_k=290")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return from_dict(cls, data, source)
+    return data
 
 
 def _first_line(exc: Exception) -> str:

@@ -57,14 +57,18 @@ def test_bad_device_names_the_device(run, tmp_path, capsys, monkeypatch):
     assert "device 'cuda': CUDA is not available" in err and "checkpoint" not in err
 
 
-def test_resume_refuses_an_override_it_would_ignore(run, capsys):
+def test_resume_extends_epochs_and_refuses_other_overrides(run, capsys):
     cache, folder = run
     err = _cli_error(capsys, ["train", "--cache", str(cache), "--out", str(folder), "--resume",
-                              "--set", "train.epochs=3"])
-    assert "--set train.epochs: differs from the config of the run" in err
-    # an override equal to the run's own value changes nothing: the finished run stays finished
-    main(["train", "--cache", str(cache), "--out", str(folder), "--resume", "--set", "train.epochs=1"])
+                              "--set", "model.d_model=32"])
+    assert "--set: differs from the config of the run" in err and "model.d_model" in err
+    # nothing left to do: said, not silently skipped
+    main(["train", "--cache", str(cache), "--out", str(folder), "--resume"])
+    assert "nothing to do" in capsys.readouterr().out
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+    # more epochs extend the run
+    main(["train", "--cache", str(cache), "--out", str(folder), "--resume", "--set", "train.epochs=2"])
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_random_init_with_a_weights_file_is_refused(tmp_path):
