@@ -27,12 +27,12 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from malt.config import ModelConfig
+from malt.info import count_macs, count_params
 from malt.model import MALT
 from malt.stream import OnlineDetector
-from malt.window import gather_window
+from malt.window import gather_window, num_long_tokens
 
 PAPER = ModelConfig()   # the defaults are the paper's THUMOS'14 model
 LSTR_LIKE = dataclasses.replace(PAPER, sparse_k=None, num_branches=1)
@@ -72,11 +72,7 @@ def streaming_latency(model, cfg, position, steps, device, rng):
     flow = rng.standard_normal((warmup + steps + stride, cfg.flow_dim), dtype=np.float32)
     feed = iter(zip(rgb, flow))
     seconds = timed(lambda: detector.step(*next(feed)), steps, device, warmup)
-    cycle = []
-    for _ in range(stride):
-        with FlopCounterMode(display=False) as counter:
-            detector.step(*next(feed))
-        cycle.append(counter.get_total_flops() // 2)
+    cycle = [count_macs(lambda: detector.step(*next(feed))) for _ in range(stride)]
     return seconds, (sum(cycle) / stride, max(cycle), min(cycle))
 
 
@@ -90,15 +86,13 @@ def recompute_latency(model, cfg, repeats, device, rng):
     def run():
         with torch.inference_mode():
             model(*window).logits[0, -1].softmax(-1).cpu()
-    with FlopCounterMode(display=False) as counter:   # (its module tracker needs autograd on)
-        model(*window)
-    return timed(run, repeats, device), counter.get_total_flops() // 2
+    return timed(run, repeats, device), count_macs(lambda: model(*window))
 
 
 def training_rate(model, cfg, batch, repeats, device, rng):
     """Training windows per second (forward + backward + Adam step, AMP on CUDA)."""
     model.train()
-    L, S = cfg.long_memory_steps // cfg.long_memory_stride, cfg.short_memory_steps
+    L, S = num_long_tokens(cfg), cfg.short_memory_steps
     tensors = [torch.as_tensor(rng.standard_normal(shape, dtype=np.float32), device=device)
                for shape in [(batch, L, cfg.rgb_dim), (batch, L, cfg.flow_dim),
                              (batch, S, cfg.rgb_dim), (batch, S, cfg.flow_dim)]]
@@ -162,7 +156,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         torch.manual_seed(0)
         model = MALT(cfg).to(device).eval()
-        params = sum(p.numel() for p in model.parameters()) / 1e6
+        params = count_params(model) / 1e6
         at_3k, _ = streaming_latency(model, cfg, 3000, args.steps, device, rng)
         at_10k, step_macs = streaming_latency(model, cfg, 10000, args.steps, device, rng)
         recompute, window_macs = recompute_latency(model, cfg, args.repeats, device, rng)

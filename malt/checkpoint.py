@@ -49,7 +49,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
         torch.save(asdict(checkpoint), tmp)
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def read_checkpoint(path: str | Path, device: str | torch.device | None = "cpu") -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise VidpipeError(f"{path}: checkpoint not found")
@@ -65,9 +65,9 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise VidpipeError(f"{path}: not a vidpipe checkpoint ({first_line})") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MALT, Checkpoint]:
-    """The trained model (in eval mode, on `device`) and its checkpoint."""
+def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> tuple[MALT, Checkpoint]:
+    """The trained model (in eval mode, on `device`; None: cuda when present) and its checkpoint."""
     checkpoint = read_checkpoint(path, device)
     model = MALT(checkpoint.model_config(str(path)).model)
     model.load_state_dict(checkpoint.model_state)
-    return model.to(device).eval(), checkpoint
+    return model.to(resolve_device(device)).eval(), checkpoint

@@ -102,7 +102,6 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     Returns {"mAP", "mcAP", "num_frames", "num_videos", "per_class", "checkpoint", "cache",
     "split", "epoch"} and writes it as JSON to `out` when given.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, ckpt = load_model(checkpoint, device)
     store = FeatureStore.open(cache)
     label_set, labels_source = resolve_labels(store, labels)

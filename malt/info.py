@@ -34,6 +34,14 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def count_macs(fn) -> int:
+    """Multiply-adds of the matrix products that `fn()` runs. Call it outside no_grad /
+    inference_mode: FlopCounterMode's module tracker fails under them."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
 def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
     torch.manual_seed(seed)
     model = MALT(cfg).eval()
@@ -56,16 +64,11 @@ def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
     detector = OnlineDetector(model, device="cpu")
     detector.feed_history(rgb[:full], flow[:full])
     detector.step(rgb[full], flow[full])    # (the first step after feed_history always refreshes)
-    cycle = []
-    for t in range(full + 1, full + 1 + stride):
-        with FlopCounterMode(display=False) as counter:
-            detector.step(rgb[t], flow[t])
-        cycle.append(counter.get_total_flops() // 2)
+    cycle = [count_macs(lambda: detector.step(rgb[t], flow[t]))
+             for t in range(full + 1, full + 1 + stride)]
     window = [torch.as_tensor(a)[None] for a in gather_window(rgb, flow, full, cfg)]
-    with FlopCounterMode(display=False) as counter:   # (under no_grad its module tracker fails)
-        model(*window)
     return ModelInfo(params, decoder_params, sum(cycle) // stride, max(cycle), min(cycle),
-                     counter.get_total_flops() // 2)
+                     count_macs(lambda: model(*window)))
 
 
 def format_info(info: ModelInfo) -> str:

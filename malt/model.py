@@ -16,6 +16,7 @@ from torch import nn
 
 from malt.attention import SparseCrossAttention
 from malt.config import ModelConfig, validate_model_config
+from malt.window import num_long_tokens
 
 
 class MALTOutput(NamedTuple):
@@ -197,7 +198,7 @@ class MALT(nn.Module):
         validate_model_config(cfg)
         self.cfg = cfg
         d = cfg.d_model
-        self.num_long_tokens = cfg.long_memory_steps // cfg.long_memory_stride
+        self.num_long_tokens = num_long_tokens(cfg)
         # Separate input heads for the two memories (LSTR, authors' code).
         self.long_fusion = FeatureFusion(cfg.rgb_dim, cfg.flow_dim, d)
         self.short_fusion = FeatureFusion(cfg.rgb_dim, cfg.flow_dim, d)

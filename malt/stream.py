@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from malt.model import MALT, TransformerLayer, causal_mask
+from malt.model import MALT, causal_mask
 from malt.window import long_grid_phase, num_long_tokens, window_indices
 from pipeline.errors import VidpipeError
 
@@ -66,10 +66,8 @@ class OnlineDetector:
         model, d = self.model, self.cfg.d_model
         self.steps_seen = 0
         self._invalidate_long_memory()
-        # Every layer that reads the long memory, in encoder order.
-        self._long_layers: list[TransformerLayer] = [
-            layer for branch in model.encoder.branches for layer in branch.compress.layers]
-        attns = [layer.cross_attn for layer in self._long_layers]
+        # The cross-attention of every layer that reads the long memory, in encoder order.
+        attns = [layer.cross_attn for branch in model.encoder.branches for layer in branch.compress.layers]
         self._long_weight = torch.cat([w for a in attns for w in (a.k_proj.weight, a.v_proj.weight)])
         self._long_pos_kv = torch.stack(                                          # (2n, L, D)
             [proj(model.long_pos) for a in attns for proj in (a.k_proj, a.v_proj)])
@@ -171,15 +169,14 @@ class OnlineDetector:
         ring_slots = long_idx // self.cfg.long_memory_stride % self.ring_size
         kv = torch.index_select(self._long_ring, 1, ring_slots, out=self._long_kv)
         kv = kv.add_(self._long_pos_kv)[:, None]                                  # (2n, 1, L, D)
-        layer_iter = iter(range(len(self._long_layers)))
+        layer_kv = zip(kv[0::2], kv[1::2])              # (k, v) of each layer, in encoder order
         features, previous = [], None
         for branch, (x, q) in zip(self.model.encoder.branches, self._branch_start):
-            for depth, layer in enumerate(branch.compress.layers):
-                i = next(layer_iter)
+            for depth, (layer, (k, v)) in enumerate(zip(branch.compress.layers, layer_kv)):
                 if depth > 0:
                     sa = layer.self_attn
                     x = layer.self_block(x, sa.q_proj(x), sa.k_proj(x), sa.v_proj(x))
-                x = layer.cross_block(x, kv[2 * i], kv[2 * i + 1], allowed, q=q if depth == 0 else None)
+                x = layer.cross_block(x, k, v, allowed, q=q if depth == 0 else None)
                 x = layer.ffn_block(x)
             compressed = branch.compress.norm(x)                                  # (1, Qn, D)
             previous = compressed if branch.refine is None else branch.refine(previous, compressed)
@@ -197,11 +194,11 @@ class OnlineDetector:
         for stage, (stack, memory_kv) in enumerate(zip(stacks, self._decoder_memory_kv)):
             for depth, (layer, (memory_k, memory_v)) in enumerate(zip(stack.layers, memory_kv)):
                 last = stage == len(stacks) - 1 and depth == len(stack.layers) - 1
-                sa = layer.self_attn
                 if stage == 0 and depth == 0:
                     q, k, v = (t[None] for t in qkv)                              # (1, S, D) each
                     q = q[:, -1:] if last else q
                 else:
+                    sa = layer.self_attn
                     k, v = sa.k_proj(x), sa.v_proj(x)
                     q = sa.q_proj(x[:, -1:] if last else x)
                 if last:        # only the newest step is output; causal masking makes this exact

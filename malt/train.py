@@ -174,11 +174,9 @@ def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     target = resolve_device(device)
     if target.type == "cuda":
-        if target.index is None:
+        if target.index is None:   # None or 'cuda': this process's GPU
             target = torch.device("cuda", local_rank)
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():

@@ -124,14 +124,14 @@ def import_lstr(root: str | Path, out: str | Path, dataset: str | None = None,
     labels: dict[str, VideoLabels] = {}
     for stem in tqdm(stems, desc="import", unit="video", disable=not progress):
         video_id = video_id_from_path(stem)
+        paths = {name: folder / f"{stem}.npy" for name, folder in
+                 (("rgb", rgb_folder), ("flow", flow_folder), ("target", target_folder))}
         try:
-            target = _load(target_folder / f"{stem}.npy", spec.num_columns)
+            target = _load(paths["target"], spec.num_columns)
             labels[video_id] = _labels_from_target(target, spec)
             if video_id in store and store.num_steps(video_id) == len(target):
                 report.skipped.append(video_id)
                 continue
-            paths = {name: folder / f"{stem}.npy" for name, folder in
-                     (("rgb", rgb_folder), ("flow", flow_folder), ("target", target_folder))}
             rgb, flow = _load(paths["rgb"]), _load(paths["flow"])
             for name, array in (("rgb", rgb), ("flow", flow)):
                 if len(array) != len(target):

@@ -9,6 +9,7 @@ from pipeline.errors import VidpipeError
 from pipeline.importers import import_lstr
 from pipeline.labels import LabelSet
 from pipeline.store import FeatureStore
+from train_helpers import cli_error
 
 RGB, FLOW = "rgb_kinetics_resnet50", "flow_kinetics_bninception"
 
@@ -109,12 +110,8 @@ def test_missing_folders_are_one_line_errors(tmp_path, capsys):
     src = tmp_path / "src"
     write_lstr_folder(src, {"video_test_0000001": 5})
     (src / "rgb_other").mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["import-features", str(src), "--out", str(tmp_path / "cache")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "several rgb feature folders" in err
-    assert len(err.strip().splitlines()) == 1
+    err = cli_error(capsys, ["import-features", str(src), "--out", str(tmp_path / "cache")])
+    assert "several rgb feature folders" in err
 
     shutil.copytree(src, tmp_path / "no_targets")
     shutil.rmtree(tmp_path / "no_targets/target_perframe")

@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.errors import VidpipeError
 from pipeline.labels import LabelSet
 from pipeline.store import FeatureStore
-from train_helpers import random_cache, write_config
+from train_helpers import cli_error, random_cache, write_config
 
 
 @pytest.fixture(scope="module")
@@ -111,46 +111,37 @@ def test_existing_run_needs_resume(trained, cache, tmp_path):
         train(write_config(tmp_path / "c.yaml"), cache, trained, progress=False)
 
 
-def _cli_error(capsys, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1
-    return err
-
-
 def test_cli_errors(tmp_path, cache, trained, capsys):
     config = write_config(tmp_path / "bad.yaml", model={"sparse_kk": 3})
-    err = _cli_error(capsys, ["train", "--config", str(config), "--cache", str(cache),
-                              "--out", str(tmp_path / "r")])
+    err = cli_error(capsys, ["train", "--config", str(config), "--cache", str(cache),
+                             "--out", str(tmp_path / "r")])
     assert "unknown config key 'model.sparse_kk'" in err and "bad.yaml" in err
 
     config = write_config(tmp_path / "ok.yaml")
-    err = _cli_error(capsys, ["train", "--config", str(config), "--cache", str(tmp_path / "nope"),
-                              "--out", str(tmp_path / "r")])
+    err = cli_error(capsys, ["train", "--config", str(config), "--cache", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "r")])
     assert "nope: not a vidpipe feature cache" in err
 
     config = write_config(tmp_path / "dims.yaml", model={"rgb_dim": 2048})
-    err = _cli_error(capsys, ["train", "--config", str(config), "--cache", str(cache),
-                              "--out", str(tmp_path / "r")])
+    err = cli_error(capsys, ["train", "--config", str(config), "--cache", str(cache),
+                             "--out", str(tmp_path / "r")])
     assert "model.rgb_dim=2048 but the data has 6" in err and "dims.yaml" in err
 
-    err = _cli_error(capsys, ["train", "--config", str(config), "--cache", str(cache),
-                              "--out", str(tmp_path / "r"), "--set", "model.rgb_dim=6",
-                              "--set", "model.num_classes=5"])
+    err = cli_error(capsys, ["train", "--config", str(config), "--cache", str(cache),
+                             "--out", str(tmp_path / "r"), "--set", "model.rgb_dim=6",
+                             "--set", "model.num_classes=5"])
     assert "model.num_classes=5 but the data has 3" in err
 
-    err = _cli_error(capsys, ["train", "--config", str(write_config(tmp_path / "ok.yaml")),
-                              "--cache", str(cache), "--out", str(tmp_path / "r"),
-                              "--set", "train.eval_every=0"])
+    err = cli_error(capsys, ["train", "--config", str(write_config(tmp_path / "ok.yaml")),
+                             "--cache", str(cache), "--out", str(tmp_path / "r"),
+                             "--set", "train.eval_every=0"])
     assert "'train.eval_every' must be >= 1, got 0" in err
 
     other = random_cache(tmp_path / "other_cache", rgb_dim=7)
-    err = _cli_error(capsys, ["eval", "--checkpoint", str(trained / "best.pt"), "--cache", str(other)])
+    err = cli_error(capsys, ["eval", "--checkpoint", str(trained / "best.pt"), "--cache", str(other)])
     assert "features are 7+4-dim" in err and "best.pt" in err
 
-    err = _cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "none.pt"), "--cache", str(cache)])
+    err = cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "none.pt"), "--cache", str(cache)])
     assert "none.pt: checkpoint not found" in err
 
 

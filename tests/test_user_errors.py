@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.extract import load_settings
 from pipeline.errors import VidpipeError
-from train_helpers import random_cache, write_config
+from train_helpers import cli_error, random_cache, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,41 +26,32 @@ def run(tmp_path_factory):
     return cache, root / "run"
 
 
-def _cli_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_a_file_that_is_not_a_checkpoint(run, tmp_path, capsys):
     cache, _ = run
     text = tmp_path / "annotations.csv"
     text.write_text("video,label,start_s,end_s\n")
-    err = _cli_error(capsys, ["eval", "--checkpoint", str(text), "--cache", str(cache)])
+    err = cli_error(capsys, ["eval", "--checkpoint", str(text), "--cache", str(cache)])
     assert "annotations.csv: not a vidpipe checkpoint" in err and "weights_only" not in err
 
 
 def test_bad_device_names_the_device(run, tmp_path, capsys, monkeypatch):
     cache, folder = run
-    err = _cli_error(capsys, ["train", "--config", str(write_config(tmp_path / "c.yaml")),
-                              "--cache", str(cache), "--out", str(tmp_path / "r"), "--device", "gpu"])
+    err = cli_error(capsys, ["train", "--config", str(write_config(tmp_path / "c.yaml")),
+                             "--cache", str(cache), "--out", str(tmp_path / "r"), "--device", "gpu"])
     assert "device 'gpu': not a torch device" in err
-    err = _cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
-                              "--device", "gpu"])
+    err = cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
+                             "--device", "gpu"])
     assert "device 'gpu': not a torch device" in err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    err = _cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
-                              "--device", "cuda"])
+    err = cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
+                             "--device", "cuda"])
     assert "device 'cuda': CUDA is not available" in err and "checkpoint" not in err
 
 
 def test_resume_extends_epochs_and_refuses_other_overrides(run, capsys):
     cache, folder = run
-    err = _cli_error(capsys, ["train", "--cache", str(cache), "--out", str(folder), "--resume",
-                              "--set", "model.d_model=32"])
+    err = cli_error(capsys, ["train", "--cache", str(cache), "--out", str(folder), "--resume",
+                             "--set", "model.d_model=32"])
     assert "--set: differs from the config of the run" in err and "model.d_model" in err
     # nothing left to do: said, not silently skipped
     main(["train", "--cache", str(cache), "--out", str(folder), "--resume"])

@@ -1,11 +1,14 @@
-"""Small synthetic caches and configs for the training / evaluation tests."""
+"""Small synthetic caches and configs for the training / evaluation tests, and the CLI
+error check they share."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
+from pipeline.cli import main
 from pipeline.labels import LABELS_FILE, LabelSet, VideoLabels
 from pipeline.store import FeatureStore
 
@@ -16,6 +19,16 @@ TINY_CONFIG = {
     "train": {"epochs": 3, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "seed": 0},
 }
 SETTINGS = {"source": "synthetic test", "step_seconds": 0.25}
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the CLI on `argv`; assert it exits 2 with one line `error: ...` and return that line."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
 
 
 def write_config(path: Path, config: dict = TINY_CONFIG, **sections) -> Path:
