@@ -24,6 +24,7 @@ from malt.model import MALT
 from pipeline.config import load_config, to_dict
 from pipeline.demo import DEMO_CONFIG, demo_feature_settings
 from pipeline.detect import detect
+from pipeline.extract import fingerprint
 from pipeline.store import FeatureStore
 from pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
 
@@ -47,7 +48,6 @@ def main() -> None:
         rgb, flow, timestamps = extractor.extract(video)
         extract_s = time.perf_counter() - started
         store = FeatureStore.open_or_create(root / "cache", extractor.settings_record())
-        from pipeline.extract import fingerprint
         store.write(video.name, rgb, flow, timestamps, {"fingerprint": fingerprint(video)})
 
         cfg = load_config(Config, DEMO_CONFIG)

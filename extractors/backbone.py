@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pipeline.errors import VidpipeError
+from pipeline.errors import VidpipeError, first_line
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -69,7 +69,7 @@ def create_timm_backbone(name: str, in_chans: int, *, weights_file: str | None, 
             model = build(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
             _check_no_foreign_keys(model, path)
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            raise VidpipeError(f"{path}: weights do not fit backbone '{name}' ({_first_line(exc)[:150]})") from None
+            raise VidpipeError(f"{path}: weights do not fit backbone '{name}' ({first_line(exc)[:150]})") from None
         return model.eval(), weights_identity(False, seed, str(path), name)
     with _hub_access(name, option, "https://huggingface.co"):
         model = build(pretrained=True)
@@ -97,7 +97,7 @@ def load_weights_file(model: nn.Module, weights_file: str, name: str) -> str:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except Exception as exc:  # unpickling and shape errors come in many types
-        raise VidpipeError(f"{path}: weights do not fit '{name}' ({_first_line(exc)})") from None
+        raise VidpipeError(f"{path}: weights do not fit '{name}' ({first_line(exc)})") from None
     return weights_identity(False, 0, str(path), name)
 
 
@@ -115,9 +115,7 @@ def _hub_access(name: str, option: str, url: str) -> Iterator[None]:
     except VidpipeError:
         raise
     except Exception as exc:  # hub, url and cache errors come in many types
-        raise VidpipeError(
-            f"backbone '{name}': pretrained weights unavailable ({_first_line(exc)[:120]}); "
-            f"pass a weights file with {option}, or choose --random-init") from None
+        raise _weights_unavailable(f"backbone '{name}'", option, exc) from None
     finally:
         hub.HF_HUB_OFFLINE = offline_before
 
@@ -128,9 +126,12 @@ def torch_hub_access(name: str, option: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        raise VidpipeError(
-            f"'{name}': pretrained weights unavailable ({_first_line(exc)[:120]}); "
-            f"pass a weights file with {option}, or choose --random-init") from None
+        raise _weights_unavailable(f"'{name}'", option, exc) from None
+
+
+def _weights_unavailable(what: str, option: str, exc: BaseException) -> VidpipeError:
+    return VidpipeError(f"{what}: pretrained weights unavailable ({first_line(exc)[:120]}); "
+                        f"pass a weights file with {option}, or choose --random-init")
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
@@ -146,8 +147,3 @@ def _weights_file(weights_file: str) -> Path:
     if not path.is_file():
         raise VidpipeError(f"{path}: weights file not found")
     return path
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

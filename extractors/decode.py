@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import av
 import numpy as np
 
-from pipeline.errors import VidpipeError
+from pipeline.errors import VidpipeError, first_line
 
 try:  # decord has no wheels for every platform; PyAV covers the rest
     import decord
@@ -101,6 +101,11 @@ def resample(frames: Iterable[tuple[float, Any]], fps: float,
             k += 1
 
 
+def is_stream(path_or_url: str) -> bool:
+    """A URL (rtsp://, http://...) or a capture device (/dev/...), not a local file."""
+    return "://" in path_or_url or path_or_url.startswith("/dev/")
+
+
 class VideoSource:
     """Frames of one video, resampled to `fps`, in chunks of `chunk` frames.
 
@@ -135,7 +140,7 @@ class VideoSource:
 
     # -- probing ---------------------------------------------------------------------------
     def _probe(self) -> VideoInfo:
-        is_file = "://" not in self.path and not self.path.startswith("/dev/")
+        is_file = not is_stream(self.path)
         if is_file:
             _check_readable_file(Path(self.path))
         with self._open_container() as container:
@@ -159,15 +164,20 @@ class VideoSource:
         except av.error.FFmpegError as exc:
             raise VidpipeError(f"{self.path}: not a video or corrupt file ({_describe(exc)})") from None
 
+    @property
+    def _frame_seconds(self) -> float:
+        """One nominal source frame (the output frame when the container gives no rate)."""
+        return 1.0 / (self.info.native_fps or self.fps)
+
     def _end_of(self, last_start: float) -> float:
         """End of the last source frame: the declared end when plausible, else one frame."""
         declared = self.info.duration
         if declared is not None and last_start < declared <= last_start + self._truncation_gap():
             return declared
-        return last_start + 1.0 / (self.info.native_fps or self.fps)
+        return last_start + self._frame_seconds
 
     def _truncation_gap(self) -> float:
-        return max(TRUNCATED_SECONDS, 3.0 / (self.info.native_fps or self.fps))
+        return max(TRUNCATED_SECONDS, 3 * self._frame_seconds)
 
     def _check_complete(self, last_start: float | None) -> None:
         """A file whose frames stop well before its declared duration is truncated."""
@@ -228,7 +238,7 @@ class VideoSource:
                     if frame.pts is not None and frame.time_base is not None:
                         time = float(frame.pts * frame.time_base)
                     else:  # raw streams without timestamps: one nominal frame after the last
-                        time = (previous if previous is not None else 0.0) + 1.0 / (self.info.native_fps or self.fps)
+                        time = (previous if previous is not None else 0.0) + self._frame_seconds
                     first = time if first is None else first
                     previous = time
                     state["last"] = time - first
@@ -354,5 +364,4 @@ def _describe(exc: BaseException) -> str:
     """First line of an FFmpeg/decord error, without their multi-line stack dumps."""
     if isinstance(exc, av.error.FFmpegError) and exc.strerror:
         return exc.strerror   # str(exc) repeats errno and file name
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    return first_line(exc)[:200]

@@ -23,6 +23,7 @@ from extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow
 from extractors.rgb import RGBStream, resize_short_side
 from pipeline.device import resolve_device
 from pipeline.errors import VidpipeError
+from pipeline.store import differing_keys
 
 RESIZE_BYTES = 128 << 20   # float frames resized at once: bounds memory for 4K sources
 
@@ -189,7 +190,7 @@ class TwoStreamExtractor:
         extractor = cls(rebuilt, device)
         mine = extractor.settings_record()
         mine["rgb_backbone"], mine["flow_backbone"] = record["rgb_backbone"], record["flow_backbone"]
-        differing = sorted(k for k in set(mine) | set(record) if mine.get(k) != record.get(k))
+        differing = differing_keys(mine, record)
         if differing:
             raise VidpipeError(f"cannot rebuild the feature extractor of this record: it differs in "
                                f"{', '.join(differing)} (e.g. {differing[0]}: {record.get(differing[0])!r} "

@@ -19,7 +19,6 @@ from torch import nn
 from extractors.backbone import create_timm_backbone, load_weights_file, seeded, torch_hub_access, weights_identity
 from extractors.rgb import center_crop
 
-FLOW_METHODS = ("tvl1", "dis", "raft")
 FLOW_CLIP = 20.0          # pixels; TSN's bound before quantising flow to 8-bit images
 DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
                "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,

@@ -22,7 +22,7 @@ from malt.model import MALT
 from pipeline.atomic import atomic_path
 from pipeline.config import from_dict
 from pipeline.device import resolve_device
-from pipeline.errors import VidpipeError
+from pipeline.errors import VidpipeError, first_line
 
 
 @dataclass
@@ -61,8 +61,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device | None = "cpu")
         raise VidpipeError(f"{path}: not a vidpipe checkpoint (not a torch file, or one holding "
                            f"more than tensors and plain types)") from None
     except (TypeError, RuntimeError, EOFError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VidpipeError(f"{path}: not a vidpipe checkpoint ({first_line})") from None
+        raise VidpipeError(f"{path}: not a vidpipe checkpoint ({first_line(exc)})") from None
 
 
 def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> tuple[MALT, Checkpoint]:

@@ -19,7 +19,7 @@ from malt.metrics import detection_report
 from malt.model import MALT
 from malt.window import window_indices
 from pipeline.errors import VidpipeError
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, differing_keys
 
 
 @torch.no_grad()
@@ -85,8 +85,7 @@ def check_compatible(checkpoint: Checkpoint, store: FeatureStore, class_names: l
                      checkpoint_path: str | Path, labels_source: str) -> None:
     """A model only fits features made as its training features were, and the same classes."""
     if checkpoint.feature_settings != store.settings:
-        keys = sorted(k for k in set(checkpoint.feature_settings) | set(store.settings)
-                      if checkpoint.feature_settings.get(k) != store.settings.get(k))
+        keys = differing_keys(checkpoint.feature_settings, store.settings)
         raise VidpipeError(f"{checkpoint_path}: trained on features made with other settings than "
                            f"the cache {store.root} (differs in: {', '.join(keys)})")
     if checkpoint.class_names != class_names:

@@ -9,12 +9,14 @@ recognisable by `is_stale_temporary` and removed by the next writer.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 TEMP_PREFIX = ".tmp-"
 
@@ -64,3 +66,11 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
     with atomic_path(path) as temp:
         temp.write_text(text)
     return Path(path)
+
+
+def write_csv_atomically(path: str | Path, header: list[str], rows: Iterable[Iterable]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text_atomically(path, buffer.getvalue())

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.errors import VidpipeError
+from pipeline.errors import VidpipeError, first_line
 
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ def load_config(cls: type[T], path: str | Path | None = None,
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise VidpipeError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+            raise VidpipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
         if not isinstance(data, dict):
             raise VidpipeError(f"{path}: expected a mapping at the top level")
     return from_dict(cls, _with_overrides(data, overrides), source)
@@ -63,10 +63,6 @@ def _with_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             raise VidpipeError(f"override '{item}': expected KEY=VALUE, e.g. model.sparse_k=290")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return data
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

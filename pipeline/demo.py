@@ -130,11 +130,12 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool,
 
     held_out = data.videos_dir / data.test[0]
     (detection,) = detect(held_out, checkpoint, out=out / "detections", live=True,
-                          device=settings.device, echo=echo)
-    # the demo knows the truth: add it to the timeline, so the picture compares the two
+                          device=settings.device, picture=False, echo=echo)
+    # the demo knows the truth: add it to the timeline, so the picture (drawn once, here)
+    # compares the two
     detection.timeline.metadata["ground_truth"] = _ground_truth(data.annotations, held_out.name)
     detection.timeline.save_json(detection.files["json"])
-    detection.timeline.save_png(detection.files["png"])
+    detection.files["png"] = detection.timeline.save_png(detection.files["json"].with_suffix(".png"))
     stage("detect", f"timeline of {held_out.name}: {detection.files['png']}")
     seconds["total"] = round(time.perf_counter() - started, 2)
 

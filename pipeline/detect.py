@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline.errors import BatchIncomplete, VidpipeError
-from pipeline.store import FeatureStore, video_id_from_path
+from pipeline.store import FeatureStore, differing_keys, video_id_from_path
 from pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
 
 DETECTIONS_DIR = "detections"
@@ -155,6 +155,7 @@ class _Runner:
         return self._by_fingerprint.get(fingerprint(path))
 
     def run(self, source: str, name: str, out_dir: Path, picture: bool) -> Detection:
+        from extractors.decode import is_stream
         from malt.stream import OnlineDetector
 
         cached = self.cached_id(source)
@@ -162,8 +163,7 @@ class _Runner:
         if cached is not None:
             steps = _cached_steps(self.store, cached)
             info = {"features": f"cache {self.store.root}"}
-        elif self.store is not None and not Path(source).exists() and "://" not in source \
-                and not source.startswith("/dev/"):
+        elif self.store is not None and not Path(source).exists() and not is_stream(source):
             raise VidpipeError(f"{source}: no such file, and no video of that id in the cache "
                                f"{self.store.root}")
         else:
@@ -194,14 +194,14 @@ class _Runner:
                       "writing the timeline so far")
         self._print(segmenter.finish(), None)
         total = time.perf_counter() - started
+        if not len(timestamps) and not interrupted:
+            raise VidpipeError(f"{source}: too short for one feature step")
 
         probs_array = (np.stack(probs) if probs else np.zeros((0, len(names)), np.float32))
         timeline = Timeline(names, np.asarray(timestamps, np.float64), probs_array,
                             step_seconds, segmenter.segments, self.settings,
                             self._metadata(source, cached, info, total, model_seconds,
                                            latencies, interrupted))
-        if not len(timestamps) and not interrupted:
-            raise VidpipeError(f"{source}: too short for one feature step")
         files = {"json": timeline.save_json(out_dir / f"{name}.timeline.json"),
                  "csv": timeline.save_csv(out_dir / f"{name}.timeline.csv")}
         if picture:
@@ -269,8 +269,7 @@ class _Runner:
 def _open_cache(cache: str | Path, feature_settings: dict, checkpoint: str | Path) -> FeatureStore:
     store = FeatureStore.open(cache)
     if store.settings != feature_settings:
-        keys = sorted(k for k in set(store.settings) | set(feature_settings)
-                      if store.settings.get(k) != feature_settings.get(k))
+        keys = differing_keys(store.settings, feature_settings)
         raise VidpipeError(f"{cache}: features made with other settings than {checkpoint}'s "
                            f"training cache (differs in: {', '.join(keys)})")
     return store
@@ -291,7 +290,9 @@ def _list_videos(folder: Path) -> list[Path]:
 
 def _output_name(source: str) -> str:
     """File-name stem for a source: the file's name, or the URL / device made safe."""
-    if "://" in source or source.startswith("/dev/"):
+    from extractors.decode import is_stream
+
+    if is_stream(source):
         return video_id_from_path(source.split("://", 1)[-1])
     return video_id_from_path(Path(source).name)
 

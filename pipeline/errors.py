@@ -11,3 +11,10 @@ class VidpipeError(Exception):
 
 class BatchIncomplete(VidpipeError):
     """A batch ran to its end but some inputs failed (each already reported): exit code 1."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (libraries' messages run to many lines) for a
+    one-line error; its type name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -52,6 +52,11 @@ def video_id_from_path(relative_path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text.replace("/", "__")).lstrip(".") or "video"
 
 
+def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two settings dicts (missing counts as None), sorted."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _plain(value: Any) -> Any:
     """HDF5 attribute value -> plain Python (JSON-encoded dicts are decoded)."""
     if isinstance(value, bytes):
@@ -102,8 +107,7 @@ class FeatureStore:
         if (root / MANIFEST).exists():
             store = cls.open(root)
             if store.settings != settings:
-                diff = sorted(k for k in set(store.settings) | set(settings)
-                              if store.settings.get(k) != settings.get(k))
+                diff = differing_keys(store.settings, settings)
                 raise VidpipeError(
                     f"{root}: cache was made with other settings (differs in: "
                     f"{', '.join(diff)}); use another --out folder")

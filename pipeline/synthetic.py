@@ -19,8 +19,6 @@ the format `vidpipe labels` reads) and `classes.txt`. Everything is seeded.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +28,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_text_atomically
+from pipeline.atomic import atomic_path, write_csv_atomically, write_text_atomically
 
 CLASSES = ["Bounce", "Slide", "Spin", "Pulse"]
 SHAPES = ["circle", "square", "bar", "triangle"]
 ANNOTATIONS_FILE = "annotations.csv"
 CLASSES_FILE = "classes.txt"
+JITTER_MAX = 3                # camera jitter reach, pixels either way
+JITTER_PAD = JITTER_MAX + 1   # background margin beyond the frame: jitter never shows an edge
 
 
 @dataclass
@@ -88,11 +88,8 @@ def generate_dataset(out_dir: str | Path, spec: SyntheticSpec | None = None,
         rows += [(name, label, f"{start:.4f}", f"{end:.4f}", split)
                  for label, start, end in segments]
         (test if split == "test" else train).append(name)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["video", "label", "start_s", "end_s", "split"])
-    writer.writerows(rows)
-    annotations = write_text_atomically(out_dir / ANNOTATIONS_FILE, buffer.getvalue())
+    annotations = write_csv_atomically(out_dir / ANNOTATIONS_FILE,
+                                       ["video", "label", "start_s", "end_s", "split"], rows)
     write_text_atomically(out_dir / CLASSES_FILE, "\n".join(CLASSES) + "\n")
     return SyntheticDataset(videos_dir, annotations, list(CLASSES), train, test)
 
@@ -133,7 +130,7 @@ def write_video(path: Path, spec: SyntheticSpec, rng: np.random.Generator
         motion = _random_motion(label, spec, rng)
         for frame in range(first, end):
             t = (frame - first) / spec.fps
-            jitter = np.clip(jitter + rng.normal(0, 0.4, 2), -3, 3)  # hand-held camera
+            jitter = np.clip(jitter + rng.normal(0, 0.4, 2), -JITTER_MAX, JITTER_MAX)  # hand-held camera
             image = _shift(background, jitter)
             if show:
                 _draw(image, motion(obj, t))
@@ -147,17 +144,15 @@ def write_video(path: Path, spec: SyntheticSpec, rng: np.random.Generator
 def _background(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
     """A smooth random texture (low-frequency noise, upscaled), a little larger than the
     frame so that camera jitter never shows an edge."""
-    pad = 4
     small = rng.uniform(30, 140, (6, 8, 3)).astype(np.float32)
-    texture = cv2.resize(small, (spec.width + 2 * pad, spec.height + 2 * pad),
+    texture = cv2.resize(small, (spec.width + 2 * JITTER_PAD, spec.height + 2 * JITTER_PAD),
                          interpolation=cv2.INTER_CUBIC)
     return np.clip(texture, 0, 255).astype(np.uint8)
 
 
 def _shift(background: np.ndarray, jitter: np.ndarray) -> np.ndarray:
-    pad = 4
-    height, width = background.shape[0] - 2 * pad, background.shape[1] - 2 * pad
-    matrix = np.float32([[1, 0, -pad + jitter[0]], [0, 1, -pad + jitter[1]]])
+    height, width = background.shape[0] - 2 * JITTER_PAD, background.shape[1] - 2 * JITTER_PAD
+    matrix = np.float32([[1, 0, -JITTER_PAD + jitter[0]], [0, 1, -JITTER_PAD + jitter[1]]])
     return cv2.warpAffine(background, matrix, (width, height), flags=cv2.INTER_LINEAR)
 
 

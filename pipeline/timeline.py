@@ -17,8 +17,6 @@ the class (the decision delay the rule needs, and no more).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -27,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_path, write_text_atomically
+from pipeline.atomic import atomic_path, write_csv_atomically, write_text_atomically
 from pipeline.errors import VidpipeError
 
 TIMELINE_FORMAT = "vidpipe-timeline"
@@ -230,12 +228,9 @@ class Timeline:
 
     def save_csv(self, path: str | Path) -> Path:
         """Segments only: label,start_s,end_s,score (one row each, sorted by start)."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["label", "start_s", "end_s", "score"])
-        writer.writerows([s.label, f"{s.start_s:.3f}", f"{s.end_s:.3f}", f"{s.score:.4f}"]
-                         for s in self.segments)
-        return write_text_atomically(path, buffer.getvalue())
+        return write_csv_atomically(path, ["label", "start_s", "end_s", "score"],
+                                    ([s.label, f"{s.start_s:.3f}", f"{s.end_s:.3f}", f"{s.score:.4f}"]
+                                     for s in self.segments))
 
     def save_png(self, path: str | Path, width_px: int = 1600, height_px: int = 700,
                  top_classes: int = 5) -> Path:
