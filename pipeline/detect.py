@@ -79,14 +79,16 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
         detection = runner.run(str(source), _output_name(str(source)), out_dir, picture)
         return [detection]
 
-    videos = _list_videos(folder)
+    from pipeline.extract import find_videos
+
+    videos = find_videos(folder)
     if not videos:
         raise VidpipeError(f"{folder}: no video files found")
     detections, failures = [], []
-    for path in videos:
-        relative = path.relative_to(folder)
+    for video in videos:
+        path = video.path
         try:
-            detection = runner.run(str(path), video_id_from_path(relative), out_dir, picture)
+            detection = runner.run(str(path), video.video_id, out_dir, picture)
         except Exception as exc:  # a bad video must not stop the batch: say why, go on
             why = str(exc) if isinstance(exc, VidpipeError) else \
                 f"{path}: unexpected {type(exc).__name__}: {exc}"
@@ -279,13 +281,6 @@ def _cached_steps(store: FeatureStore, video_id: str) -> Iterator[_Timed]:
     features = store.read(video_id)
     for timestamp, rgb, flow in zip(features.timestamps, features.rgb, features.flow):
         yield _Timed(float(timestamp), rgb, flow, time.perf_counter())
-
-
-def _list_videos(folder: Path) -> list[Path]:
-    from extractors.decode import VIDEO_EXTENSIONS
-
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in VIDEO_EXTENSIONS)
 
 
 def _output_name(source: str) -> str:

@@ -85,8 +85,9 @@ def find_videos(input_dir: str | Path) -> list[VideoJob]:
     if root.is_file():
         paths, root = [root], root.parent
     elif root.is_dir():
-        paths = sorted(p for p in root.rglob("*")
-                       if p.suffix.lower() in VIDEO_EXTENSIONS and not p.is_dir())
+        # Hidden names are metadata, not videos (macOS '._clip.mp4', editors' temporaries).
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+                       and not p.name.startswith(".") and not p.is_dir())
     else:
         raise VidpipeError(f"{input_dir}: no such folder or file")
     jobs = [VideoJob(p, p.relative_to(root).as_posix(), video_id_from_path(p.relative_to(root)))

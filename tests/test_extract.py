@@ -243,3 +243,10 @@ def test_cli_help_and_settings_precedence(tmp_path):
     assert (settings.flow_method, settings.chunk, settings.seed, settings.rgb_backbone) == ("dis", 8, 2, "resnet50")
     with pytest.raises(VidpipeError, match="unknown config key 'flow'"):
         load_settings(None, ["flow=dis"])
+
+
+def test_find_videos_skips_hidden_metadata_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ["b.mp4", "._b.mp4", "sub/a.MKV", "sub/.c.mp4", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [job.relative for job in find_videos(tmp_path)] == ["b.mp4", "sub/a.MKV"]
