@@ -116,6 +116,7 @@ class _Runner:
         self.model, self.ckpt, self.checkpoint_path = model, ckpt, checkpoint_path
         self.device, self.settings, self.weights = device, settings, weights
         self.store, self.live, self.echo = store, live, echo
+        self.step_seconds = float(ckpt.feature_settings["step_seconds"])
         self._extractor = None
         self._by_fingerprint: dict[str, str] | None = None
 
@@ -170,15 +171,14 @@ class _Runner:
                                f"{self.store.root}")
         else:
             steps, info = self._stream_steps(source)
-        step_seconds = float(self.ckpt.feature_settings["step_seconds"])
         names = list(self.ckpt.class_names)
         detector = OnlineDetector(self.model, self.device)
-        segmenter = Segmenter(names, step_seconds, self.settings)
+        segmenter = Segmenter(names, self.step_seconds, self.settings)
         timestamps, probs, latencies = [], [], []
         model_seconds, interrupted = 0.0, False
         if self.live:
             self.echo(f"# {source}: live detection, {len(names) - 1} classes, "
-                      f"step {step_seconds:g} s (Ctrl-C stops and writes what it has)")
+                      f"step {self.step_seconds:g} s (Ctrl-C stops and writes what it has)")
         try:
             for step in steps:
                 tick = time.perf_counter()
@@ -201,7 +201,7 @@ class _Runner:
 
         probs_array = (np.stack(probs) if probs else np.zeros((0, len(names)), np.float32))
         timeline = Timeline(names, np.asarray(timestamps, np.float64), probs_array,
-                            step_seconds, segmenter.segments, self.settings,
+                            self.step_seconds, segmenter.segments, self.settings,
                             self._metadata(source, cached, info, total, model_seconds,
                                            latencies, interrupted))
         files = {"json": timeline.save_json(out_dir / f"{name}.timeline.json"),
@@ -247,7 +247,6 @@ class _Runner:
     def _metadata(self, source: str, cached: str | None, info: dict, total: float,
                   model_seconds: float, latencies: list[float], interrupted: bool) -> dict:
         steps = len(latencies)
-        step_seconds = float(self.ckpt.feature_settings["step_seconds"])
         latency = np.asarray(latencies) * 1000
         return {
             "video": {"source": source, "cache_id": cached, **info},
@@ -259,7 +258,7 @@ class _Runner:
             "timings": {
                 "steps": steps, "total_s": round(total, 4), "model_s": round(model_seconds, 4),
                 "features_s": round(total - model_seconds, 4),
-                "realtime_factor": round(steps * step_seconds / total, 2) if total else None,
+                "realtime_factor": round(steps * self.step_seconds / total, 2) if total else None,
                 "latency_ms": ({"mean": round(float(latency.mean()), 2),
                                 "p50": round(float(np.percentile(latency, 50)), 2),
                                 "p95": round(float(np.percentile(latency, 95)), 2),

@@ -59,9 +59,12 @@ class ExtractSummary:
 
     def report(self) -> str:
         total = len(self.extracted) + len(self.skipped) + len(self.failed)
-        shard = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
         if self.all_ranks:
             shard = f" (all {self.world_size} ranks)"
+        elif self.world_size > 1:
+            shard = f" (rank {self.rank} of {self.world_size})"
+        else:
+            shard = ""
         rate = f", {self.steps / self.seconds:.1f} steps/s" if self.seconds > 0 and self.steps else ""
         lines = [f"{self.out_dir}: {total} videos{shard}: {len(self.extracted)} extracted "
                  f"({self.steps} steps{rate}), {len(self.skipped)} already cached, "

@@ -57,6 +57,10 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _attributes(h5: h5py.File) -> dict[str, Any]:
+    return {key: _plain(value) for key, value in h5.attrs.items()}
+
+
 def _plain(value: Any) -> Any:
     """HDF5 attribute value -> plain Python (JSON-encoded dicts are decoded)."""
     if isinstance(value, bytes):
@@ -142,7 +146,7 @@ class FeatureStore:
     def attrs(self, video_id: str) -> dict[str, Any]:
         """A video's attributes without loading its arrays."""
         with self._open_h5(video_id) as h5:
-            return {k: _plain(v) for k, v in h5.attrs.items()}
+            return _attributes(h5)
 
     def read(self, video_id: str) -> VideoFeatures:
         with self._open_h5(video_id) as h5:
@@ -151,7 +155,7 @@ class FeatureStore:
                 rgb=h5["rgb"][()].astype(np.float32, copy=False),
                 flow=h5["flow"][()].astype(np.float32, copy=False),
                 timestamps=h5["timestamps"][()].astype(np.float64, copy=False),
-                attrs={k: _plain(v) for k, v in h5.attrs.items()},
+                attrs=_attributes(h5),
             )
 
     def timestamps(self, video_id: str) -> np.ndarray:
