@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from extractors.features import TwoStreamExtractor
-from malt.checkpoint import Checkpoint, save_checkpoint
-from malt.config import Config
-from malt.model import MALT
-from pipeline.config import load_config, to_dict
-from pipeline.demo import DEMO_CONFIG, demo_feature_settings
-from pipeline.detect import detect
-from pipeline.extract import fingerprint
-from pipeline.store import FeatureStore
-from pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
+from vidpipe.extractors.features import TwoStreamExtractor
+from vidpipe.malt.checkpoint import Checkpoint, save_checkpoint
+from vidpipe.malt.config import Config
+from vidpipe.malt.model import MALT
+from vidpipe.core.config import load_config, to_dict
+from vidpipe.pipeline.demo import DEMO_CONFIG, demo_feature_settings
+from vidpipe.pipeline.detect import detect
+from vidpipe.pipeline.extract import fingerprint
+from vidpipe.store.cache import FeatureStore
+from vidpipe.pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
 
 
 def main() -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extractors.decode import VideoSource
-from extractors.features import FeatureSettings, TwoStreamExtractor
-from extractors.flow import OpenCVFlow, RAFTFlow
-from extractors.backbone import create_timm_backbone
-from extractors.rgb import resize_short_side
+from vidpipe.extractors.decode import VideoSource
+from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor
+from vidpipe.extractors.flow import OpenCVFlow, RAFTFlow
+from vidpipe.extractors.backbone import create_timm_backbone
+from vidpipe.extractors.rgb import resize_short_side
 
 PAIRS_PER_SECOND = 4 * 5   # flow fields per second of video: 4 steps of 5 fields
 

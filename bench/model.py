@@ -28,11 +28,11 @@ import time
 import numpy as np
 import torch
 
-from malt.config import ModelConfig
-from malt.info import count_macs, count_params
-from malt.model import MALT
-from malt.stream import OnlineDetector
-from malt.window import gather_window, num_long_tokens
+from vidpipe.malt.config import ModelConfig
+from vidpipe.malt.info import count_macs, count_params
+from vidpipe.malt.model import MALT
+from vidpipe.malt.stream import OnlineDetector
+from vidpipe.malt.window import gather_window, num_long_tokens
 
 PAPER = ModelConfig()   # the defaults are the paper's THUMOS'14 model
 LSTR_LIKE = dataclasses.replace(PAPER, sparse_k=None, num_branches=1)

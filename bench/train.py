@@ -20,17 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from malt.config import Config
-from malt.evaluate import predict_offline
-from malt.losses import malt_loss
-from malt.model import MALT
-from malt.train import train
-from malt.window import gather_window
-from pipeline.config import load_config
-from pipeline.labels import LABELS_FILE, LabelSet, VideoLabels
-from pipeline.store import FeatureStore
+from vidpipe.malt.config import Config
+from vidpipe.malt.evaluate import predict_offline
+from vidpipe.malt.losses import malt_loss
+from vidpipe.malt.model import MALT
+from vidpipe.malt.train import train
+from vidpipe.malt.window import gather_window
+from vidpipe.core.config import load_config
+from vidpipe.store.labels import LABELS_FILE, LabelSet, VideoLabels
+from vidpipe.store.cache import FeatureStore
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_cache(root: Path, cfg, windows: int, rng) -> Path:
@@ -111,8 +110,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
-    rows = [measure("demo", ROOT / "configs/demo.yaml", 160, 400, device, rng),
-            measure("paper", ROOT / "configs/malt_thumos.yaml", args.paper_windows, 96, device, rng)]
+    rows = [measure("demo", "demo", 160, 400, device, rng),
+            measure("paper", "malt_thumos", args.paper_windows, 96, device, rng)]
     print(f"device {device}, {args.threads} thread(s); windows/s (eval: steps/s)")
     print(f"{'config':<8}{'batch':>6}{'model only':>12}{'engine':>10}{'engine/model':>14}{'eval':>10}")
     for row in rows:

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pipeline.errors import VidpipeError, first_line
+from vidpipe.core.errors import VidpipeError, first_line
 
 
 def file_sha256(path: str | os.PathLike) -> str:

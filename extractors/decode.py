@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import av
 import numpy as np
 
-from pipeline.errors import VidpipeError, first_line
+from vidpipe.core.errors import VidpipeError, first_line
 
 try:  # decord has no wheels for every platform; PyAV covers the rest
     import decord

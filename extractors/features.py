@@ -17,13 +17,13 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from extractors.backbone import file_sha256
-from extractors.decode import Chunk, VideoSource
-from extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow
-from extractors.rgb import RGBStream, resize_short_side
-from pipeline.device import resolve_device
-from pipeline.errors import VidpipeError
-from pipeline.store import differing_keys
+from vidpipe.extractors.backbone import file_sha256
+from vidpipe.extractors.decode import Chunk, VideoSource
+from vidpipe.extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow
+from vidpipe.extractors.rgb import RGBStream, resize_short_side
+from vidpipe.core.device import resolve_device
+from vidpipe.core.errors import VidpipeError
+from vidpipe.core.settings import differing_keys
 
 RESIZE_BYTES = 128 << 20   # float frames resized at once: bounds memory for 4K sources
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors.backbone import create_timm_backbone, load_weights_file, seeded, torch_hub_access, weights_identity
-from extractors.rgb import center_crop
+from vidpipe.extractors.backbone import create_timm_backbone, load_weights_file, seeded, torch_hub_access, weights_identity
+from vidpipe.extractors.rgb import center_crop
 
 FLOW_CLIP = 20.0          # pixels; TSN's bound before quantising flow to 8-bit images
 DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,

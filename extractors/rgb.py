@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from extractors.backbone import create_timm_backbone
+from vidpipe.extractors.backbone import create_timm_backbone
 
 
 def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from malt.config import Config
-from malt.model import MALT
-from pipeline.atomic import atomic_path
-from pipeline.config import from_dict
-from pipeline.device import resolve_device
-from pipeline.errors import VidpipeError, first_line
+from vidpipe.malt.config import Config
+from vidpipe.malt.model import MALT
+from vidpipe.core.atomic import atomic_path
+from vidpipe.core.config import from_dict
+from vidpipe.core.device import resolve_device
+from vidpipe.core.errors import VidpipeError, first_line
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Checkpoint:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
-    """Atomic write (pipeline.atomic): a kill never leaves a corrupt checkpoint."""
+    """Atomic write (core.atomic): a kill never leaves a corrupt checkpoint."""
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(asdict(checkpoint), tmp)
 

@@ -1,4 +1,4 @@
-"""MALT configuration: typed dataclasses, loaded from `configs/*.yaml` by pipeline.config.
+"""MALT configuration: typed dataclasses, loaded from `configs/*.yaml` by core.config.
 
 Defaults are the paper's THUMOS'14 settings; where the paper is silent they follow LSTR
 (see docs/malt.md for the source of every default).
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from pipeline.errors import VidpipeError
+from vidpipe.core.errors import VidpipeError
 
 
 @dataclass

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from malt.config import ModelConfig
-from malt.window import gather_window, window_indices
-from pipeline.errors import VidpipeError
-from pipeline.labels import LABELS_FILE, LabelSet, build_labels
-from pipeline.store import FeatureStore
+from vidpipe.malt.config import ModelConfig
+from vidpipe.malt.window import gather_window, window_indices
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.labels import LABELS_FILE, LabelSet, build_labels
+from vidpipe.store.cache import FeatureStore
 
 
 @dataclass

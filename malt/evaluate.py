@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from malt.checkpoint import Checkpoint, load_model
-from malt.data import VideoData, load_videos, resolve_labels
-from malt.metrics import detection_report
-from malt.model import MALT
-from malt.window import window_indices
-from pipeline.errors import VidpipeError
-from pipeline.store import FeatureStore, differing_keys
+from vidpipe.malt.checkpoint import Checkpoint, load_model
+from vidpipe.malt.data import VideoData, load_videos, resolve_labels
+from vidpipe.malt.metrics import detection_report
+from vidpipe.malt.model import MALT
+from vidpipe.malt.window import window_indices
+from vidpipe.core.errors import VidpipeError
+from vidpipe.core.settings import differing_keys
+from vidpipe.store.cache import FeatureStore
 
 
 @torch.no_grad()

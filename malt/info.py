@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from malt.config import Config, ModelConfig, validate_model_config
-from malt.model import MALT, RecurrentDecoder
-from malt.stream import OnlineDetector
-from malt.window import gather_window
-from pipeline.config import load_config
+from vidpipe.malt.config import Config, ModelConfig, validate_model_config
+from vidpipe.malt.model import MALT, RecurrentDecoder
+from vidpipe.malt.stream import OnlineDetector
+from vidpipe.malt.window import gather_window
+from vidpipe.core.config import load_config
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from malt.attention import SparseCrossAttention
-from malt.config import ModelConfig, validate_model_config
-from malt.window import num_long_tokens
+from vidpipe.malt.attention import SparseCrossAttention
+from vidpipe.malt.config import ModelConfig, validate_model_config
+from vidpipe.malt.window import num_long_tokens
 
 
 class MALTOutput(NamedTuple):

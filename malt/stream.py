@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from malt.model import MALT, causal_mask
-from malt.window import long_grid_phase, num_long_tokens, window_indices
-from pipeline.errors import VidpipeError
+from vidpipe.malt.model import MALT, causal_mask
+from vidpipe.malt.window import long_grid_phase, num_long_tokens, window_indices
+from vidpipe.core.errors import VidpipeError
 
 
 class OnlineDetector:

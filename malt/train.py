@@ -29,17 +29,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from malt.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
-from malt.config import Config, TrainConfig, validate_model_config
-from malt.data import TrainWindows, feature_statistics, load_videos, resolve_labels
-from malt.evaluate import check_compatible, evaluate_videos
-from malt.losses import malt_loss
-from malt.model import MALT
-from pipeline.atomic import write_text_atomically
-from pipeline.config import apply_overrides, load_config, to_dict
-from pipeline.device import resolve_device
-from pipeline.errors import VidpipeError
-from pipeline.store import FeatureStore
+from vidpipe.malt.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from vidpipe.malt.config import Config, TrainConfig, validate_model_config
+from vidpipe.malt.data import TrainWindows, feature_statistics, load_videos, resolve_labels
+from vidpipe.malt.evaluate import check_compatible, evaluate_videos
+from vidpipe.malt.losses import malt_loss
+from vidpipe.malt.model import MALT
+from vidpipe.core.atomic import write_text_atomically
+from vidpipe.core.config import apply_overrides, load_config, resolve_config_path, to_dict
+from vidpipe.core.device import resolve_device
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.cache import FeatureStore
 
 LAST, BEST, CONFIG, METRICS, CHECKPOINTS = "last.pt", "best.pt", "config.yaml", "metrics.jsonl", "checkpoints"
 # Model dimensions that come from the data: a config may leave them out.
@@ -143,7 +143,7 @@ def _validate_train_config(cfg: TrainConfig, source: str) -> None:
 
 def _explicit_model_keys(config, overrides) -> set[str]:
     """Data-dimension keys the user wrote (in the YAML file or as --set model.KEY=...)."""
-    data = yaml.safe_load(Path(config).read_text()) if config is not None else None
+    data = yaml.safe_load(resolve_config_path(config).read_text()) if config is not None else None
     model = data.get("model") if isinstance(data, dict) else None
     keys = set(model) if isinstance(model, dict) else set()
     keys |= {item.partition("=")[0].strip().removeprefix("model.") for item in overrides

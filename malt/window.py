@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from malt.config import ModelConfig
+from vidpipe.malt.config import ModelConfig
 
 
 def num_long_tokens(cfg: ModelConfig) -> int:

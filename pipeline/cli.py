@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from pipeline.errors import BatchIncomplete, VidpipeError
+from vidpipe.core.errors import BatchIncomplete, VidpipeError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,7 +59,7 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
     (e.g. `torchrun --nproc-per-node 4 --no-python vidpipe extract ...`) each rank takes
     its share of the videos.
     """
-    from pipeline.extract import extract_folder, load_settings
+    from vidpipe.pipeline.extract import extract_folder, load_settings
 
     settings = load_settings(config, overrides, flow_method=flow_method, rgb_backbone=rgb_backbone,
                              flow_backbone=flow_backbone, rgb_weights=rgb_weights,
@@ -93,7 +93,7 @@ def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: s
     THUMOS'14 folder of <Class>_val.txt / <Class>_test.txt files (see pipeline/labels.py);
     several are read as one (e.g. THUMOS'14's validation and test annotation folders).
     """
-    from pipeline.labels import write_labels
+    from vidpipe.store.labels import write_labels
 
     write_labels(cache, list(annotations), classes=classes, out=out, skip_missing=skip_missing)
 
@@ -111,7 +111,7 @@ def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: s
 def import_features(root: str, layout: str, out: str, dataset: str | None,
                     rgb_dir: str | None, flow_dir: str | None) -> None:
     """Convert public precomputed features (LSTR/TeSTra/MAT layout) in ROOT into a cache."""
-    from pipeline.importers import import_lstr
+    from vidpipe.store.importers import import_lstr
 
     report = import_lstr(root, out, dataset=dataset, rgb_dir=rgb_dir, flow_dir=flow_dir)
     click.echo(f"{out}: {len(report.imported)} videos imported, {len(report.skipped)} already there"
@@ -134,7 +134,7 @@ def import_features(root: str, layout: str, out: str, dataset: str | None,
 def train(config: str | None, cache: str, labels: str | None, out: str, resume: bool,
           overrides: tuple[str, ...], device: str | None) -> None:
     """Train MALT on the train split of CACHE; the same command under torchrun uses DDP."""
-    from malt.train import train as train_model
+    from vidpipe.malt.train import train as train_model
 
     if config is None and not resume:
         raise click.UsageError("--config is required (except with --resume)")
@@ -158,8 +158,8 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
                  out: str | None, device: str | None, batch_size: int) -> None:
     """Per-frame mAP (THUMOS protocol) and mcAP (TVSeries protocol) of a checkpoint."""
-    from malt.evaluate import evaluate
-    from malt.metrics import format_table
+    from vidpipe.malt.evaluate import evaluate
+    from vidpipe.malt.metrics import format_table
 
     report = evaluate(checkpoint, cache, labels=labels, split=split, out=out, device=device,
                       batch_size=batch_size)
@@ -176,7 +176,7 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
               help="Dotted override, e.g. model.decoder=cascaded (repeatable).")
 def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Parameters per block and multiply-adds per streaming step / per window."""
-    from malt.info import print_model_info
+    from vidpipe.malt.info import print_model_info
     print_model_info(config_path, overrides)
 
 
@@ -211,7 +211,7 @@ def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, clas
            min_duration, merge_gap, device, no_picture, rgb_weights, flow_weights,
            raft_weights) -> None:
     """Online action detection on a video, stream or folder -> timeline JSON / CSV / PNG."""
-    from pipeline.detect import detect as run_detect, timeline_settings
+    from vidpipe.pipeline.detect import detect as run_detect, timeline_settings
 
     if (source_arg is None) == (source_opt is None):
         raise click.UsageError("give the source once: as an argument or with --source")
@@ -239,7 +239,7 @@ def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, clas
 def demo(out, num_videos, duration, epochs, device, seed) -> None:
     """Generate synthetic action videos, extract, train, evaluate and detect: the whole
     chain in a few minutes on a CPU, no data or weights needed."""
-    from pipeline.demo import DemoSettings, run_demo
+    from vidpipe.pipeline.demo import DemoSettings, run_demo
 
     run_demo(out, DemoSettings(num_videos=num_videos, duration_s=duration, epochs=epochs,
                                seed=seed, device=device))

@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.errors import VidpipeError
+from vidpipe.core.errors import VidpipeError
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # the shipped configs/demo.yaml, by name
 SUMMARY_FILE = "demo_summary.json"
 
 
@@ -54,7 +54,7 @@ class DemoResult:
 
 
 def demo_feature_settings(crop: int = 96, seed: int = 0):
-    from extractors.features import FeatureSettings
+    from vidpipe.extractors.features import FeatureSettings
 
     return FeatureSettings(fps=12.0, chunk=3, resize=crop, crop=crop, rgb_backbone="resnet18",
                            flow_backbone="resnet18", flow_method="dis", dis_preset="ultrafast",
@@ -67,8 +67,6 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     import torch
 
     settings = settings or DemoSettings()
-    if not DEMO_CONFIG.is_file():
-        raise VidpipeError(f"{DEMO_CONFIG}: demo config not found (run from a source checkout)")
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
@@ -79,13 +77,13 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
 
 def _run_demo(out: Path, settings: DemoSettings, progress: bool,
               echo: Callable[[str], None]) -> DemoResult:
-    from malt.evaluate import evaluate
-    from malt.train import train
-    from pipeline.detect import detect
-    from pipeline.extract import extract_folder
-    from pipeline.labels import LABELS_FILE, build_labels, describe
-    from pipeline.store import FeatureStore
-    from pipeline.synthetic import SyntheticSpec, generate_dataset
+    from vidpipe.malt.evaluate import evaluate
+    from vidpipe.malt.train import train
+    from vidpipe.pipeline.detect import detect
+    from vidpipe.pipeline.extract import extract_folder
+    from vidpipe.store.labels import LABELS_FILE, build_labels, describe
+    from vidpipe.store.cache import FeatureStore
+    from vidpipe.pipeline.synthetic import SyntheticSpec, generate_dataset
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -119,7 +117,7 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool,
                  *settings.overrides]
     train(DEMO_CONFIG, store.root, run_dir, overrides=overrides, device=settings.device,
           progress=progress)
-    stage("train", f"trained MALT ({DEMO_CONFIG.name}) -> {run_dir}")
+    stage("train", f"trained MALT (configs/{DEMO_CONFIG}.yaml) -> {run_dir}")
 
     checkpoint = run_dir / "last.pt"
     report = evaluate(checkpoint, store.root, split="test", device=settings.device,
@@ -162,7 +160,7 @@ def _chance_map(labels, video_ids: list[str]) -> float:
 
 
 def _ground_truth(annotations: Path, video: str) -> list[dict]:
-    from pipeline.labels import read_annotations
+    from vidpipe.store.labels import read_annotations
 
     return [{"label": s.label, "start_s": s.start_s, "end_s": s.end_s}
             for s in read_annotations(annotations).segments if s.video == video]

@@ -28,9 +28,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.errors import BatchIncomplete, VidpipeError
-from pipeline.store import FeatureStore, differing_keys, video_id_from_path
-from pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
+from vidpipe.core.errors import BatchIncomplete, VidpipeError
+from vidpipe.core.settings import differing_keys
+from vidpipe.store.cache import FeatureStore, video_id_from_path
+from vidpipe.pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
 
 DETECTIONS_DIR = "detections"
 
@@ -64,8 +65,8 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
     `weights`: {"rgb"|"flow"|"raft": path} for features made with weights files (the
     checkpoint records their sha256). Returns one `Detection` per video done.
     """
-    from pipeline.device import resolve_device
-    from malt.checkpoint import load_model
+    from vidpipe.core.device import resolve_device
+    from vidpipe.malt.checkpoint import load_model
 
     device = resolve_device(device)
     model, ckpt = load_model(checkpoint, device)
@@ -79,7 +80,7 @@ def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = 
         detection = runner.run(str(source), _output_name(str(source)), out_dir, picture)
         return [detection]
 
-    from pipeline.extract import find_videos
+    from vidpipe.pipeline.extract import find_videos
 
     videos = find_videos(folder)
     if not videos:
@@ -124,7 +125,7 @@ class _Runner:
     def extractor(self):
         """Built on first use: a batch served from the cache never loads the CNNs."""
         if self._extractor is None:
-            from extractors.features import TwoStreamExtractor
+            from vidpipe.extractors.features import TwoStreamExtractor
             try:
                 self._extractor = TwoStreamExtractor.from_record(
                     self.ckpt.feature_settings, self.device,
@@ -143,7 +144,7 @@ class _Runner:
         """The cache id holding this very file, whatever its name now: the content
         fingerprint `vidpipe extract` records per video identifies it. A source that is no
         file but a video id of the cache (e.g. of imported features) names it directly."""
-        from pipeline.extract import fingerprint
+        from vidpipe.pipeline.extract import fingerprint
 
         path = Path(source)
         if self.store is None:
@@ -158,8 +159,8 @@ class _Runner:
         return self._by_fingerprint.get(fingerprint(path))
 
     def run(self, source: str, name: str, out_dir: Path, picture: bool) -> Detection:
-        from extractors.decode import is_stream
-        from malt.stream import OnlineDetector
+        from vidpipe.extractors.decode import is_stream
+        from vidpipe.malt.stream import OnlineDetector
 
         cached = self.cached_id(source)
         started = time.perf_counter()
@@ -284,7 +285,7 @@ def _cached_steps(store: FeatureStore, video_id: str) -> Iterator[_Timed]:
 
 def _output_name(source: str) -> str:
     """File-name stem for a source: the file's name, or the URL / device made safe."""
-    from extractors.decode import is_stream
+    from vidpipe.extractors.decode import is_stream
 
     if is_stream(source):
         return video_id_from_path(source.split("://", 1)[-1])

@@ -2,7 +2,7 @@
 
 Per video: fingerprint the file, skip it when the cache already holds it with the same
 fingerprint (the cache's manifest guarantees the same settings), else decode, extract and
-write it atomically through `pipeline.store.FeatureStore`. A bad file is recorded and the
+write it atomically through `store.cache.FeatureStore`. A bad file is recorded and the
 job goes on; the summary names every failure. A kill at any moment loses at most the videos
 in progress; rerunning completes the rest with the same numbers.
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from extractors.decode import VIDEO_EXTENSIONS, Chunk, VideoSource
-from extractors.features import FeatureSettings, TwoStreamExtractor, stack_steps
-from pipeline.config import load_config
-from pipeline.errors import VidpipeError
-from pipeline.store import FeatureStore, video_id_from_path
+from vidpipe.extractors.decode import VIDEO_EXTENSIONS, Chunk, VideoSource
+from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor, stack_steps
+from vidpipe.core.config import load_config
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.cache import FeatureStore, video_id_from_path
 
 FINGERPRINT_BYTES = 1 << 20    # hashed from the head and from the tail of each file
 PREFETCH_CHUNKS = 32           # decoded chunks a worker may hold ahead, per video

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_csv_atomically, write_text_atomically
+from vidpipe.core.atomic import atomic_path, write_csv_atomically, write_text_atomically
 
 CLASSES = ["Bounce", "Slide", "Spin", "Pulse"]
 SHAPES = ["circle", "square", "bar", "triangle"]
@@ -221,7 +221,7 @@ def _draw(image: np.ndarray, obj: _Object) -> None:
 
 
 def _encode(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    """H.264 mp4 through PyAV, written atomically (pipeline.atomic)."""
+    """H.264 mp4 through PyAV, written atomically (core.atomic)."""
     with atomic_path(path, suffix=".mp4") as temp, av.open(str(temp), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]

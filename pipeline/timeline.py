@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_path, write_csv_atomically, write_text_atomically
-from pipeline.errors import VidpipeError
+from vidpipe.core.atomic import atomic_path, write_csv_atomically, write_text_atomically
+from vidpipe.core.errors import VidpipeError
 
 TIMELINE_FORMAT = "vidpipe-timeline"
 TIMELINE_VERSION = 1

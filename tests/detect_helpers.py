@@ -3,14 +3,14 @@ from pathlib import Path
 
 import torch
 
-from extractors.features import FeatureSettings
-from malt.checkpoint import Checkpoint, save_checkpoint
-from malt.config import Config, ModelConfig
-from malt.model import MALT
-from pipeline.config import to_dict
-from pipeline.extract import extract_folder
-from pipeline.store import FeatureStore
-from pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
+from vidpipe.extractors.features import FeatureSettings
+from vidpipe.malt.checkpoint import Checkpoint, save_checkpoint
+from vidpipe.malt.config import Config, ModelConfig
+from vidpipe.malt.model import MALT
+from vidpipe.core.config import to_dict
+from vidpipe.pipeline.extract import extract_folder
+from vidpipe.store.cache import FeatureStore
+from vidpipe.pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
 
 # Small and fast on a CPU: 12 fps in chunks of 3 (0.25 s steps), 64 px crops, resnet18s.
 TINY_FEATURES = FeatureSettings(fps=12.0, chunk=3, resize=64, crop=64, rgb_backbone="resnet18",

@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from extractors.features import FeatureSettings
+from vidpipe.extractors.features import FeatureSettings
 
 # resnet18 with random weights on 48-pixel crops: real code paths, fast on CPU.
 TINY = dict(rgb_backbone="resnet18", flow_backbone="resnet18", flow_method="dis",

@@ -4,8 +4,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from malt.config import ModelConfig
-from malt.model import MALT
+from vidpipe.malt.config import ModelConfig
+from vidpipe.malt.model import MALT
 
 TINY = ModelConfig(rgb_dim=6, flow_dim=5, num_classes=4, d_model=16, num_heads=2, ffn_dim=24,
                    dropout=0.1, long_memory_steps=16, long_memory_stride=4, short_memory_steps=4,
@@ -37,7 +37,7 @@ def offline_probs(model, rgb, flow, steps):
     """Offline forward on the window ending at each step; probabilities of its last step.
 
     Windows of equal length are batched (one forward per short-memory length)."""
-    from malt.window import gather_window
+    from vidpipe.malt.window import gather_window
     windows = {t: gather_window(rgb, flow, t, model.cfg) for t in steps}
     probs = {}
     for length in sorted({len(w.rgb_short) for w in windows.values()}):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from malt.attention import SparseCrossAttention
+from vidpipe.malt.attention import SparseCrossAttention
 
 DIM, HEADS = 16, 2
 

@@ -1,9 +1,9 @@
 """The one config loader: YAML + dotted overrides -> typed dataclasses, errors name the key."""
 import pytest
 
-from malt.config import Config
-from pipeline.config import load_config, to_dict
-from pipeline.errors import VidpipeError
+from vidpipe.malt.config import Config
+from vidpipe.core.config import load_config, to_dict
+from vidpipe.core.errors import VidpipeError
 
 
 def test_yaml_and_overrides_fill_typed_fields(tmp_path):

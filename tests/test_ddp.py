@@ -7,10 +7,10 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from malt.config import Config
-from malt.model import MALT
-from malt.train import train
-from pipeline.config import from_dict
+from vidpipe.malt.config import Config
+from vidpipe.malt.model import MALT
+from vidpipe.malt.train import train
+from vidpipe.core.config import from_dict
 from train_helpers import random_cache, write_config
 
 

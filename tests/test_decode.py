@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from extract_helpers import decode_all, make_audio_only, make_video, without_root_read_override
-from extractors import decode
-from extractors.decode import VideoSource
-from pipeline.errors import VidpipeError
+from vidpipe.extractors import decode
+from vidpipe.extractors.decode import VideoSource
+from vidpipe.core.errors import VidpipeError
 
 VFR_PTS_MS = [0, 70, 110, 150, 190, 260, 300, 340, 410, 450, 490, 560, 600, 640, 710, 750,
               790, 860, 900, 940, 1010, 1050, 1090, 1160, 1200, 1240, 1310, 1350]
@@ -150,7 +150,7 @@ def test_unreadable_file_raises_permission_error(tmp_path, long_mkv):
     locked = tmp_path / "locked.mkv"
     locked.write_bytes(long_mkv.read_bytes())
     locked.chmod(0)
-    code = ("import sys\nfrom extractors.decode import VideoSource\nfrom pipeline.errors import VidpipeError\n"
+    code = ("import sys\nfrom vidpipe.extractors.decode import VideoSource\nfrom vidpipe.core.errors import VidpipeError\n"
             f"try:\n    VideoSource({str(locked)!r})\nexcept VidpipeError as e:\n    print(e); sys.exit(3)\n")
     run = subprocess.run([*without_root_read_override(), sys.executable, "-c", code],
                          capture_output=True, text=True)

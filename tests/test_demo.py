@@ -3,8 +3,8 @@ import json
 
 import matplotlib.image
 
-from pipeline.demo import SUMMARY_FILE, DemoSettings, run_demo
-from pipeline.timeline import Timeline
+from vidpipe.pipeline.demo import SUMMARY_FILE, DemoSettings, run_demo
+from vidpipe.pipeline.timeline import Timeline
 
 
 def test_small_demo_learns_well_above_chance(tmp_path):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from detect_helpers import tiny_cache, tiny_checkpoint
 
-from malt.checkpoint import load_model
-from malt.evaluate import predict_offline
-from pipeline.cli import main
-from pipeline.detect import detect
-from pipeline.errors import BatchIncomplete, VidpipeError
-from pipeline.store import FeatureStore
-from pipeline.timeline import Timeline, TimelineSettings
+from vidpipe.malt.checkpoint import load_model
+from vidpipe.malt.evaluate import predict_offline
+from vidpipe.pipeline.cli import main
+from vidpipe.pipeline.detect import detect
+from vidpipe.core.errors import BatchIncomplete, VidpipeError
+from vidpipe.store.cache import FeatureStore
+from vidpipe.pipeline.timeline import Timeline, TimelineSettings
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_cache_with_other_settings_is_refused(setup, tmp_path):
 
 def test_ctrl_c_writes_what_it_has(setup, tmp_path, monkeypatch):
     data, store, checkpoint = setup
-    from malt.stream import OnlineDetector
+    from vidpipe.malt.stream import OnlineDetector
     real_step, calls = OnlineDetector.step, []
 
     def step_then_interrupt(self, rgb, flow):
@@ -131,7 +131,7 @@ def test_imported_features_detect_by_cache_id_only(setup, tmp_path):
     imported = FeatureStore.open_or_create(tmp_path / "imported",
                                            {"source": "precomputed", "step_seconds": 0.25})
     imported.write("video_test_0000004", features.rgb, features.flow, features.timestamps)
-    from malt.checkpoint import read_checkpoint, save_checkpoint
+    from vidpipe.malt.checkpoint import read_checkpoint, save_checkpoint
     ckpt = read_checkpoint(checkpoint)
     ckpt.feature_settings = imported.settings
     save_checkpoint(ckpt, tmp_path / "run" / "best.pt")

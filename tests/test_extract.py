@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from extract_helpers import TINY, make_audio_only, make_video, tiny_settings, without_root_read_override
-from extractors.features import TwoStreamExtractor
-from pipeline.errors import VidpipeError
-from pipeline.extract import extract_folder, find_videos, load_settings
-from pipeline.store import FeatureStore
+from vidpipe.extractors.features import TwoStreamExtractor
+from vidpipe.core.errors import VidpipeError
+from vidpipe.pipeline.extract import extract_folder, find_videos, load_settings
+from vidpipe.store.cache import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OPTIONS = ["--flow", "dis", "--rgb-backbone", "resnet18", "--flow-backbone", "resnet18",
@@ -28,13 +28,13 @@ TINY_OPTIONS = ["--flow", "dis", "--rgb-backbone", "resnet18", "--flow-backbone"
 
 def cli(*args: str, prefix: list[str] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*prefix, sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+    return subprocess.run([*prefix, sys.executable, "-m", "vidpipe.pipeline.cli", *args], capture_output=True,
                           text=True, cwd=REPO, env=env)
 
 
 def cli_popen(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "vidpipe.pipeline.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -128,9 +128,9 @@ def test_ranks_share_the_videos(videos, tmp_path, monkeypatch):
 
 def test_torchrun_ranks_extract_their_shares_and_report_the_whole_job(videos, tmp_path):
     (videos / "empty.mp4").write_bytes(b"")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    run = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--no-python", sys.executable, "-m",
-                          "pipeline.cli", "extract", str(videos), "--out", str(tmp_path / "cache"), *TINY_OPTIONS],
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    run = subprocess.run([*torchrun, "--nproc-per-node", "2", "--no-python", sys.executable, "-m",
+                          "vidpipe.pipeline.cli", "extract", str(videos), "--out", str(tmp_path / "cache"), *TINY_OPTIONS],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0                            # one bad file: the job reports failure
     reports = [line for line in run.stdout.splitlines() if "(all 2 ranks)" in line]
@@ -197,8 +197,8 @@ def test_memory_stays_flat_on_a_long_video(tmp_path):
         import resource, sys
         sys.path.insert(0, {str(REPO / "tests")!r})
         from extract_helpers import make_video, tiny_settings
-        from extractors.decode import VideoSource
-        from extractors.features import TwoStreamExtractor
+        from vidpipe.extractors.decode import VideoSource
+        from vidpipe.extractors.features import TwoStreamExtractor
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         short = make_video({str(tmp_path / "short.mp4")!r}, frames=24 * 120, size=(64, 48), codec="mpeg4")
         long = make_video({str(tmp_path / "long.mp4")!r}, frames=24 * 600, size=(64, 48), codec="mpeg4")

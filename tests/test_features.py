@@ -7,12 +7,12 @@ import timm
 import torch
 
 from extract_helpers import frame_image, make_video, tiny_settings
-from extractors import backbone
-from extractors.decode import VideoSource
-from extractors.features import FeatureSettings, TwoStreamExtractor
-from extractors.flow import FlowStream, OpenCVFlow, RAFTFlow, flow_to_input
-from pipeline.config import load_config
-from pipeline.errors import VidpipeError
+from vidpipe.extractors import backbone
+from vidpipe.extractors.decode import VideoSource
+from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor
+from vidpipe.extractors.flow import FlowStream, OpenCVFlow, RAFTFlow, flow_to_input
+from vidpipe.core.config import load_config
+from vidpipe.core.errors import VidpipeError
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.errors import VidpipeError
-from pipeline.importers import import_lstr
-from pipeline.labels import LabelSet
-from pipeline.store import FeatureStore
+from vidpipe.pipeline.cli import main
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.importers import import_lstr
+from vidpipe.store.labels import LabelSet
+from vidpipe.store.cache import FeatureStore
 from train_helpers import cli_error
 
 RGB, FLOW = "rgb_kinetics_resnet50", "flow_kinetics_bninception"

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.errors import VidpipeError
-from pipeline.labels import LabelSet, build_labels, segments_to_targets
-from pipeline.store import FeatureStore
+from vidpipe.pipeline.cli import main
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.labels import LabelSet, build_labels, segments_to_targets
+from vidpipe.store.cache import FeatureStore
 
 STEP = 0.25
 

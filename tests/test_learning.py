@@ -7,10 +7,10 @@ and inside the long memory (128 steps).
 import numpy as np
 import torch
 
-from malt.metrics import per_frame_metrics
-from malt.train import train
-from pipeline.labels import LabelSet
-from pipeline.store import FeatureStore
+from vidpipe.malt.metrics import per_frame_metrics
+from vidpipe.malt.train import train
+from vidpipe.store.labels import LabelSet
+from vidpipe.store.cache import FeatureStore
 from train_helpers import long_range_cache, write_config
 
 CONFIG = {

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from malt.metrics import (average_precision, calibrated_average_precision, detection_report,
+from vidpipe.malt.metrics import (average_precision, calibrated_average_precision, detection_report,
                           format_table, per_frame_metrics)
 
 

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from malt.config import Config, validate_model_config
-from malt.info import model_info
-from malt.model import MALT, RecurrentDecoder, TransformerStack
-from malt.window import gather_window, num_long_tokens, window_indices
-from pipeline.config import load_config
-from pipeline.errors import VidpipeError
+from vidpipe.malt.config import Config, validate_model_config
+from vidpipe.malt.info import model_info
+from vidpipe.malt.model import MALT, RecurrentDecoder, TransformerStack
+from vidpipe.malt.window import gather_window, num_long_tokens, window_indices
+from vidpipe.core.config import load_config
+from vidpipe.core.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_config, tiny_model
 
 
@@ -194,7 +194,7 @@ def test_model_info_counts_blocks_and_shows_recurrent_is_smaller():
 
 
 def test_model_info_cli(capsys):
-    from pipeline.cli import main
+    from vidpipe.pipeline.cli import main
     main(["model-info", "--set", "model.d_model=32", "--set", "model.ffn_dim=32",
           "--set", "model.long_memory_steps=64", "--set", "model.short_memory_steps=8",
           "--set", "model.branch_queries=[8, 4]", "--set", "model.rgb_dim=8", "--set", "model.flow_dim=8"])

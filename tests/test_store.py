@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.errors import VidpipeError
-from pipeline.labels import LabelSet, VideoLabels
-from pipeline.store import FeatureStore, video_id_from_path
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.labels import LabelSet, VideoLabels
+from vidpipe.store.cache import FeatureStore, video_id_from_path
 
 SETTINGS = {"fps": 24, "chunk": 6, "step_seconds": 0.25, "rgb_backbone": "resnet18"}
 
@@ -62,7 +62,7 @@ def test_killed_writer_leaves_no_visible_file_and_its_temp_is_removed(tmp_path):
     # A child process starts a write and is killed before it can finish.
     script = (
         "import os, numpy as np, h5py\n"
-        "from pipeline import store as s\n"
+        "from vidpipe.store import cache as s\n"
         "st = s.FeatureStore.open(r'%s')\n"
         "orig = h5py.File.__exit__\n"
         "def die(*a):\n"

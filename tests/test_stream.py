@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from malt.stream import OnlineDetector
-from malt.window import gather_window
-from pipeline.errors import VidpipeError
+from vidpipe.malt.stream import OnlineDetector
+from vidpipe.malt.window import gather_window
+from vidpipe.core.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_model
 
 # Tiny config: long memory 16 steps / stride 4 (4 slots), short memory 4 steps, so a stream of

@@ -2,8 +2,8 @@
 import av
 import numpy as np
 
-from pipeline.labels import read_annotations
-from pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset, plan_segments
+from vidpipe.store.labels import read_annotations
+from vidpipe.pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset, plan_segments
 
 
 def test_dataset_files_and_annotations(tmp_path):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from pipeline.errors import VidpipeError
-from pipeline.timeline import (Segmenter, Timeline, TimelineSettings, downsample_max,
+from vidpipe.core.errors import VidpipeError
+from vidpipe.pipeline.timeline import (Segmenter, Timeline, TimelineSettings, downsample_max,
                                find_segments, format_time)
 
 NAMES = ["background", "Bounce", "Spin"]

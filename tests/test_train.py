@@ -7,17 +7,17 @@ import pytest
 import torch
 import yaml
 
-from malt.checkpoint import load_model
-from malt.config import ModelConfig, TrainConfig
-from malt.data import TrainWindows, load_videos
-from malt.evaluate import predict_offline
-from malt.losses import malt_loss
-from malt.train import lr_factor, train
-from malt.window import gather_window
-from pipeline.cli import main
-from pipeline.errors import VidpipeError
-from pipeline.labels import LabelSet
-from pipeline.store import FeatureStore
+from vidpipe.malt.checkpoint import load_model
+from vidpipe.malt.config import ModelConfig, TrainConfig
+from vidpipe.malt.data import TrainWindows, load_videos
+from vidpipe.malt.evaluate import predict_offline
+from vidpipe.malt.losses import malt_loss
+from vidpipe.malt.train import lr_factor, train
+from vidpipe.malt.window import gather_window
+from vidpipe.pipeline.cli import main
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.labels import LabelSet
+from vidpipe.store.cache import FeatureStore
 from train_helpers import cli_error, random_cache, write_config
 
 
@@ -234,8 +234,8 @@ def test_train_from_an_annotation_csv(cache, tmp_path):
 
 def test_normalize_features_is_stored_in_the_model(cache, tmp_path):
     """Statistics of the training split go into the model: eval and streaming use them too."""
-    from malt.data import feature_statistics
-    from malt.stream import OnlineDetector
+    from vidpipe.malt.data import feature_statistics
+    from vidpipe.malt.stream import OnlineDetector
 
     config = write_config(tmp_path / "c.yaml", train={"epochs": 1, "normalize_features": True})
     train(config, cache, tmp_path / "run", progress=False)

@@ -6,11 +6,11 @@ import pytest
 import yaml
 import torch
 
-from malt.config import Config, validate_model_config
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.extract import load_settings
-from pipeline.errors import VidpipeError
+from vidpipe.malt.config import Config, validate_model_config
+from vidpipe.pipeline.cli import main
+from vidpipe.core.config import load_config
+from vidpipe.pipeline.extract import load_settings
+from vidpipe.core.errors import VidpipeError
 from train_helpers import cli_error, random_cache, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_paper_configs_take_feature_sizes_from_the_data(name):
 def test_every_option_has_help():
     import click
 
-    from pipeline.cli import cli
+    from vidpipe.pipeline.cli import cli
 
     missing = [f"{name} {param.opts[0]}" for name, command in cli.commands.items()
                for param in command.params if isinstance(param, click.Option) and not param.help]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.labels import LABELS_FILE, LabelSet, VideoLabels
-from pipeline.store import FeatureStore
+from vidpipe.pipeline.cli import main
+from vidpipe.store.labels import LABELS_FILE, LabelSet, VideoLabels
+from vidpipe.store.cache import FeatureStore
 
 TINY_CONFIG = {
     "model": {"d_model": 16, "num_heads": 2, "ffn_dim": 32, "dropout": 0.1,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.errors import VidpipeError
+from vidpipe.core.errors import VidpipeError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -16,8 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import VidpipeError
+from vidpipe.core.atomic import atomic_path
+from vidpipe.core.errors import VidpipeError
 
 LABELS_FILE = "labels.h5"
 BACKGROUND = "background"
@@ -47,7 +47,7 @@ class LabelSet:
         return sorted(v for v, s in self.splits.items() if s == name and v in self.videos)
 
     def save(self, path: str | Path) -> None:
-        """Atomic write (pipeline.atomic): a reader never sees a half-written file."""
+        """Atomic write (core.atomic): a reader never sees a half-written file."""
         with atomic_path(path, suffix=".h5") as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.attrs["class_names"] = json.dumps(self.class_names)
@@ -425,7 +425,7 @@ def write_labels(cache: str | Path, annotation_path: str | Path | list[str | Pat
                  classes: str | None = None,
                  out: str | Path | None = None, skip_missing: bool = False) -> LabelSet:
     """`vidpipe labels`: build the LabelSet of a cache and save it (default CACHE/labels.h5)."""
-    from pipeline.store import FeatureStore
+    from vidpipe.store.cache import FeatureStore
 
     store = FeatureStore.open(cache)
     labels = build_labels(store, annotation_path,

@@ -7,6 +7,7 @@ errors that name the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.errors import VidpipeError, first_line
+from vidpipe.core.errors import VidpipeError, first_line
 
 T = TypeVar("T")
 
@@ -39,9 +40,7 @@ def load_config(cls: type[T], path: str | Path | None = None,
     source = str(path) if path is not None else "defaults"
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise VidpipeError(f"{path}: config file not found")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -49,6 +48,27 @@ def load_config(cls: type[T], path: str | Path | None = None,
         if not isinstance(data, dict):
             raise VidpipeError(f"{path}: expected a mapping at the top level")
     return from_dict(cls, _with_overrides(data, overrides), source)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with vidpipe (package data), by name: {'malt_thumos': path, ...}."""
+    folder = importlib.resources.files("vidpipe.configs")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
+            if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file's path: an existing file as given, else a shipped config's name
+    (`malt_thumos` or `malt_thumos.yaml`); a one-line error lists the shipped names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.stem if path.suffix == ".yaml" and path.parent == Path(".") else str(path)
+    if name in shipped:
+        return shipped[name]
+    raise VidpipeError(f"{name_or_path}: config file not found (shipped configs: "
+                       f"{', '.join(sorted(shipped))})")
 
 
 def apply_overrides(config: T, overrides: list[str] | tuple[str, ...], source: str = "--set") -> T:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import VidpipeError
-from pipeline.labels import BACKGROUND, LABELS_FILE, LabelSet, VideoLabels
-from pipeline.store import FeatureStore, video_id_from_path
+from vidpipe.core.errors import VidpipeError
+from vidpipe.store.labels import BACKGROUND, LABELS_FILE, LabelSet, VideoLabels
+from vidpipe.store.cache import FeatureStore, video_id_from_path
 
 TARGET_DIR = "target_perframe"
 STEP_SECONDS = 0.25   # the public features are at 4 steps per second

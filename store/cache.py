@@ -23,8 +23,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.atomic import TEMP_PREFIX, atomic_path, is_stale_temporary, write_text_atomically
-from pipeline.errors import VidpipeError
+from vidpipe.core.atomic import TEMP_PREFIX, atomic_path, is_stale_temporary, write_text_atomically
+from vidpipe.core.errors import VidpipeError
+from vidpipe.core.settings import differing_keys
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,11 +51,6 @@ def video_id_from_path(relative_path: str | Path) -> str:
     """
     text = Path(relative_path).as_posix()
     return re.sub(r"[^A-Za-z0-9._-]", "_", text.replace("/", "__")).lstrip(".") or "video"
-
-
-def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two settings dicts (missing counts as None), sorted."""
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def _attributes(h5: h5py.File) -> dict[str, Any]:
@@ -179,7 +175,7 @@ class FeatureStore:
     # -- writing ------------------------------------------------------------------------
     def write(self, video_id: str, rgb: np.ndarray, flow: np.ndarray,
               timestamps: np.ndarray, attrs: dict[str, Any] | None = None) -> Path:
-        """Write one video atomically (pipeline.atomic)."""
+        """Write one video atomically (core.atomic)."""
         if not (len(rgb) == len(flow) == len(timestamps)):
             raise ValueError(f"{video_id}: rgb {rgb.shape}, flow {flow.shape} and "
                              f"timestamps {timestamps.shape} differ in length")
