@@ -16,9 +16,15 @@ also for variable-frame-rate files):
 Backends: decord (random access, batched `get_batch`) for local files, PyAV (streaming
 decode) for URLs, devices and files decord rejects or fails on. Both give the same frames.
 Memory stays flat: frames are decoded in bounded batches whatever the video length.
+
+A source is opened once: the container the probe opened is the one the first decode reads
+(a live source would lose what it sent between two opens, and a single-client server
+refuses the second connection). A URL or device that fails after it opened raises
+`StreamLost`, which a caller may answer by opening the source again.
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -41,6 +47,10 @@ BATCH_BYTES = 32 << 20     # decoded frames held at once by the decord backend..
 BATCH_CHUNKS = 32          # ...and at most this many chunks per get_batch
 THREADED_DECODE_PIXELS = 640 * 360   # smaller frames decode faster on one thread
 TRUNCATED_SECONDS = 0.5    # missing video beyond this (and 3 frames) means a truncated file
+STREAM_TIMEOUT_S = 10.0   # a URL silent this long (opening or reading) has failed
+NETWORK_ERRORS = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset",
+                  errno.ETIMEDOUT: "connection timed out", errno.EHOSTUNREACH: "host unreachable",
+                  errno.ENETUNREACH: "network unreachable", errno.EPIPE: "connection closed"}
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
                     ".wmv", ".flv", ".ts", ".mts", ".m2ts", ".3gp", ".ogv")
 
@@ -106,17 +116,25 @@ def is_stream(path_or_url: str) -> bool:
     return "://" in path_or_url or path_or_url.startswith("/dev/")
 
 
+class StreamLost(VidpipeError):
+    """A URL or device failed after it was opened (reset, I/O error, silent too long)."""
+
+
 class VideoSource:
     """Frames of one video, resampled to `fps`, in chunks of `chunk` frames.
 
     `path_or_url`: a local file, a URL (rtsp://, http://...) or a capture device
     (/dev/video0). Opening probes the video at once: a missing, empty, unreadable, corrupt
-    or audio-only file raises `VidpipeError` naming the file and the problem.
-    Iterate (or call `chunks()`) to decode; each iteration decodes from the start.
+    or audio-only file raises `VidpipeError` naming the file and the problem; a URL that
+    cannot be reached says why (connection refused, timed out, ...).
+    Iterate (or call `chunks()`) to decode; each iteration decodes from the start (the first
+    one reads the container the probe opened; a later one opens the source again).
+    `timeout_s`: how long a URL may stay silent, opening or reading, before it has failed.
     """
 
     def __init__(self, path_or_url: str | os.PathLike, fps: float = 24.0, chunk: int = 6,
-                 backend: str = "auto", options: dict[str, str] | None = None):
+                 backend: str = "auto", options: dict[str, str] | None = None,
+                 timeout_s: float = STREAM_TIMEOUT_S):
         if backend not in BACKENDS:
             raise VidpipeError(f"decoder backend '{backend}': choose one of {', '.join(BACKENDS)}")
         if fps <= 0 or chunk < 1:
@@ -125,6 +143,8 @@ class VideoSource:
         self.fps = float(fps)
         self.chunk = int(chunk)
         self.options = dict(options or {})
+        self.timeout_s = float(timeout_s)
+        self._opened: av.container.InputContainer | None = None   # the probe's, until decoded
         self.info = self._probe()
         if backend == "decord" and (decord is None or not self.info.is_file):
             why = "not installed" if decord is None else "reads local files only"
@@ -143,26 +163,53 @@ class VideoSource:
         is_file = not is_stream(self.path)
         if is_file:
             _check_readable_file(Path(self.path))
-        with self._open_container() as container:
+        container = self._open_container()
+        try:
             stream = _video_stream(container, self.path)
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:
                 raise VidpipeError(f"{self.path}: video stream has no frame size (corrupt file?)")
             rate = stream.average_rate or stream.guessed_rate
-            return VideoInfo(path=self.path, width=ctx.width, height=ctx.height,
+            info = VideoInfo(path=self.path, width=ctx.width, height=ctx.height,
                              codec=ctx.name, native_fps=float(rate) if rate else None,
                              duration=_declared_duration(container, stream), is_file=is_file)
+        except BaseException:
+            container.close()
+            raise
+        self._opened = container
+        return info
+
+    def close(self) -> None:
+        """Release the probe's container when the source will not be decoded after all."""
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+
+    def _take_container(self) -> av.container.InputContainer:
+        """The probe's container the first time (one open per source), a new one after."""
+        container, self._opened = self._opened, None
+        return container if container is not None else self._open_container()
 
     def _open_container(self) -> av.container.InputContainer:
         kwargs: dict[str, Any] = {"options": self.options}
         if self.path.startswith("/dev/video"):
             kwargs["format"] = "v4l2"
         if "://" in self.path:
-            kwargs["timeout"] = 10.0
+            kwargs["timeout"] = self.timeout_s
         try:
             return av.open(self.path, **kwargs)
         except av.error.FFmpegError as exc:
-            raise VidpipeError(f"{self.path}: not a video or corrupt file ({_describe(exc)})") from None
+            if not is_stream(self.path):
+                raise VidpipeError(f"{self.path}: not a video or corrupt file ({_describe(exc)})") from None
+            raise VidpipeError(f"{self.path}: cannot open the stream: {self._stream_failure(exc)}") from None
+
+    def _stream_failure(self, exc: av.error.FFmpegError) -> str:
+        """Why a URL or device failed, in the words a user checks first."""
+        if exc.errno in NETWORK_ERRORS:
+            return NETWORK_ERRORS[exc.errno]
+        if isinstance(exc, av.error.ExitError):  # the timeout's interrupt
+            return f"no data for {self.timeout_s:g} s"
+        return _describe(exc)
 
     @property
     def _frame_seconds(self) -> float:
@@ -245,9 +292,11 @@ class VideoSource:
                     yield time - first, frame
             except av.error.FFmpegError as exc:
                 at = f" at {state['last']:.2f} s" if state["last"] is not None else ""
+                if not self.info.is_file:
+                    raise StreamLost(f"{self.path}: stream failed{at} ({self._stream_failure(exc)})") from None
                 raise VidpipeError(f"{self.path}: decoding failed{at} ({_describe(exc)})") from None
 
-        with self._open_container() as container:
+        with self._take_container() as container:
             converted: list[Any] = [None, None]   # (frame, its RGB array): shown twice, converted once
 
             def rgb(frame: av.VideoFrame) -> np.ndarray:
@@ -297,7 +346,7 @@ class VideoSource:
         decord's own timestamps are float32, too coarse to pick frames in long videos.
         """
         pts: list[int] = []
-        with self._open_container() as container:
+        with self._take_container() as container:
             stream = container.streams.video[0]
             try:
                 for packet in container.demux(stream):

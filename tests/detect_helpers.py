@@ -44,3 +44,85 @@ def tiny_checkpoint(path: Path, store: FeatureStore, seed: int = 0) -> Path:
                                feature_settings=store.settings,
                                class_names=["background", *CLASSES]), path)
     return path
+
+
+# --- a live source over a local socket ------------------------------------------------------
+
+def to_mpegts(video: Path, out: Path) -> Path:
+    """Re-encode `video` as an MPEG-TS file (H.264 without B-frames, a key frame every 6
+    frames), the kind of stream a camera or `ffmpeg -f mpegts tcp://...` sends."""
+    import av
+
+    with av.open(str(video)) as source, av.open(str(out), "w", format="mpegts") as target:
+        decoded = source.streams.video[0]
+        stream = target.add_stream("libx264", rate=decoded.average_rate, options={"bf": "0", "g": "6"})
+        stream.width, stream.height, stream.pix_fmt = decoded.width, decoded.height, "yuv420p"
+        for frame in source.decode(decoded):
+            frame.pict_type = 0   # let the encoder choose (not the source's frame types)
+            target.mux(stream.encode(frame.reformat(format="yuv420p")))
+        target.mux(stream.encode())
+    return out
+
+
+class LiveServer:
+    """A TCP server on 127.0.0.1 serving one scripted connection per entry of `script`:
+    (bytes to send, then "close" | "reset" | "stall"). After the script, connections are
+    refused (the listening socket is closed). `url` is what a client opens."""
+
+    def __init__(self, script: list[tuple[bytes, str]]):
+        import socket
+        import threading
+
+        self.script = list(script)
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.url = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        import socket
+        import struct
+        import time
+
+        for data, ending in self.script:
+            while not self._stop.is_set():
+                try:
+                    client, _ = self._listener.accept()
+                    break
+                except socket.timeout:
+                    continue
+            else:
+                break
+            self.connections += 1
+            try:  # paced like a live source, so the client has read it all before a reset
+                for start in range(0, len(data), 4096):
+                    client.sendall(data[start:start + 4096])
+                    time.sleep(0.005)
+            except OSError:  # the client went away first
+                pass
+            if ending == "stall":     # connected and silent until the test ends
+                self._stop.wait()
+            elif ending == "reset":   # RST instead of FIN: the client sees an error, not an end
+                time.sleep(0.3)       # (unread bytes would be dropped with the RST)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        self._listener.close()
+
+
+def free_port() -> int:
+    """A local port nobody listens on (connecting is refused)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

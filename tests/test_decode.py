@@ -156,3 +156,51 @@ def test_unreadable_file_raises_permission_error(tmp_path, long_mkv):
                          capture_output=True, text=True)
     assert run.returncode == 3, run.stderr
     assert f"{locked}: permission denied" in run.stdout
+
+
+# -- live sources over a local socket --------------------------------------------------------
+@pytest.fixture(scope="module")
+def mpegts(tmp_path_factory) -> Path:
+    from detect_helpers import to_mpegts
+
+    folder = tmp_path_factory.mktemp("live")
+    return to_mpegts(make_video(folder / "clip.mp4", frames=96, size=(64, 48)), folder / "clip.ts")
+
+
+def test_a_stream_is_opened_once_and_decodes_like_the_file(mpegts):
+    from detect_helpers import LiveServer
+
+    expected = list(VideoSource(mpegts, backend="pyav"))
+    # one scripted connection: a second open (a probe, then a decode) would be refused
+    with LiveServer([(mpegts.read_bytes(), "close")]) as server:
+        chunks = list(VideoSource(server.url))
+    assert server.connections == 1
+    assert len(chunks) == len(expected) == 16
+    for a, b in zip(chunks, expected):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        np.testing.assert_array_equal(a.times, b.times)
+
+
+@pytest.mark.parametrize("ending, why", [("reset", "connection reset"), ("stall", "no data for 0.5 s")])
+def test_a_stream_that_drops_raises_stream_lost_after_its_frames(mpegts, ending, why):
+    from detect_helpers import LiveServer
+
+    data = mpegts.read_bytes()
+    chunks = []
+    with LiveServer([(data[: len(data) // 2], ending)]) as server:
+        with pytest.raises(decode.StreamLost) as error:
+            for chunk in VideoSource(server.url, timeout_s=0.5):
+                chunks.append(chunk)
+    assert len(chunks) >= 4                            # what came before the drop was decoded
+    assert str(error.value).startswith(f"{server.url}: stream failed at ")
+    assert str(error.value).endswith(f"({why})")
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "rtsp"])
+def test_a_refused_connection_is_named_as_such(scheme):
+    from detect_helpers import free_port
+
+    url = f"{scheme}://127.0.0.1:{free_port()}/cam"
+    with pytest.raises(VidpipeError) as error:
+        VideoSource(url)
+    assert str(error.value) == f"{url}: cannot open the stream: connection refused"
