@@ -91,8 +91,8 @@ def _giga(count: int) -> str:
     return f"{count / 1e9:.3f} G" if count >= 1e8 else f"{count / 1e6:.2f} M"
 
 
-def print_model_info(config_path=None, overrides=()) -> None:
-    """`vidpipe model-info`: load the config (file + dotted overrides) and print the table."""
+def describe_model(config_path=None, overrides=()) -> str:
+    """`vidpipe model-info`: load the config (file + dotted overrides); the table as text."""
     cfg = load_config(Config, config_path, overrides).model
     validate_model_config(cfg, str(config_path) if config_path else "defaults")
-    print(format_info(model_info(cfg)))
+    return format_info(model_info(cfg))

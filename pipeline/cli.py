@@ -9,16 +9,57 @@ import sys
 import click
 
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
+from vidpipe.core.log import configure_cli_logging, remove_cli_logging
+
+# `vidpipe --help` lists the commands in the order a user runs them (any command not named
+# here follows, in the order it is defined).
+PIPELINE_ORDER = ["extract", "labels", "import-features", "export-features", "train", "eval",
+                  "detect", "demo", "model-info", "cache"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PipelineGroup(click.Group):
+    """A group whose help lists its commands in pipeline order, each with its whole first
+    paragraph (click's default sorts them and cuts the text at 45 characters)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+        return sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, command.get_short_help_str(limit=sys.maxsize))
+                for name in self.list_commands(ctx)
+                if not (command := self.commands[name]).hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def device_option(default: str | None = None):
+    """The `--device` option every command running a model shares."""
+    return click.option("--device", default=default, show_default=default is not None,
+                        help="cpu, cuda, cuda:1 (default: cuda when available).")
+
+
+def set_option(example: str):
+    """The repeatable `--set KEY=VALUE` override of a config value; `example` shows one."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help=f"Override a config value, e.g. --set {example} (repeatable).")
+
+
+@click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vidpipe")
-def cli() -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress, no info).")
+@click.option("-v", "--verbose", is_flag=True, help="Also debug messages.")
+def cli(quiet: bool, verbose: bool) -> None:
     """vidpipe: raw video -> two-stream features -> MALT -> online action timeline."""
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose exclude each other")
+    configure_cli_logging(-1 if quiet else 1 if verbose else 0)
 
 
 # Commands are added below, one section per stage; imports stay inside each command so
-# that `vidpipe --help` starts fast.
+# that `vidpipe --help` starts fast. Library functions log what they do (vidpipe.core.log);
+# a command prints only its result.
 
 # --- extract ------------------------------------------------------------------------------
 
@@ -28,7 +69,7 @@ def cli() -> None:
               help="Feature cache folder (created; rerun to resume or update it).")
 @click.option("--config", default=None, type=click.Path(path_type=str),
               help="Feature settings YAML (default: built-in defaults = configs/extract.yaml).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
+@device_option()
 @click.option("--flow", "flow_method", type=click.Choice(["auto", "tvl1", "dis", "raft"]), default=None,
               help="Optical flow: tvl1 (standard, slow), dis (fast CPU), raft (GPU); "
                    "auto = raft on CUDA, tvl1 on CPU.")
@@ -44,8 +85,7 @@ def cli() -> None:
                    "the seed is --set seed=N (default 0).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Threads decoding videos ahead of the model.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting, e.g. --set dis_preset=fast --set batch_size=32 (repeatable).")
+@set_option("dis_preset=fast --set batch_size=32")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def extract(videos_dir: str, out: str, config: str | None, device: str | None,
             flow_method: str | None, rgb_backbone: str | None, flow_backbone: str | None,
@@ -128,9 +168,8 @@ def import_features(root: str, layout: str, out: str, dataset: str | None,
               help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder, e.g. runs/NAME.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config value, e.g. --set model.sparse_k=290 (repeatable).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
+@set_option("model.sparse_k=290")
+@device_option()
 def train(config: str | None, cache: str, labels: str | None, out: str, resume: bool,
           overrides: tuple[str, ...], device: str | None) -> None:
     """Train MALT on the train split of CACHE; the same command under torchrun uses DDP."""
@@ -153,7 +192,7 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
               help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
 @click.option("--split", default=None, help="Split to evaluate (default: the config's test split).")
 @click.option("--out", default=None, type=click.Path(path_type=str), help="Write the results as JSON.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
+@device_option()
 @click.option("--batch-size", default=64, show_default=True, help="Windows per forward pass.")
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
                  out: str | None, device: str | None, batch_size: int) -> None:
@@ -172,12 +211,12 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
 @cli.command("model-info")
 @click.option("--config", "config_path", type=click.Path(), default=None,
               help="YAML config (its `model:` section); default: the paper's THUMOS settings.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Dotted override, e.g. model.decoder=cascaded (repeatable).")
+@set_option("model.decoder=cascaded")
 def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Parameters per block and multiply-adds per streaming step / per window."""
-    from vidpipe.malt.info import print_model_info
-    print_model_info(config_path, overrides)
+    from vidpipe.malt.info import describe_model
+
+    click.echo(describe_model(config_path, overrides))
 
 
 # --- detect / demo ------------------------------------------------------------------------
@@ -202,7 +241,7 @@ def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
               help="Drop segments shorter than this (seconds).")
 @click.option("--merge-gap", default=0.5, show_default=True, type=float,
               help="Merge same-class segments separated by at most this (seconds).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present).")
+@device_option()
 @click.option("--no-picture", is_flag=True, help="Skip the PNG timeline.")
 @click.option("--rgb-weights", default=None, help="Weights file the RGB features were made with.")
 @click.option("--flow-weights", default=None, help="Weights file the flow features were made with.")
@@ -228,11 +267,11 @@ def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, clas
               help="Folder for the generated videos, cache, model and timelines.")
 @click.option("--videos", "num_videos", default=48, show_default=True,
               type=click.IntRange(min=2), help="Synthetic videos to generate (1/4 held out).")
-@click.option("--duration", default=20.0, show_default=True, type=float,
-              help="Seconds per video.")
+@click.option("--duration", default=20.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Seconds per video.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Training epochs (default: those of configs/demo.yaml).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@device_option("cpu")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the generated videos and the random-init backbones "
                    "(training keeps configs/demo.yaml's train.seed).")
@@ -241,25 +280,34 @@ def demo(out, num_videos, duration, epochs, device, seed) -> None:
     chain in a few minutes on a CPU, no data or weights needed."""
     from vidpipe.pipeline.demo import DemoSettings, run_demo
 
-    run_demo(out, DemoSettings(num_videos=num_videos, duration_s=duration, epochs=epochs,
-                               seed=seed, device=device))
+    result = run_demo(out, DemoSettings(num_videos=num_videos, duration_s=duration,
+                                        epochs=epochs, seed=seed, device=device))
+    click.echo(result.summary())
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every failure ends as one line `error: ...` on stderr and an exit code:
+    1 a batch finished with failures, 2 a user mistake, 130 interrupted."""
     try:
         cli.main(args=argv, standalone_mode=False)
     except BatchIncomplete as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        _fail(str(exc), 1)
     except VidpipeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc), 2)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _fail("interrupted", 130)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code)
+    finally:
+        remove_cli_logging()
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,18 @@ A rerun reuses the videos and features already there (same seed, same files).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.errors import VidpipeError
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG = "demo"  # the shipped configs/demo.yaml, by name
 SUMMARY_FILE = "demo_summary.json"
@@ -50,7 +53,18 @@ class DemoResult:
     per_class_AP: dict[str, float]
     timeline_json: str
     timeline_png: str
+    checkpoint: str                 # the model evaluated and run
+    summary_file: str               # this result as JSON
     seconds: dict[str, float]       # wall time per stage, and total
+
+    def summary(self) -> str:
+        """The lines `vidpipe demo` ends with."""
+        return "\n".join([
+            f"per-frame mAP on held-out videos: {self.mAP:.3f}  (chance level {self.chance_mAP:.3f})",
+            f"timeline picture: {self.timeline_png}",
+            f"timeline JSON:    {self.timeline_json}",
+            f"model:            {self.checkpoint}",
+            f"done in {self.seconds['total']:.0f} s; summary in {self.summary_file}"])
 
 
 def demo_feature_settings(crop: int = 96, seed: int = 0):
@@ -61,94 +75,134 @@ def demo_feature_settings(crop: int = 96, seed: int = 0):
                            flow_fields=2, random_init=True, seed=seed)
 
 
-def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True,
-             echo: Callable[[str], None] = print) -> DemoResult:
-    """Run the six stages of the module notes into `out`; returns the figures it prints."""
+def run_demo(out: str | Path, settings: DemoSettings | None = None,
+             progress: bool = True) -> DemoResult:
+    """Run the six stages of the module notes into `out`, logging each as it ends; returns
+    the figures (`DemoResult.summary()` says them in words)."""
     import torch
 
     settings = settings or DemoSettings()
+    _check(settings)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _run_demo(Path(out), settings, progress, echo)
+        return _run_demo(Path(out), settings, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out: Path, settings: DemoSettings, progress: bool,
-              echo: Callable[[str], None]) -> DemoResult:
-    from vidpipe.malt.evaluate import evaluate
-    from vidpipe.malt.train import train
-    from vidpipe.pipeline.detect import detect
-    from vidpipe.pipeline.extract import extract_folder
-    from vidpipe.store.labels import LABELS_FILE, build_labels, describe
-    from vidpipe.store.cache import FeatureStore
+def _check(settings: DemoSettings) -> None:
+    if settings.num_videos < 2:
+        raise VidpipeError(f"the demo needs at least 2 videos (one to hold out), "
+                           f"not {settings.num_videos}")
+    for name, value in (("duration_s", settings.duration_s), ("epochs", settings.epochs),
+                        ("crop", settings.crop), ("threads", settings.threads)):
+        if value is not None and not value > 0:
+            raise VidpipeError(f"demo {name} must be positive, not {value}")
+
+
+def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> DemoResult:
+    clock = _StageClock()
+    log.info("vidpipe demo -> %s/", out)
+    data = _generate(out, settings, progress, clock)
+    store, labels = _features_and_labels(out, data, settings, progress, clock)
+    checkpoint = _train(out / "run", store, settings, progress, clock)
+    report = _evaluate(checkpoint, store, settings.device)
+    chance = _chance_map(labels, labels.split("test"))
+    clock.stage("eval", f"per-frame mAP on {report['num_videos']} held-out videos: "
+                        f"{report['mAP']:.3f} (chance {chance:.3f})")
+    detection = _detect_held_out(out, data, checkpoint, settings.device)
+    clock.stage("detect", f"timeline of {data.test[0]}: {detection.files['png']}")
+    result = DemoResult(mAP=float(report["mAP"]), chance_mAP=chance,
+                        per_class_AP={k: float(v["AP"]) for k, v in report["per_class"].items()},
+                        timeline_json=str(detection.files["json"]),
+                        timeline_png=str(detection.files["png"]), checkpoint=str(checkpoint),
+                        summary_file=str(out / SUMMARY_FILE), seconds=clock.total())
+    write_text_atomically(out / SUMMARY_FILE, json.dumps(asdict(result), indent=2))
+    return result
+
+
+class _StageClock:
+    """Wall time per stage; each finished stage is logged with the time since the start."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str, text: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.seconds[name] = round(elapsed - sum(self.seconds.values()), 2)
+        log.info("[%6.1f s] %s", elapsed, text)
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self.started, 2)}
+
+
+def _generate(out: Path, settings: DemoSettings, progress: bool, clock: _StageClock):
     from vidpipe.pipeline.synthetic import SyntheticSpec, generate_dataset
 
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def stage(name: str, text: str) -> None:
-        seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 2)
-        echo(f"[{time.perf_counter() - started:6.1f} s] {text}")
-
-    echo(f"vidpipe demo -> {out}/")
     data = generate_dataset(out / "data", SyntheticSpec(
         num_videos=settings.num_videos, duration_s=settings.duration_s, seed=settings.seed),
         progress=progress)
-    stage("generate", f"{settings.num_videos} synthetic videos ({len(data.train)} train, "
-                      f"{len(data.test)} held out): {data.videos_dir}")
+    clock.stage("generate", f"{settings.num_videos} synthetic videos ({len(data.train)} train, "
+                            f"{len(data.test)} held out): {data.videos_dir}")
+    return data
+
+
+def _features_and_labels(out: Path, data, settings: DemoSettings, progress: bool,
+                         clock: _StageClock):
+    """Extract the videos into out/cache and build its labels.h5: (store, labels)."""
+    from vidpipe.pipeline.extract import extract_folder
+    from vidpipe.store.cache import FeatureStore
+    from vidpipe.store.labels import LABELS_FILE, build_labels, describe
 
     summary = extract_folder(data.videos_dir, out / "cache",
                              demo_feature_settings(settings.crop, settings.seed),
                              device=settings.device, progress=progress)
     if not summary.ok:
         raise VidpipeError(summary.report())
-    stage("extract", summary.report())
-
+    clock.stage("extract", summary.report())
     store = FeatureStore.open(out / "cache")
     labels = build_labels(store, data.annotations, data.class_names)
     labels.save(store.root / LABELS_FILE)
-    stage("labels", describe(labels).replace("\n", "; "))
+    clock.stage("labels", describe(labels).replace("\n", "; "))
+    return store, labels
 
-    run_dir = out / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun trains afresh (data and cache stay)
+
+def _train(run_dir: Path, store, settings: DemoSettings, progress: bool,
+           clock: _StageClock) -> Path:
+    """Train configs/demo.yaml afresh (data and cache are reused); the last epoch's model."""
+    from vidpipe.malt.train import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [*([f"train.epochs={settings.epochs}"] if settings.epochs else []),
                  *settings.overrides]
     train(DEMO_CONFIG, store.root, run_dir, overrides=overrides, device=settings.device,
           progress=progress)
-    stage("train", f"trained MALT (configs/{DEMO_CONFIG}.yaml) -> {run_dir}")
+    clock.stage("train", f"trained MALT (configs/{DEMO_CONFIG}.yaml) -> {run_dir}")
+    return run_dir / "last.pt"
 
-    checkpoint = run_dir / "last.pt"
-    report = evaluate(checkpoint, store.root, split="test", device=settings.device,
-                      out=run_dir / "eval_test.json")
-    chance = _chance_map(labels, labels.split("test"))
-    stage("eval", f"per-frame mAP on {report['num_videos']} held-out videos: "
-                  f"{report['mAP']:.3f} (chance {chance:.3f})")
+
+def _evaluate(checkpoint: Path, store, device: str) -> dict:
+    from vidpipe.malt.evaluate import evaluate
+
+    return evaluate(checkpoint, store.root, split="test", device=device,
+                    out=checkpoint.parent / "eval_test.json")
+
+
+def _detect_held_out(out: Path, data, checkpoint: Path, device: str):
+    """Live detection on the first held-out video; the picture compares it with the truth."""
+    from vidpipe.pipeline.detect import detect
 
     held_out = data.videos_dir / data.test[0]
     (detection,) = detect(held_out, checkpoint, out=out / "detections", live=True,
-                          device=settings.device, picture=False, echo=echo)
+                          device=device, picture=False, echo=log.info)
     # the demo knows the truth: add it to the timeline, so the picture (drawn once, here)
     # compares the two
     detection.timeline.metadata["ground_truth"] = _ground_truth(data.annotations, held_out.name)
     detection.timeline.save_json(detection.files["json"])
     detection.files["png"] = detection.timeline.save_png(detection.files["json"].with_suffix(".png"))
-    stage("detect", f"timeline of {held_out.name}: {detection.files['png']}")
-    seconds["total"] = round(time.perf_counter() - started, 2)
-
-    result = DemoResult(mAP=float(report["mAP"]), chance_mAP=chance,
-                        per_class_AP={k: float(v["AP"]) for k, v in report["per_class"].items()},
-                        timeline_json=str(detection.files["json"]),
-                        timeline_png=str(detection.files["png"]), seconds=seconds)
-    (out / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
-    echo("")
-    echo(f"per-frame mAP on held-out videos: {result.mAP:.3f}  (chance level {chance:.3f})")
-    echo(f"timeline picture: {result.timeline_png}")
-    echo(f"timeline JSON:    {result.timeline_json}")
-    echo(f"model:            {checkpoint}")
-    echo(f"done in {seconds['total']:.0f} s; summary in {out / SUMMARY_FILE}")
-    return result
+    return detection
 
 
 def _chance_map(labels, video_ids: list[str]) -> float:

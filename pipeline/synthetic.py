@@ -26,9 +26,9 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from vidpipe.core.atomic import atomic_path, write_csv_atomically, write_text_atomically
+from vidpipe.core.log import progress_bar
 
 CLASSES = ["Bounce", "Slide", "Spin", "Pulse"]
 SHAPES = ["circle", "square", "bar", "triangle"]
@@ -79,8 +79,8 @@ def generate_dataset(out_dir: str | Path, spec: SyntheticSpec | None = None,
     videos_dir.mkdir(parents=True, exist_ok=True)
     num_test = max(1, round(spec.num_videos * spec.test_fraction))
     rows, train, test = [], [], []
-    for index in tqdm(range(spec.num_videos), desc="synthetic videos", unit="video",
-                      disable=not progress):
+    for index in progress_bar(range(spec.num_videos), enabled=progress,
+                              desc="synthetic videos", unit="video"):
         name = f"synth_{index:03d}.mp4"
         split = "test" if index >= spec.num_videos - num_test else "train"
         rng = np.random.default_rng([spec.seed, index])

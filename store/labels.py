@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 
 from vidpipe.core.atomic import atomic_path
 from vidpipe.core.errors import VidpipeError
+
+log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.h5"
 BACKGROUND = "background"
@@ -432,6 +435,6 @@ def write_labels(cache: str | Path, annotation_path: str | Path | list[str | Pat
                           parse_class_list(classes) if classes else None, skip_missing)
     out = Path(out) if out else Path(cache) / LABELS_FILE
     labels.save(out)
-    print(describe(labels))
-    print(f"labels written to {out}")
+    log.info("%s", describe(labels))
+    log.info("labels written to %s", out)
     return labels

@@ -1,0 +1,75 @@
+"""Library code reports through `logging` only; the CLI decides what reaches the console."""
+import io
+import logging
+
+import numpy as np
+import pytest
+
+from vidpipe.core.log import configure_cli_logging, progress_bar, remove_cli_logging
+from vidpipe.pipeline.cli import main
+from vidpipe.store.cache import FeatureStore
+from vidpipe.store.labels import write_labels
+
+
+@pytest.fixture
+def cache(tmp_path):
+    store = FeatureStore.open_or_create(tmp_path / "cache", {"step_seconds": 0.25})
+    store.write("clip.mp4", np.zeros((8, 4)), np.zeros((8, 3)), np.arange(8) * 0.25)
+    annotations = tmp_path / "ann.csv"
+    annotations.write_text("video,label,start_s,end_s\nclip,Spin,0.5,1.5\n")
+    return store.root, annotations
+
+
+def test_a_library_call_logs_and_prints_nothing(cache, caplog, capsys):
+    root, annotations = cache
+    caplog.set_level(logging.INFO, logger="vidpipe")
+    write_labels(root, annotations)
+    messages = [(r.name, r.getMessage()) for r in caplog.records]
+    assert ("vidpipe.store.labels", f"labels written to {root / 'labels.h5'}") in messages
+    assert capsys.readouterr() == ("", "")
+
+
+def test_cli_shows_info_and_quiet_silences_it(cache, capsys):
+    root, annotations = cache
+    main(["labels", str(annotations), "--cache", str(root)])
+    assert "labels written to" in capsys.readouterr().out
+    main(["--quiet", "labels", str(annotations), "--cache", str(root)])
+    assert capsys.readouterr() == ("", "")
+    # the CLI leaves logging as it found it: a library call afterwards is silent again
+    assert logging.getLogger("vidpipe").getEffectiveLevel() == logging.WARNING
+
+
+def test_warnings_go_to_stderr_and_verbose_shows_debug(capsys):
+    log = logging.getLogger("vidpipe.test")
+    try:
+        configure_cli_logging(1)
+        log.debug("detail")
+        log.warning("careful")
+        out, err = capsys.readouterr()
+        assert out == "detail\n" and err == "warning: careful\n"
+        configure_cli_logging(-1)   # replaces the handler rather than adding a second one
+        log.info("hidden")
+        log.error("shown")
+        assert capsys.readouterr() == ("", "error: shown\n")
+    finally:
+        remove_cli_logging()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_with_info_on(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    configure_cli_logging(0)
+    try:
+        assert progress_bar(range(3)).disable               # redirected: no bar
+        monkeypatch.setattr("sys.stderr", _Terminal())
+        bar = progress_bar(range(3), desc="videos")
+        assert not bar.disable and list(bar) == [0, 1, 2]   # a terminal: drawn
+        assert progress_bar(range(3), enabled=False).disable
+        configure_cli_logging(-1)
+        assert progress_bar(range(3)).disable               # --quiet: no bar
+    finally:
+        remove_cli_logging()
