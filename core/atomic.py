@@ -4,7 +4,10 @@
 writes `tmp`; on success it is flushed to disk, given the usual permissions and moved onto
 `final` with `os.replace`, so readers see either the old file or the complete new one.
 On any error (or a kill) `final` is untouched; a killed writer's temporary file is
-recognisable by `is_stale_temporary` and removed by the next writer.
+recognisable by `is_stale_temporary` and removed by the next writer
+(`remove_stale_temporaries`). With `exclusive=True` the file is created only if it does
+not exist yet (a hard link, which fails when another writer got there first): two
+processes creating the same file concurrently cannot both win.
 """
 from __future__ import annotations
 
@@ -42,8 +45,20 @@ def is_stale_temporary(path: Path) -> bool:
     return False
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files killed writers left in `folder` (never visible to readers).
+
+    Files of writers still running (other ranks, other workers) are left alone.
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        for temp in folder.glob(TEMP_PREFIX + "*"):
+            if is_stale_temporary(temp):
+                temp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(final: str | Path, suffix: str = "", exclusive: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=suffix, dir=final.parent)
@@ -56,7 +71,11 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)   # mkstemp makes files private
-        os.replace(temp, final)
+        if exclusive:
+            os.link(temp, final)   # FileExistsError when another writer created it first
+            temp.unlink()
+        else:
+            os.replace(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

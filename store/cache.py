@@ -10,10 +10,22 @@ Step i of a video starts at `timestamps[i]` seconds of the source and lasts
 
 Crash safety: HDF5 is not safe while open for writing, so each video is written to a
 temporary file in the same folder and moved into place with `os.replace`. A reader never
-sees a half-written file; a kill loses at most the video in progress.
+sees a half-written file; a kill loses at most the video in progress. The manifest is
+created exclusively (core.atomic): of two processes creating the same new cache with
+different settings, exactly one wins.
+
+Self-describing, verified files: each .h5 also carries the manifest settings it was made
+with (attribute `cache_settings`) and a sha256 of its three datasets (`checksum`).
+`read` verifies both by default (`verify=False` skips the hash), so damaged bytes, a
+missing dataset or features made with other settings are a one-line error, never silently
+wrong data; `check` names the problem without raising (extract re-extracts such files).
+The manifest can be rebuilt from the files (`check_cache(root, repair=True)`, the CLI's
+`vidpipe cache repair`).
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -23,13 +35,17 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vidpipe.core.atomic import TEMP_PREFIX, atomic_path, is_stale_temporary, write_text_atomically
-from vidpipe.core.errors import VidpipeError
+from vidpipe.core.atomic import TEMP_PREFIX, atomic_path, remove_stale_temporaries
+from vidpipe.core.errors import VidpipeError, first_line
 from vidpipe.core.settings import differing_keys
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # 2: every video file carries its settings and a checksum
 MANIFEST = "manifest.json"
 VIDEOS_DIR = "videos"
+DAMAGED_DIR = "damaged"        # where `repair` moves files it cannot vouch for
+DATASETS = ("rgb", "flow", "timestamps")
+SETTINGS_ATTR = "cache_settings"
+CHECKSUM_ATTR = "checksum"
 
 
 @dataclass
@@ -71,51 +87,86 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def datasets_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over each dataset's name, dtype, shape and bytes, in DATASETS order."""
+    digest = hashlib.sha256()
+    for name in DATASETS:
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _manifest_text(settings: dict[str, Any]) -> str:
+    return json.dumps({"format_version": FORMAT_VERSION, "settings": settings},
+                      indent=2, sort_keys=True)
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest's settings; any damage is a one-line error that names the repair."""
+    manifest = root / MANIFEST
+    repair = f"rebuild it from the video files with `vidpipe cache repair {root}`"
+    try:
+        data = json.loads(manifest.read_bytes())
+    except (ValueError, RecursionError) as exc:   # JSON and UTF-8 errors are ValueErrors
+        raise VidpipeError(f"{manifest}: corrupt manifest ({first_line(exc)}); {repair}") from None
+    except OSError as exc:
+        raise VidpipeError(f"{manifest}: unreadable manifest ({first_line(exc)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+        raise VidpipeError(f"{manifest}: corrupt manifest (expected an object with a "
+                           f"'settings' mapping); {repair}")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise VidpipeError(f"{manifest}: cache format {data.get('format_version')!r} is not "
+                           f"supported (expected {FORMAT_VERSION}); extract into a new cache")
+    return data["settings"]
+
+
 class FeatureStore:
     """Read and write a feature cache folder. Open with `open` or `open_or_create`."""
 
-    def __init__(self, root: str | Path, settings: dict[str, Any]):
+    def __init__(self, root: str | Path, settings: dict[str, Any] | None):
         self.root = Path(root)
         self.settings = settings
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path) -> "FeatureStore":
-        """An existing cache; a missing or foreign folder is a user error."""
+        """An existing cache; a missing, foreign or damaged folder is a user error."""
         root = Path(root)
-        manifest = root / MANIFEST
-        if not manifest.is_file():
+        if not (root / MANIFEST).is_file():
             raise VidpipeError(f"{root}: not a vidpipe feature cache (no {MANIFEST}); "
                                "create one with `vidpipe extract` or `vidpipe import-features`")
-        try:
-            data = json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
-            raise VidpipeError(f"{manifest}: corrupt manifest ({exc})") from None
-        if data.get("format_version") != FORMAT_VERSION:
-            raise VidpipeError(f"{manifest}: cache format {data.get('format_version')} "
-                               f"is not supported (expected {FORMAT_VERSION})")
-        return cls(root, data["settings"])
+        return cls(root, _read_manifest(root))
 
     @classmethod
     def open_or_create(cls, root: str | Path, settings: dict[str, Any]) -> "FeatureStore":
         """Open `root` for writing videos made with `settings`.
 
-        A cache made with other settings is refused: one cache, one set of settings.
+        A cache made with other settings is refused: one cache, one set of settings. That
+        holds when the manifest was lost too (its video files say how they were made), and
+        against a concurrent creator (the manifest is created exclusively).
         """
         root = Path(root)
         settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists, ...)
-        if (root / MANIFEST).exists():
-            store = cls.open(root)
-            if store.settings != settings:
-                diff = differing_keys(store.settings, settings)
+        if not (root / MANIFEST).exists():
+            others = [s for s in files_settings(root / VIDEOS_DIR) if s != settings]
+            if others:
                 raise VidpipeError(
-                    f"{root}: cache was made with other settings (differs in: "
-                    f"{', '.join(diff)}); use another --out folder")
-        else:
+                    f"{root}: no {MANIFEST}, and its video files were made with other settings "
+                    f"(differs in: {', '.join(differing_keys(others[0], settings))}); restore "
+                    f"the manifest with `vidpipe cache repair {root}` or use another --out")
             (root / VIDEOS_DIR).mkdir(parents=True, exist_ok=True)
-            write_text_atomically(root / MANIFEST, json.dumps(
-                {"format_version": FORMAT_VERSION, "settings": settings}, indent=2, sort_keys=True))
-            store = cls(root, settings)
+            try:
+                with atomic_path(root / MANIFEST, exclusive=True) as temp:
+                    temp.write_text(_manifest_text(settings))
+            except FileExistsError:
+                pass   # another process created it first: its settings are compared below
+        store = cls.open(root)
+        if store.settings != settings:
+            diff = differing_keys(store.settings, settings)
+            raise VidpipeError(
+                f"{root}: cache was made with other settings (differs in: "
+                f"{', '.join(diff)}); use another --out folder")
         store.remove_stale_temporaries()
         return store
 
@@ -144,24 +195,72 @@ class FeatureStore:
         with self._open_h5(video_id) as h5:
             return _attributes(h5)
 
-    def read(self, video_id: str) -> VideoFeatures:
+    def read(self, video_id: str, verify: bool = True) -> VideoFeatures:
+        """A video's features; with `verify` (the default) its checksum and settings are
+        checked, and a damaged or foreign file is a one-line error."""
         with self._open_h5(video_id) as h5:
-            return VideoFeatures(
-                video_id=video_id,
-                rgb=h5["rgb"][()].astype(np.float32, copy=False),
-                flow=h5["flow"][()].astype(np.float32, copy=False),
-                timestamps=h5["timestamps"][()].astype(np.float64, copy=False),
-                attrs=_attributes(h5),
-            )
+            arrays = self._datasets(h5, video_id, DATASETS)
+            attrs = _attributes(h5)
+        if verify:
+            problem = self._problem(arrays, attrs)
+            if problem is not None:
+                raise VidpipeError(self._damaged(video_id, problem))
+        return VideoFeatures(
+            video_id=video_id,
+            rgb=arrays["rgb"].astype(np.float32, copy=False),
+            flow=arrays["flow"].astype(np.float32, copy=False),
+            timestamps=arrays["timestamps"].astype(np.float64, copy=False),
+            attrs={k: v for k, v in attrs.items() if k not in (SETTINGS_ATTR, CHECKSUM_ATTR)},
+        )
 
     def timestamps(self, video_id: str) -> np.ndarray:
-        """A video's step start times (T,) without loading its features."""
+        """A video's step start times (T,) without loading its features (the checksum is
+        verified when the features are read)."""
         with self._open_h5(video_id) as h5:
-            return h5["timestamps"][()].astype(np.float64, copy=False)
+            return self._datasets(h5, video_id, ("timestamps",))["timestamps"].astype(
+                np.float64, copy=False)
 
     def num_steps(self, video_id: str) -> int:
-        with self._open_h5(video_id) as h5:
-            return int(h5["timestamps"].shape[0])
+        return len(self.timestamps(video_id))
+
+    def check(self, video_id: str) -> str | None:
+        """Why this video's file cannot be trusted (missing or damaged datasets, checksum,
+        other settings), or None when it is sound."""
+        try:
+            with self._open_h5(video_id) as h5:
+                arrays = self._datasets(h5, video_id, DATASETS)
+                attrs = _attributes(h5)
+        except VidpipeError as exc:
+            return str(exc)
+        problem = self._problem(arrays, attrs)
+        return None if problem is None else self._damaged(video_id, problem)
+
+    def _problem(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> str | None:
+        lengths = {name: len(array) for name, array in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            return f"datasets differ in length ({lengths})"
+        if attrs.get(CHECKSUM_ATTR) != datasets_checksum(arrays):
+            return "checksum mismatch (damaged bytes)" if CHECKSUM_ATTR in attrs else "no checksum"
+        made_with = attrs.get(SETTINGS_ATTR)
+        if self.settings is not None and made_with != self.settings:
+            if not isinstance(made_with, dict):
+                return "no settings record"
+            return (f"made with other settings than the manifest's (differs in: "
+                    f"{', '.join(differing_keys(made_with, self.settings))})")
+        return None
+
+    def _damaged(self, video_id: str, problem: str) -> str:
+        return (f"{self._path(video_id)}: damaged cache file: {problem}; rerun `vidpipe extract` "
+                f"to extract it again, or `vidpipe cache repair {self.root}`")
+
+    def _datasets(self, h5: h5py.File, video_id: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        missing = [name for name in names if name not in h5]
+        if missing:
+            raise VidpipeError(self._damaged(video_id, f"no {', '.join(missing)} dataset"))
+        try:
+            return {name: h5[name][()] for name in names}
+        except (OSError, KeyError, ValueError) as exc:   # HDF5's errors on damaged structure
+            raise VidpipeError(self._damaged(video_id, first_line(exc))) from None
 
     def _open_h5(self, video_id: str) -> h5py.File:
         path = self._path(video_id)
@@ -170,31 +269,116 @@ class FeatureStore:
         try:
             return h5py.File(path, "r")
         except OSError as exc:
-            raise VidpipeError(f"{path}: unreadable cache file ({exc})") from None
+            raise VidpipeError(self._damaged(video_id, f"unreadable ({first_line(exc)})")) from None
 
     # -- writing ------------------------------------------------------------------------
     def write(self, video_id: str, rgb: np.ndarray, flow: np.ndarray,
               timestamps: np.ndarray, attrs: dict[str, Any] | None = None) -> Path:
-        """Write one video atomically (core.atomic)."""
+        """Write one video atomically (core.atomic), with its settings and checksum."""
         if not (len(rgb) == len(flow) == len(timestamps)):
             raise ValueError(f"{video_id}: rgb {rgb.shape}, flow {flow.shape} and "
                              f"timestamps {timestamps.shape} differ in length")
+        arrays = {"rgb": np.asarray(rgb, np.float32), "flow": np.asarray(flow, np.float32),
+                  "timestamps": np.asarray(timestamps, np.float64)}
+        attrs = {"video_id": video_id, **(attrs or {}), SETTINGS_ATTR: self.settings,
+                 CHECKSUM_ATTR: datasets_checksum(arrays)}
         with atomic_path(self._path(video_id), suffix=".h5") as tmp:
             with h5py.File(tmp, "w") as h5:
-                h5.create_dataset("rgb", data=np.asarray(rgb, np.float32))
-                h5.create_dataset("flow", data=np.asarray(flow, np.float32))
-                h5.create_dataset("timestamps", data=np.asarray(timestamps, np.float64))
-                for key, value in {"video_id": video_id, **(attrs or {})}.items():
+                for name in DATASETS:
+                    h5.create_dataset(name, data=arrays[name])
+                for key, value in attrs.items():
                     h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         return self._path(video_id)
 
     def remove_stale_temporaries(self) -> None:
-        """Delete what killed writers left behind (never visible to readers).
-
-        Files of writers still running (other ranks, other workers) are left alone.
-        """
+        """Delete what killed writers left behind (core.atomic.remove_stale_temporaries)."""
         for folder in (self.root, self.videos_dir):
-            if folder.is_dir():
-                for tmp in folder.glob(TEMP_PREFIX + "*"):
-                    if is_stale_temporary(tmp):
-                        tmp.unlink(missing_ok=True)
+            remove_stale_temporaries(folder)
+
+
+def files_settings(videos_dir: Path) -> list[dict[str, Any]]:
+    """The distinct settings records carried by the readable files in `videos_dir`."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(videos_dir.glob("*.h5")) if videos_dir.is_dir() else []:
+        if path.name.startswith(TEMP_PREFIX):
+            continue
+        try:
+            with h5py.File(path, "r") as h5:
+                record = _plain(h5.attrs.get(SETTINGS_ATTR))
+        except OSError:
+            continue
+        if isinstance(record, dict):
+            found.setdefault(json.dumps(record, sort_keys=True), record)
+    return list(found.values())
+
+
+@dataclass
+class CacheCheck:
+    """What `check_cache` found (and, with repair, did)."""
+    root: str
+    videos: int = 0
+    manifest_problem: str | None = None         # the manifest's error, if it had one
+    manifest_rebuilt: bool = False
+    damaged: list[str] = field(default_factory=list)   # one line per untrustworthy file
+    moved: list[str] = field(default_factory=list)     # files repair moved to DAMAGED_DIR
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest_problem is None and not self.damaged
+
+    def report(self) -> str:
+        sound = self.videos - len(self.damaged)
+        lines = [f"{self.root}: {self.videos} videos, {sound} sound, {len(self.damaged)} damaged"
+                 + ("; manifest rebuilt from the files" if self.manifest_rebuilt else "")
+                 + (f"; {len(self.moved)} moved to {DAMAGED_DIR}/ (extract redoes them)"
+                    if self.moved else "")]
+        if self.manifest_problem and not self.manifest_rebuilt:
+            lines.append(f"  manifest: {self.manifest_problem}")
+        lines += [f"  damaged: {line}" for line in self.damaged]
+        return "\n".join(lines)
+
+
+def check_cache(root: str | Path, repair: bool = False) -> CacheCheck:
+    """Verify every file of a cache (datasets, checksum, settings) and its manifest.
+
+    With `repair`: a missing or damaged manifest is rebuilt from the settings most of the
+    sound files carry, and files that cannot be trusted are moved to DAMAGED_DIR (kept for
+    inspection, invisible to readers; `vidpipe extract` extracts those videos again).
+    """
+    root = Path(root)
+    if not (root / MANIFEST).is_file() and not (root / VIDEOS_DIR).is_dir():
+        raise VidpipeError(f"{root}: not a vidpipe feature cache (no {MANIFEST}, no {VIDEOS_DIR}/)")
+    result = CacheCheck(str(root))
+    try:
+        store = FeatureStore.open(root)
+    except VidpipeError as exc:
+        result.manifest_problem = str(exc)
+        store = FeatureStore(root, _majority_settings(root / VIDEOS_DIR) if repair else None)
+    if repair and result.manifest_problem is not None:
+        with atomic_path(root / MANIFEST) as temp:
+            temp.write_text(_manifest_text(store.settings))
+        result.manifest_rebuilt = True
+    for video_id in store.video_ids():
+        result.videos += 1
+        problem = store.check(video_id)
+        if problem is None:
+            continue
+        result.damaged.append(problem)
+        if repair:
+            (root / DAMAGED_DIR).mkdir(exist_ok=True)
+            store._path(video_id).replace(root / DAMAGED_DIR / f"{video_id}.h5")
+            result.moved.append(video_id)
+    return result
+
+
+def _majority_settings(videos_dir: Path) -> dict[str, Any]:
+    """The settings record most sound files carry (to rebuild a lost manifest)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for settings in files_settings(videos_dir):
+        sound = FeatureStore(videos_dir.parent, settings)
+        key = json.dumps(settings, sort_keys=True)
+        counts[key] = sum(sound.check(video_id) is None for video_id in sound.video_ids())
+    if not counts or counts.most_common(1)[0][1] == 0:
+        raise VidpipeError(f"{videos_dir}: no sound video file to rebuild the manifest from; "
+                           "extract into a new cache")
+    return json.loads(counts.most_common(1)[0][0])

@@ -1,15 +1,19 @@
-"""The feature store contract: atomic per-video files, settings guard, stale temporaries."""
+"""The feature store contract: atomic per-video files, settings guard, stale temporaries,
+self-describing verified files, damaged manifests, concurrent creators, verify/repair."""
 import json
 import os
 import subprocess
 import sys
+import time
+
+import h5py
 
 import numpy as np
 import pytest
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.store.labels import LabelSet, VideoLabels
-from vidpipe.store.cache import FeatureStore, video_id_from_path
+from vidpipe.store.cache import MANIFEST, FeatureStore, check_cache, video_id_from_path
 
 SETTINGS = {"fps": 24, "chunk": 6, "step_seconds": 0.25, "rgb_backbone": "resnet18"}
 
@@ -106,3 +110,112 @@ def test_labelset_roundtrip(tmp_path):
     np.testing.assert_array_equal(loaded.videos["v"].targets, labels.videos["v"].targets)
     np.testing.assert_array_equal(loaded.videos["v"].ambiguous, [False, False, True])
     assert json.loads(json.dumps(loaded.splits)) == {"v": "test"}
+
+
+def damage_dataset(path, name, offset=16, data=b"\xff" * 8):
+    """Overwrite bytes inside one dataset's stored data, as a bad disk sector would."""
+    with h5py.File(path, "r") as h5:
+        where = h5[name].id.get_offset()
+    with open(path, "r+b") as handle:
+        handle.seek(where + offset)
+        handle.write(data)
+
+
+def _cache_with(tmp_path, *video_ids, settings=SETTINGS):
+    store = FeatureStore.open_or_create(tmp_path / "cache", settings)
+    for seed, video_id in enumerate(video_ids):
+        store.write(video_id, *_arrays(6, seed))
+    return store
+
+
+def test_damaged_bytes_inside_rgb_are_refused_on_read_and_named_by_check(tmp_path):
+    store = _cache_with(tmp_path, "a", "b")
+    damage_dataset(store.videos_dir / "a.h5", "rgb")
+    with pytest.raises(VidpipeError, match=r"a\.h5: damaged cache file: checksum mismatch") as info:
+        store.read("a")
+    assert "\n" not in str(info.value)
+    assert "checksum mismatch" in store.check("a")
+    assert store.check("b") is None and store.read("b").rgb.shape == (6, 8)
+    assert store.read("a", verify=False).rgb.shape == (6, 8)   # cheap to skip, on request
+
+
+def test_a_file_missing_timestamps_is_damaged_not_cached(tmp_path):
+    store = _cache_with(tmp_path, "a")
+    with h5py.File(store.videos_dir / "a.h5", "r+") as h5:
+        del h5["timestamps"]
+    assert "no timestamps dataset" in store.check("a")
+    for read in (store.read, store.timestamps, store.num_steps):
+        with pytest.raises(VidpipeError, match="no timestamps dataset"):
+            read("a")
+
+
+def test_a_file_made_with_other_settings_is_refused(tmp_path):
+    _cache_with(tmp_path, "a", settings={**SETTINGS, "seed": 0})
+    (tmp_path / "cache" / MANIFEST).unlink()
+    with h5py.File(tmp_path / "cache" / "videos" / "a.h5", "r") as h5:
+        assert json.loads(h5.attrs["cache_settings"]) == {**SETTINGS, "seed": 0}
+    # A lost manifest cannot be recreated with other settings over the files...
+    with pytest.raises(VidpipeError, match=r"other settings \(differs in: seed\).*cache repair"):
+        FeatureStore.open_or_create(tmp_path / "cache", {**SETTINGS, "seed": 5})
+    assert not (tmp_path / "cache" / MANIFEST).exists()
+    # ...and a file swapped in from another cache is named by the settings it differs in.
+    FeatureStore.open_or_create(tmp_path / "cache", {**SETTINGS, "seed": 0})
+    other = _cache_with(tmp_path / "other", "a", settings={**SETTINGS, "seed": 5})
+    os.replace(other.videos_dir / "a.h5", tmp_path / "cache" / "videos" / "a.h5")
+    with pytest.raises(VidpipeError, match=r"other settings than the manifest's \(differs in: seed\)"):
+        FeatureStore.open(tmp_path / "cache").read("a")
+
+
+@pytest.mark.parametrize("content", [b"\x8f\xff\x00garbage", b"[]", b"null", b'{"format_version": 2}',
+                                     b'{"format_version": 2, "settings": "x"}', b"{" * 100_000, b""])
+def test_a_damaged_manifest_is_a_one_line_error(tmp_path, content):
+    _cache_with(tmp_path, "a")
+    (tmp_path / "cache" / MANIFEST).write_bytes(content)
+    for open_cache in (lambda: FeatureStore.open(tmp_path / "cache"),
+                       lambda: FeatureStore.open_or_create(tmp_path / "cache", SETTINGS)):
+        with pytest.raises(VidpipeError, match="corrupt manifest.*cache repair") as info:
+            open_cache()
+        assert "\n" not in str(info.value)
+
+
+def test_verify_names_damage_and_repair_rebuilds_the_manifest_and_sets_bad_files_aside(tmp_path):
+    store = _cache_with(tmp_path, "a", "b", "c")
+    damage_dataset(store.videos_dir / "b.h5", "flow")
+    (store.root / MANIFEST).write_bytes(b"null")
+
+    found = check_cache(store.root)
+    assert not found.ok and found.videos == 3 and len(found.damaged) == 1
+    assert "b.h5" in found.damaged[0] and "corrupt manifest" in found.report()
+
+    repaired = check_cache(store.root, repair=True)
+    assert repaired.manifest_rebuilt and repaired.moved == ["b"]
+    reopened = FeatureStore.open(store.root)
+    assert reopened.settings == SETTINGS and reopened.video_ids() == ["a", "c"]
+    assert (store.root / "damaged" / "b.h5").is_file()
+    assert check_cache(store.root).ok
+
+
+def test_two_processes_creating_one_cache_with_different_settings_exactly_one_wins(tmp_path):
+    """Real processes released together: create-exclusive, not check-then-write."""
+    script = (
+        "import sys, time\n"
+        "from vidpipe.core.errors import VidpipeError\n"
+        "from vidpipe.store.cache import FeatureStore\n"
+        "root, chunk, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])\n"
+        "time.sleep(max(0.0, start - time.time()))\n"
+        "try:\n"
+        "    FeatureStore.open_or_create(root, {'chunk': chunk})\n"
+        "except VidpipeError as exc:\n"
+        "    print(exc); sys.exit(2)\n")
+    for trial in range(3):
+        root = tmp_path / f"cache{trial}"
+        start = time.time() + 1.5   # both interpreters have imported by then
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(chunk), str(start)],
+                                  stdout=subprocess.PIPE, text=True) for chunk in (6, 8)]
+        codes = [p.wait(timeout=60) for p in procs]
+        outputs = [p.stdout.read() for p in procs]
+        assert sorted(codes) == [0, 2], outputs
+        loser = outputs[codes.index(2)]
+        assert "other settings (differs in: chunk)" in loser and loser.count("\n") == 1
+        winner = (6, 8)[codes.index(0)]
+        assert FeatureStore.open(root).settings == {"chunk": winner}
