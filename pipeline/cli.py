@@ -144,18 +144,49 @@ def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: s
               help="Layout of ROOT: lstr = rgb_*/, flow_*/, target_perframe/ with VID.npy (T, D).")
 @click.option("--out", required=True, type=click.Path(path_type=str),
               help="Cache folder to create (features + labels.h5).")
-@click.option("--dataset", type=click.Choice(["thumos", "tvseries"]), default=None,
-              help="Class names and split (default: recognised from the target columns).")
+@click.option("--data-info", default=None, type=click.Path(path_type=str),
+              help="LSTR's data_info.json: class columns and each split's videos (default: "
+                   "ROOT/data_info.json if there, else built-in THUMOS'14 / TVSeries).")
+@click.option("--dataset", default=None,
+              help="Its entry: THUMOS, TVSeries, ... (default: recognised from the target columns).")
 @click.option("--rgb-dir", default=None, help="RGB feature folder in ROOT (default: the only rgb_*).")
 @click.option("--flow-dir", default=None, help="Flow feature folder in ROOT (default: the only flow_*).")
-def import_features(root: str, layout: str, out: str, dataset: str | None,
+def import_features(root: str, layout: str, out: str, data_info: str | None, dataset: str | None,
                     rgb_dir: str | None, flow_dir: str | None) -> None:
-    """Convert public precomputed features (LSTR/TeSTra/MAT layout) in ROOT into a cache."""
+    """Convert public precomputed features (LSTR/TeSTra/MAT layout) in ROOT into a cache.
+
+    An export of vidpipe (`vidpipe export-features`) comes back as the cache it was made from.
+    """
     from vidpipe.store.importers import import_lstr
 
-    report = import_lstr(root, out, dataset=dataset, rgb_dir=rgb_dir, flow_dir=flow_dir)
+    report = import_lstr(root, out, dataset=dataset, data_info=data_info, rgb_dir=rgb_dir,
+                         flow_dir=flow_dir)
     click.echo(f"{out}: {len(report.imported)} videos imported, {len(report.skipped)} already there"
                + (f", {len(report.unsplit)} in no split" if report.unsplit else ""))
+
+
+@cli.command("export-features")
+@click.argument("cache", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--format", "layout", type=click.Choice(["lstr"]), default="lstr", show_default=True,
+              help="lstr = LSTR/TeSTra/MAT: rgb_*/, flow_*/, target_perframe/ with VID.npy, "
+                   "and data_info.json.")
+@click.option("--labels", default=None, type=click.Path(path_type=str),
+              help="labels.h5 (default: CACHE/labels.h5); only labelled videos are exported.")
+@click.option("--rgb-dir", default=None,
+              help="RGB folder name (default: the recipe's or import's, else LSTR's name for its width).")
+@click.option("--flow-dir", default=None, help="Flow folder name (default: as for --rgb-dir).")
+@click.option("--data-name", default=None,
+              help="data_info.json entry = their DATA.DATA_NAME (default: THUMOS for THUMOS'14 "
+                   "classes, else TVSeries, whose data loader is the generic one).")
+def export_features(cache: str, out: str, layout: str, labels: str | None, rgb_dir: str | None,
+                    flow_dir: str | None, data_name: str | None) -> None:
+    """Write a labelled cache to OUT in the LSTR/TeSTra/MAT layout (float32 .npy features
+    and targets, data_info.json) so those codebases train on it unchanged."""
+    from vidpipe.store.exporters import export_lstr
+
+    click.echo(export_lstr(cache, out, labels=labels, rgb_dir=rgb_dir, flow_dir=flow_dir,
+                           data_name=data_name).summary())
 
 
 # --- model / train / eval -----------------------------------------------------------------

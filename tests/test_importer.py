@@ -1,4 +1,5 @@
 """`vidpipe import-features --format lstr` on generated LSTR-layout folders."""
+import json
 import shutil
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from vidpipe.pipeline.cli import main
 from vidpipe.core.errors import VidpipeError
-from vidpipe.store.importers import import_lstr
+from vidpipe.store.importers import THUMOS_TEST, THUMOS_TRAIN, import_lstr
 from vidpipe.store.labels import LabelSet
 from vidpipe.store.cache import FeatureStore
 from train_helpers import cli_error
@@ -125,5 +126,61 @@ def test_missing_folders_are_one_line_errors(tmp_path, capsys):
 
 def test_unknown_column_count_asks_for_dataset(tmp_path):
     write_lstr_folder(tmp_path / "src", {"x": 3}, columns=5)
-    with pytest.raises(VidpipeError, match="5 target columns match no known dataset"):
+    with pytest.raises(VidpipeError, match="5 target columns match no dataset"):
         import_lstr(tmp_path / "src", tmp_path / "cache", progress=False)
+
+
+def test_thumos_splits_are_lstrs_video_lists(tmp_path):
+    """Not a name prefix: LSTR's 200 validation / 213 test videos, others in no split."""
+    assert len(THUMOS_TRAIN) == 200 and len(THUMOS_TEST) == 213
+    assert {"video_validation_0000051", "video_validation_0000990"} <= THUMOS_TRAIN
+    assert {"video_test_0000004", "video_test_0001558", "video_test_0000270"} <= THUMOS_TEST
+    videos = {"video_validation_0000051": 4, "video_validation_0000001": 4,
+              "video_test_0000007": 4, "video_test_0000005": 4}
+    write_lstr_folder(tmp_path / "src", videos)
+    report = import_lstr(tmp_path / "src", tmp_path / "cache", progress=False)
+    assert sorted(report.unsplit) == ["video_test_0000005", "video_validation_0000001"]
+    assert LabelSet.load(tmp_path / "cache/labels.h5").splits == {
+        "video_validation_0000051": "train", "video_test_0000007": "test"}
+
+
+def write_data_info(path, entries):
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_data_info_gives_columns_splits_and_rate(tmp_path, capsys):
+    src = tmp_path / "src"
+    written = write_lstr_folder(src, {"a": 6, "b": 5, "c": 3}, columns=4)
+    target = written["a"][2]
+    target[1] = [0, 0, 0, 1]          # ambiguous only: ambiguous, and background
+    target[2] = [0, 1, 0, 1]          # ambiguous during an action
+    np.save(src / "target_perframe/a.npy", target)
+    info = write_data_info(tmp_path / "data_info.json", {
+        "THUMOS": {"class_names": ["x"] * 22, "num_classes": 22, "ignore_index": 21,
+                   "fps": 4, "train_session_set": [], "test_session_set": []},
+        "Kitchen": {"data_root": "data/Kitchen", "class_names": ["Background", "Cut", "Stir",
+                    "Ambiguous"], "num_classes": 4, "ignore_index": 3, "metrics": "AP",
+                    "fps": 5, "train_session_set": ["a"], "test_session_set": ["b"]}})
+    main(["import-features", str(src), "--out", str(tmp_path / "cache"),
+          "--data-info", str(info)])           # the entry is recognised by its 4 columns
+    assert "1 in no split" in capsys.readouterr().out
+    labels = LabelSet.load(tmp_path / "cache/labels.h5")
+    assert labels.class_names == ["background", "Cut", "Stir"]
+    assert labels.splits == {"a": "train", "b": "test"}
+    got = labels.videos["a"]
+    assert got.ambiguous.tolist() == [t[3] == 1 for t in target]
+    assert got.targets[1].tolist() == [1, 0, 0] and got.targets[2].tolist() == [0, 1, 0]
+    store = FeatureStore.open(tmp_path / "cache")
+    assert store.settings["step_seconds"] == 0.2 and store.settings["dataset"] == "kitchen"
+    np.testing.assert_allclose(store.timestamps("a"), np.arange(6) * 0.2)
+
+    # LSTR's own file sits in ROOT: used without --data-info; --dataset picks by any case
+    write_data_info(src / "data_info.json", json.loads(info.read_text()))
+    import_lstr(src, tmp_path / "c2", dataset="kitchen", progress=False)
+    assert LabelSet.load(tmp_path / "c2/labels.h5").class_names[1:] == ["Cut", "Stir"]
+    with pytest.raises(VidpipeError, match="no dataset 'EK100' .*known: THUMOS, Kitchen"):
+        import_lstr(src, tmp_path / "c3", dataset="EK100", progress=False)
+    write_data_info(src / "data_info.json", {"Kitchen": {"class_names": ["Background"]}})
+    with pytest.raises(VidpipeError, match="data_info.json: Kitchen: not an LSTR data_info entry"):
+        import_lstr(src, tmp_path / "c4", dataset="Kitchen", progress=False)
