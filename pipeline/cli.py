@@ -129,9 +129,13 @@ def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: s
            skip_missing: bool) -> None:
     """Turn ANNOTATIONS into per-step targets on a cache's steps.
 
-    Each of ANNOTATIONS is a CSV file (video,label,start_s,end_s[,split]), a JSON file, or a
-    THUMOS'14 folder of <Class>_val.txt / <Class>_test.txt files (see pipeline/labels.py);
+    Each of ANNOTATIONS is a CSV file (video,label,start_s,end_s[,split]), a JSON file (ours or
+    ActivityNet-style), or a THUMOS'14 folder of <Class>_val.txt / <Class>_test.txt files;
     several are read as one (e.g. THUMOS'14's validation and test annotation folders).
+
+    The rule is the field's: each step takes the classes of the segments containing its
+    centre, i.e. the chunk's centre frame (1/k on each of k overlapping classes, background if
+    none); Ambiguous segments mark steps to ignore. See docs/detect.md.
     """
     from vidpipe.store.labels import write_labels
 

@@ -79,7 +79,7 @@ class LabelSet:
 
 # --- annotations -> LabelSet ------------------------------------------------------------------
 #
-# Three annotation formats, one meaning: a list of (video, label, start_s, end_s) segments in
+# Four annotation formats, one meaning: a list of (video, label, start_s, end_s) segments in
 # seconds of the source video, plus optionally each video's split.
 #
 #   CSV   header `video,label,start_s,end_s[,split]` (the header line is optional when the
@@ -91,17 +91,29 @@ class LabelSet:
 #          "videos": {"clip01": {"split": "train",         (optional)
 #                                "segments": [{"label": "Bounce", "start_s": 1.0, "end_s": 3.5},
 #                                             ...]}}}
+#   ActivityNet-style JSON  {"database": {"clip01": {"subset": "training",
+#                                "annotations": [{"segment": [1.0, 3.5], "label": "Bounce"}]}}}
+#         (other keys ignored). Subsets: training -> train, testing/test -> test, and
+#         validation -> test when the file has a training subset (ActivityNet's protocol),
+#         else train (THUMOS'14 in this form: its validation videos are the training set).
+#         In a file with a training subset, testing videos (annotations withheld) are left out.
 #
 # In every format the label `Ambiguous` (any case) marks steps that metrics and losses
 # ignore, and the label `background` only lists a video (so a video without any action can
 # be labelled); its times are ignored.
 #
-# Rule from segments to per-step targets: step i covers [t_i, t_i + step_seconds) and takes
-# the labels of the segments that contain its centre t_i + step_seconds / 2 (half-open
-# [start, end)). A segment shorter than a step that contains no centre labels the step it
-# overlaps most, so no annotation is lost. A step inside several segments of different
-# classes gets a soft multi-label row (1/k on each of its k classes, as LSTR's targets); a
-# step inside none is background (column 0).
+# Rule from segments to per-step targets, the field's rule: step i covers
+# [t_i, t_i + step_seconds) and takes the labels of the segments that contain its centre
+# t_i + step_seconds / 2 (half-open [start, end)). At 24 fps and 6 frames a chunk that centre
+# is the time of the chunk's centre frame (frame 6i + 3, the one its RGB feature sees): the
+# public THUMOS'14/TVSeries targets give each chunk the classes of its centre frame, several
+# when actions overlap, background when none (as their authors describe them in MAT issue 8
+# and MiniROAD issue 3); tests/test_labels.py checks the two rules agree. Differences of
+# form only: a row is soft (1/k on each of its k classes, where the field's files hold 1 in
+# each; `vidpipe export-features` writes them that way) and ambiguous steps are a mask beside
+# the targets (the field's extra column). One of content: a segment shorter than a step that
+# contains no centre labels the step it overlaps most, so no annotation is lost (the field's
+# rule drops it). A step inside none is background (column 0).
 
 AMBIGUOUS = "ambiguous"
 SPLITS = ("train", "test")
@@ -232,9 +244,12 @@ def _read_json(path: Path) -> Annotations:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VidpipeError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("database"), dict):
+        return _read_activitynet(path, data["database"])
     if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
         raise VidpipeError(f"{path}: expected an object with a 'videos' mapping "
-                           '({"videos": {"clip": {"segments": [...]}}})')
+                           '({"videos": {"clip": {"segments": [...]}}}) or an ActivityNet-style '
+                           '"database"')
     classes = data.get("classes")
     if classes is not None and not (isinstance(classes, list)
                                     and all(isinstance(c, str) for c in classes)):
@@ -255,6 +270,37 @@ def _read_json(path: Path) -> Annotations:
                                            seg["end_s"], seg_where))
         if "split" in entry:
             _add_split(annotations.splits, video, str(entry["split"]), where)
+    return annotations
+
+
+def _read_activitynet(path: Path, database: dict) -> Annotations:
+    """ActivityNet-style `database` (see the module notes for its subsets)."""
+    subsets = {str(e.get("subset", "")).lower() for e in database.values() if isinstance(e, dict)}
+    split_of = {"training": "train", "train": "train", "testing": "test", "test": "test",
+                "validation": "test" if "training" in subsets else "train"}
+    split_of["val"] = split_of["validation"]
+    annotations = Annotations(segments=[], videos=[])
+    for video, entry in database.items():
+        where = f"{path}: database.{video}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("annotations", []), list):
+            raise VidpipeError(f"{where}: expected {{'subset': ..., 'annotations': [...]}}")
+        subset = str(entry.get("subset", "")).lower()
+        if subset == "testing" and "training" in subsets:
+            continue   # ActivityNet's test videos: annotations withheld
+        if video not in annotations.videos:
+            annotations.videos.append(video)
+        for i, item in enumerate(entry.get("annotations", [])):
+            item_where = f"{where}.annotations[{i}]"
+            segment = item.get("segment") if isinstance(item, dict) else None
+            if not (isinstance(segment, list) and len(segment) == 2 and "label" in item):
+                raise VidpipeError(f'{item_where}: expected {{"segment": [start, end], "label": ...}}')
+            _collect(annotations, _segment(video, str(item["label"]), segment[0], segment[1],
+                                           item_where))
+        if subset:
+            if subset not in split_of:
+                raise VidpipeError(f"{where}: unknown subset {entry['subset']!r} (expected "
+                                   "training, validation or testing)")
+            _add_split(annotations.splits, video, split_of[subset], where)
     return annotations
 
 

@@ -179,3 +179,75 @@ def test_several_sources_are_read_as_one(tmp_path):
                      "video_test_0000004,BaseballPitch,1,2,train\n")
     with pytest.raises(VidpipeError, match="video_test_0000004.*split 'test'.*'train'"):
         build_labels(store, [test, clash])
+
+
+def fields_targets(segments, num_chunks, num_classes, fps=24, chunk=6):
+    """The field's rule, from frames (as the LSTR/TeSTra/MAT/MiniROAD authors describe it):
+    frame f (at f / fps s) has the classes of the segments covering it; chunk i takes the
+    classes of its centre frame chunk * i + chunk // 2; 1 per class, background if none."""
+    frame_times = np.arange(num_chunks * chunk) / fps
+    frames = np.zeros((len(frame_times), num_classes))
+    for column, start, end in segments:
+        frames[(frame_times >= start) & (frame_times < end), column] = 1
+    chunks = frames[chunk * np.arange(num_chunks) + chunk // 2]
+    chunks[chunks[:, 1:].sum(1) == 0, 0] = 1
+    return chunks
+
+
+def test_targets_follow_the_fields_centre_frame_rule(tmp_path):
+    """Steps of a 24 fps / 6-frame cache labelled from a hand-made annotation, then from
+    random ones (one decimal, as THUMOS'14's; all longer than a step): the classes of each
+    step are those of the chunk's centre frame."""
+    steps = 120                                            # 30 s
+    store = make_cache(tmp_path / "cache", {"clip.mp4": (steps, {"source_path": "clip.mp4"})})
+    hand_made = [("Jump", 1.0, 2.3), ("Spin", 2.0, 4.1), ("Jump", 4.1, 4.4),
+                 ("Spin", 10.0, 10.4), ("Jump", 10.1, 12.0)]
+    rng = np.random.default_rng(0)
+    random = [(("Jump", "Spin")[rng.integers(2)], round(s, 1), round(s + d, 1))
+              for s, d in zip(rng.uniform(0, 28, 40), rng.uniform(0.3, 3, 40))]
+    for segments in (hand_made, random):
+        csv = tmp_path / "ann.csv"
+        csv.write_text("".join(f"clip.mp4,{label},{start},{end}\n" for label, start, end in segments))
+        ours = build_labels(store, csv, class_names=["Jump", "Spin"]).videos["clip.mp4"].targets
+        column = {"Jump": 1, "Spin": 2}
+        field = fields_targets([(column[label], start, end) for label, start, end in segments],
+                               steps, 3)
+        np.testing.assert_array_equal(ours > 0, field > 0)
+        np.testing.assert_allclose(ours, field / field.sum(1, keepdims=True))   # 1/k rows
+    # the one difference: a segment shorter than a step around no centre frame still counts
+    csv.write_text("clip.mp4,Jump,5.15,5.22\n")
+    ours = build_labels(store, csv, class_names=["Jump", "Spin"]).videos["clip.mp4"].targets
+    assert np.flatnonzero(ours[:, 1]).tolist() == [20]
+    assert not fields_targets([(1, 5.15, 5.22)], steps, 3)[:, 1].any()
+
+
+def test_activitynet_json(store, tmp_path):
+    path = tmp_path / "anet.json"
+    path.write_text(json.dumps({"version": "1.3", "database": {
+        "clip_a": {"subset": "training", "duration": 5.0, "annotations": [
+            {"segment": [1.0, 2.0], "label": "Spin", "label_id": 3},
+            {"segment": [2.5, 3.0], "label": "Ambiguous"}]},
+        "sub/clip_b.mp4": {"subset": "validation", "annotations": [
+            {"segment": [0.0, 0.5], "label": "Bounce"}]},
+        "clip_c": {"subset": "testing", "annotations": []}}}))
+    labels = build_labels(store, path)                   # clip_c (not in the cache) left out
+    assert labels.class_names == ["background", "Bounce", "Spin"]
+    assert labels.splits == {"clip_a.mp4": "train", "sub__clip_b.mp4": "test"}
+    a = labels.videos["clip_a.mp4"]
+    assert np.flatnonzero(a.targets[:, 2]).tolist() == [4, 5, 6, 7]
+    assert np.flatnonzero(a.ambiguous).tolist() == [10, 11]
+    assert labels.videos["sub__clip_b.mp4"].targets[:2, 1].tolist() == [1, 1]
+
+    # THUMOS'14 in this form: its validation videos are the training set
+    path.write_text(json.dumps({"database": {
+        "clip_a": {"subset": "Validation", "annotations": [{"segment": [1, 2], "label": "Spin"}]},
+        "sub/clip_b.mp4": {"subset": "Test", "annotations": []}}}))
+    assert build_labels(store, path).splits == {"clip_a.mp4": "train", "sub__clip_b.mp4": "test"}
+
+    path.write_text(json.dumps({"database": {"clip_a": {"annotations": [{"segment": [1]}]}}}))
+    with pytest.raises(VidpipeError, match=r"anet.json: database.clip_a.annotations\[0\]: "
+                                           r"expected \{\"segment\""):
+        build_labels(store, path)
+    path.write_text(json.dumps({"database": {"clip_a": {"subset": "dev", "annotations": []}}}))
+    with pytest.raises(VidpipeError, match="unknown subset 'dev'"):
+        build_labels(store, path)
