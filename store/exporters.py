@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from vidpipe.core.atomic import atomic_path, write_text_atomically
-from vidpipe.core.errors import BatchIncomplete, VidpipeError
+from vidpipe.core.errors import VidpipeError
 from vidpipe.core.log import progress_bar
 from vidpipe.store.cache import FeatureStore
 from vidpipe.store.importers import (DATA_INFO_FILE, DATASETS, EXTRAS_DIR, EXTRAS_FILE,
-                                     TARGET_DIR, TIMESTAMPS_DIR, DatasetSpec, target_from_labels)
+                                     TARGET_DIR, TIMESTAMPS_DIR, DatasetSpec, batch_incomplete,
+                                     target_from_labels)
 from vidpipe.store.labels import LABELS_FILE, LabelSet
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,7 @@ def export_lstr(cache: str | Path, out: str | Path, labels: str | Path | None = 
         {"format": "vidpipe cache export", "cache": str(cache), "settings": store.settings,
          "videos": attrs}, indent=2))
     if report.failed:
-        first = next(iter(report.failed.values()))
-        raise BatchIncomplete(f"{cache}: {len(report.failed)} of {len(video_ids)} videos not "
-                              f"exported (first: {first}); the other {len(report.exported)} "
-                              f"are in {out}")
+        raise batch_incomplete(cache, report.failed, len(video_ids), "exported", out)
     return report
 
 
@@ -146,7 +144,7 @@ def _feature_folders(store: FeatureStore, sample_video: str, rgb_dir: str | None
         if not name.startswith(f"{stream}_"):
             raise VidpipeError(f"--{stream}-dir {name}: the folder name must start with '{stream}_'")
         if LSTR_FEATURE_SIZES.get(name) != width:
-            notes.append(f"{stream}: set '{name}': {width} in FEATURE_SIZES of "
+            notes.append(f"{stream}: add '{name}': {width} to FEATURE_SIZES in "
                          "models/feature_head.py (LSTR/TeSTra/MAT) to read these features")
         folders[stream] = name
     return folders

@@ -232,6 +232,10 @@ class LstrSource:
         stems = sorted({p.stem for folder in folders.values() for p in folder.glob("*.npy")})
         extras_file = root / EXTRAS_DIR / EXTRAS_FILE
         extras = _read_json(extras_file) if extras_file.is_file() else None
+        if extras is not None and not (isinstance(extras.get("settings"), dict)
+                                       and isinstance(extras.get("videos"), dict)):
+            raise VidpipeError(f"{extras_file}: not a vidpipe export record (expected "
+                               "'settings' and 'videos' mappings)")
         return cls(root, folders, spec, stems, extras)
 
     def settings(self) -> dict[str, Any]:
@@ -284,11 +288,16 @@ def import_lstr(root: str | Path, out: str | Path, dataset: str | None = None,
         (report.imported if written else report.skipped).append(video_id)
     _save_labels(Path(out), source.spec, labels, report)
     if report.failed:
-        first = next(iter(report.failed.values()))
-        raise BatchIncomplete(f"{source.root}: {len(report.failed)} of {len(source.stems)} "
-                              f"videos not imported (first: {first}); the other {len(labels)} "
-                              f"are in {out}")
+        raise batch_incomplete(source.root, report.failed, len(source.stems), "imported", out)
     return report
+
+
+def batch_incomplete(source: str | Path, failed: dict[str, str], total: int, verb: str,
+                     out: str | Path) -> BatchIncomplete:
+    """The one line ending a conversion that went past bad videos (each already logged)."""
+    return BatchIncomplete(f"{source}: {len(failed)} of {total} videos not {verb} (first: "
+                           f"{next(iter(failed.values()))}); the other {total - len(failed)} "
+                           f"are in {out}")
 
 
 def _import_video(store: FeatureStore, source: LstrSource, stem: str,

@@ -169,7 +169,7 @@ def test_soft_rows_of_another_shape_come_back_uniform(tmp_path):
         targets, np.zeros(4, bool))}).save(cache / LABELS_FILE)
     report = export_lstr(cache, tmp_path / "out", progress=False)
     assert report.folders == {"rgb": "rgb_vidpipe_resnet50", "flow": "flow_vidpipe_resnet50"}
-    assert any("'rgb_vidpipe_resnet50': 8 in FEATURE_SIZES" in note for note in report.notes)
+    assert any("'rgb_vidpipe_resnet50': 8 to FEATURE_SIZES" in note for note in report.notes)
     assert any("no train/test split" in note for note in report.notes)
     import_lstr(tmp_path / "out", tmp_path / "back", progress=False)
     back = LabelSet.load(tmp_path / f"back/{LABELS_FILE}").videos["clip_a.mp4"].targets
@@ -210,3 +210,14 @@ def test_recipe_features_get_the_public_folder_names(tmp_path):
     assert report.folders == {"rgb": "rgb_kinetics_resnet50", "flow": "flow_kinetics_bninception"}
     assert not [note for note in report.notes if "FEATURE_SIZES" in note or "LSTR's name" in note]
     assert list(json.loads((tmp_path / "out/data_info.json").read_text())) == ["MyData"]
+
+
+def test_damaged_export_record_is_one_line(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    make_extracted_cache(cache, {"clip.mp4": 3}, rgb_dim=4, flow_dim=4)
+    LabelSet(["background", "Jump"], {"clip.mp4": VideoLabels(
+        np.eye(2, dtype=np.float32)[[0, 1, 0]], np.zeros(3, bool))}).save(cache / LABELS_FILE)
+    export_lstr(cache, tmp_path / "out", progress=False)
+    (tmp_path / "out/vidpipe/cache.json").write_text('{"settings": []}')
+    err = cli_error(capsys, ["import-features", str(tmp_path / "out"), "--out", str(tmp_path / "b")])
+    assert "vidpipe/cache.json: not a vidpipe export record" in err
