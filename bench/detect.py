@@ -64,7 +64,7 @@ def main() -> None:
                              ("detect from file, batched", {}),
                              ("detect --live (1 step at a time)", {"live": True})]:
             (detection,) = detect(video, checkpoint, out=root / "out", device=args.device,
-                                  picture=False, echo=lambda _: None, **kwargs)
+                                  picture=False, **kwargs)
             timings = detection.timeline.metadata["timings"]
             rows.append((name, timings["total_s"], timings["latency_ms"] if kwargs.get("live") else None))
 

@@ -257,10 +257,10 @@ def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
 # --- detect / demo ------------------------------------------------------------------------
 
 @cli.command()
-@click.argument("source_arg", metavar="[SOURCE]", required=False)
-@click.option("--source", "source_opt", metavar="SOURCE",
-              help="Video file, folder of videos, RTSP/HTTP URL or device (/dev/video0); "
-                   "same as the SOURCE argument.")
+@click.argument("source_args", metavar="[SOURCE]...", nargs=-1)
+@click.option("--source", "source_opts", metavar="SOURCE", multiple=True,
+              help="Video file, folder of videos, RTSP/HTTP URL, device (/dev/video0) or id of a "
+                   "video in --cache; same as a SOURCE argument (repeatable).")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=str),
               help="Trained model (run folder's best.pt or last.pt).")
 @click.option("--out", default=None, type=click.Path(path_type=str),
@@ -268,6 +268,16 @@ def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--cache", default=None, type=click.Path(path_type=str),
               help="Feature cache to reuse: videos it holds are not decoded again.")
 @click.option("--live", is_flag=True, help="Print start/end events as they are decided.")
+@click.option("--events", default=None, type=click.Path(path_type=str),
+              help="Append every start/end event to this JSONL file as it is decided.")
+@click.option("--render", default=None, type=click.Path(path_type=str),
+              help="Write the video with the decisions drawn on it (OUT.mp4; several sources: "
+                   "OUT.<name>.mp4 each).")
+@click.option("--reconnect", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Open a dropped URL/device again up to N times in a row (back-off 0.5 s, 1 s, ...).")
+@click.option("--timeout", "timeout_s", default=10.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a URL may stay silent before it has failed.")
 @click.option("--threshold", default=0.5, show_default=True, type=float,
               help="Probability above which a class is active.")
 @click.option("--class-threshold", multiple=True, metavar="NAME=VALUE",
@@ -277,23 +287,30 @@ def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--merge-gap", default=0.5, show_default=True, type=float,
               help="Merge same-class segments separated by at most this (seconds).")
 @device_option()
+@click.option("--int8", is_flag=True, help="Dynamic int8 linear layers for the model (CPU).")
 @click.option("--no-picture", is_flag=True, help="Skip the PNG timeline.")
 @click.option("--rgb-weights", default=None, help="Weights file the RGB features were made with.")
 @click.option("--flow-weights", default=None, help="Weights file the flow features were made with.")
 @click.option("--raft-weights", default=None, help="RAFT weights file the flow was made with.")
-def detect(source_arg, source_opt, checkpoint, out, cache, live, threshold, class_threshold,
-           min_duration, merge_gap, device, no_picture, rgb_weights, flow_weights,
-           raft_weights) -> None:
-    """Online action detection on a video, stream or folder -> timeline JSON / CSV / PNG."""
+def detect(source_args, source_opts, checkpoint, out, cache, live, events, render, reconnect,
+           timeout_s, threshold, class_threshold, min_duration, merge_gap, device, int8,
+           no_picture, rgb_weights, flow_weights, raft_weights) -> None:
+    """Online action detection on videos, streams or folders, several at once -> timeline
+    JSON / CSV / PNG per source; exit 1 when a source failed, 130 on Ctrl-C (after writing)."""
     from vidpipe.pipeline.detect import detect as run_detect, timeline_settings
 
-    if (source_arg is None) == (source_opt is None):
-        raise click.UsageError("give the source once: as an argument or with --source")
+    sources = [*source_args, *source_opts]
+    if not sources:
+        raise click.UsageError("give at least one SOURCE (argument or --source)")
     weights = {k: v for k, v in (("rgb", rgb_weights), ("flow", flow_weights),
                                  ("raft", raft_weights)) if v}
-    run_detect(source_arg or source_opt, checkpoint, out=out, cache=cache, live=live,
-               settings=timeline_settings(threshold, class_threshold, min_duration, merge_gap),
-               device=device, picture=not no_picture, weights=weights)
+    detections = run_detect(
+        sources, checkpoint, out=out, cache=cache, device=device, int8=int8, live=live,
+        settings=timeline_settings(threshold, class_threshold, min_duration, merge_gap),
+        picture=not no_picture, weights=weights, events=events, render=render,
+        reconnect=reconnect, timeout_s=timeout_s)
+    if any(d.interrupted for d in detections):
+        raise click.exceptions.Abort()   # exit 130, as shells expect after Ctrl-C
 
 
 

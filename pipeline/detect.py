@@ -1,136 +1,179 @@
-"""`vidpipe detect`: online action detection on a video, a stream or a folder -> timelines.
+"""`vidpipe detect`: online action detection on videos, streams, folders -> timelines.
 
 The chain runs the way the model is used live: frames are decoded as a stream, each chunk
 becomes one RGB + flow feature step (the extractor is rebuilt from the checkpoint's feature
 settings, so the features are made exactly like the training cache's), each step enters
-`malt.stream.OnlineDetector` (causal: a step's output never depends on a later frame), and
-the probabilities feed `pipeline.timeline.Segmenter`, which decides the action segments as
-the steps arrive. With `live=True` every start/end decision is printed when it is made,
-with the latency from the moment the chunk's last frame was decoded to the decision.
+`malt.stream.MultiStreamDetector` (causal: a step's output never depends on a later frame;
+every source is one stream of the same batched detector), and the probabilities feed
+`pipeline.timeline.Segmenter`, which decides the action segments as the steps arrive.
+`pipeline.live` runs the sources (one worker thread each); this module decides what each
+source is, once (`classify`), and writes the results.
 
-Outputs per video (default folder: `<run folder>/detections/`, the run folder being the
-checkpoint's): `<name>.timeline.json` (segments, per-step probabilities, metadata),
-`<name>.timeline.csv` (segments) and `<name>.timeline.png` (the picture).
+Outputs per source (default folder: `<run folder>/detections/`, the run folder being the
+checkpoint's): `<name>.timeline.json` (segments, per-step probabilities, metadata with
+`ended_by`: eof | error | interrupt), `<name>.timeline.csv` (segments) and
+`<name>.timeline.png` (the picture); with `events`, every start/end decision appended to a
+JSONL file as it is made; with `render`, the video with the decisions drawn on it.
 
-Batch: a folder source runs every video in it. With `cache` (which must have the
-checkpoint's feature settings), a video the cache already holds (the same content, by the
-fingerprint `vidpipe extract` records, whatever the file is called now) is read from the
-cache instead of being decoded again; the model still runs step by step. A bad video is
-reported and skipped; the others go on.
-Ctrl-C stops cleanly: the steps decided so far are written as the video's timeline.
+Several sources (files, URLs, devices, folders, cache ids) run at once; a source that fails
+is reported and the others go on (`BatchIncomplete` at the end). With `cache` (which must
+have the checkpoint's feature settings), a file the cache already holds (the same content,
+by the fingerprint `vidpipe extract` records, whatever the file is called now) is read from
+the cache instead of being decoded again; the model still runs step by step.
+Python API: `Detector.from_checkpoint(path).step(rgb, flow)` / `.run(source)`.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import logging
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterable
 
 import numpy as np
 
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
 from vidpipe.core.settings import differing_keys
+from vidpipe.extractors.decode import STREAM_TIMEOUT_S, VideoSource, is_stream
+from vidpipe.pipeline.live import Engine, EventLog, Plan, SourceRun, SourceWorker
+from vidpipe.pipeline.render import Renderer
+from vidpipe.pipeline.timeline import Timeline, TimelineSettings
 from vidpipe.store.cache import FeatureStore, video_id_from_path
-from vidpipe.pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
+
+log = logging.getLogger(__name__)
 
 DETECTIONS_DIR = "detections"
 
 
 @dataclass
 class Detection:
-    """One video's result, as written to disk."""
+    """One source's result, as written to disk."""
     source: str
     timeline: Timeline
-    files: dict[str, Path]                     # "json" / "csv" / "png" -> path
-    interrupted: bool = False                  # stopped by Ctrl-C before the end
+    files: dict[str, Path]                     # "json" / "csv" / "png" / "render" -> path
+    ended_by: str = "eof"                      # "eof" | "error" | "interrupt"
+    error: str | None = None                   # why, when it ended by an error
+
+    @property
+    def interrupted(self) -> bool:
+        return self.ended_by == "interrupt"
 
 
 @dataclass
-class _Timed:
-    """One feature step and the wall-clock time its chunk was complete."""
-    timestamp: float
-    rgb: np.ndarray
-    flow: np.ndarray
-    ready: float                               # time.perf_counter() when its last frame was in
+class DetectOptions:
+    """How `Detector.run` / `detect` treat their sources (the CLI's options)."""
+    settings: TimelineSettings = field(default_factory=TimelineSettings)
+    live: bool = False                         # log each decision (and featurise step by step)
+    picture: bool = True                       # write the PNG timeline
+    events: str | Path | None = None           # JSONL file the start/end events are appended to
+    render: str | Path | None = None           # mp4 of the video with the decisions drawn
+    reconnect: int = 0                         # reopen a dropped URL/device up to N times in a row
+    timeout_s: float = STREAM_TIMEOUT_S        # a URL silent this long has failed
+    weights: dict[str, str] = field(default_factory=dict)   # {"rgb"|"flow"|"raft": file}
 
 
-def detect(source: str | Path, checkpoint: str | Path, out: str | Path | None = None,
-           cache: str | Path | None = None, settings: TimelineSettings | None = None,
-           live: bool = False, device: str | None = None, picture: bool = True,
-           weights: dict[str, str] | None = None,
-           echo: Callable[[str], None] = print) -> list[Detection]:
-    """Detect actions in `source` (a video file, URL, device, a folder of videos, or the id
-    of a video in `cache`).
+@dataclass(frozen=True)
+class Source:
+    """What one source is, decided once: a video file, a stream (URL or device) or the id
+    of a video in the feature cache."""
+    text: str                                  # as given (for a folder's video: its path)
+    kind: str                                  # "file" | "stream" | "cache"
+    name: str                                  # output file stem
+    cache_id: str | None = None                # the cache's video with these very features
 
-    `weights`: {"rgb"|"flow"|"raft": path} for features made with weights files (the
-    checkpoint records their sha256). Returns one `Detection` per video done.
+
+def detect(sources: str | Path | Iterable[str | Path], checkpoint: str | Path,
+           out: str | Path | None = None, cache: str | Path | None = None,
+           device: str | None = None, int8: bool = False, **options) -> list[Detection]:
+    """Detect actions in every source (video files, URLs, devices, folders of videos, ids of
+    videos in `cache`) at once; `options` are `DetectOptions` fields. Returns one
+    `Detection` per source done; raises after writing them when a source failed."""
+    detector = Detector.from_checkpoint(checkpoint, device=device, int8=int8)
+    return detector.run_many(sources, out=out, cache=cache, **options)
+
+
+class Detector:
+    """A trained MALT as an online detector: `step` one source by hand, or `run` sources.
+
+    `step(rgb, flow)` feeds this detector's own stream (its state kept between calls,
+    `reset()` forgets it); `run`/`run_many` serve their sources as further streams of the same
+    batched detector.
     """
-    from vidpipe.core.device import resolve_device
-    from vidpipe.malt.checkpoint import load_model
 
-    device = resolve_device(device)
-    model, ckpt = load_model(checkpoint, device)
-    store = _open_cache(cache, ckpt.feature_settings, checkpoint) if cache else None
-    out_dir = Path(out) if out else Path(checkpoint).resolve().parent / DETECTIONS_DIR
-    runner = _Runner(model, ckpt, str(checkpoint), device, settings or TimelineSettings(),
-                     weights or {}, store, live, echo)
+    def __init__(self, model, checkpoint, checkpoint_path: str | Path, device, int8: bool = False):
+        from vidpipe.malt.stream import MultiStreamDetector
 
-    folder = Path(str(source))
-    if not folder.is_dir():  # a file, URL or device
-        detection = runner.run(str(source), _output_name(str(source)), out_dir, picture)
-        return [detection]
-
-    from vidpipe.pipeline.extract import find_videos
-
-    videos = find_videos(folder)
-    if not videos:
-        raise VidpipeError(f"{folder}: no video files found")
-    detections, failures = [], []
-    for video in videos:
-        path = video.path
-        try:
-            detection = runner.run(str(path), video.video_id, out_dir, picture)
-        except Exception as exc:  # a bad video must not stop the batch: say why, go on
-            why = str(exc) if isinstance(exc, VidpipeError) else \
-                f"{path}: unexpected {type(exc).__name__}: {exc}"
-            failures.append(why)
-            echo(f"skipped: {why}")
-            continue
-        detections.append(detection)
-        if detection.interrupted:
-            break
-    echo(f"{len(detections)} of {len(videos)} videos done, timelines in {out_dir}")
-    if failures:
-        echo(f"{len(failures)} failed:\n  " + "\n  ".join(failures))
-        # After the batch, so that every good video has its timeline; non-zero exit for scripts.
-        raise BatchIncomplete(f"{folder}: {len(failures)} of {len(videos)} videos failed "
-                              f"(listed above)")
-    return detections
-
-
-class _Runner:
-    """Everything shared by the videos of one `detect` call."""
-
-    def __init__(self, model, ckpt, checkpoint_path: str, device, settings: TimelineSettings,
-                 weights: dict[str, str], store: FeatureStore | None, live: bool,
-                 echo: Callable[[str], None]):
-        self.model, self.ckpt, self.checkpoint_path = model, ckpt, checkpoint_path
-        self.device, self.settings, self.weights = device, settings, weights
-        self.store, self.live, self.echo = store, live, echo
-        self.step_seconds = float(ckpt.feature_settings["step_seconds"])
+        self.checkpoint, self.checkpoint_path, self.device = checkpoint, str(checkpoint_path), device
+        self.batched = MultiStreamDetector(model, device, int8=int8)
+        self.class_names: list[str] = list(checkpoint.class_names)
+        self.feature_settings: dict = checkpoint.feature_settings
+        self.step_seconds = float(self.feature_settings["step_seconds"])
+        self._own_stream: object | None = None
         self._extractor = None
-        self._by_fingerprint: dict[str, str] | None = None
 
-    @property
-    def extractor(self):
-        """Built on first use: a batch served from the cache never loads the CNNs."""
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None,
+                        int8: bool = False) -> "Detector":
+        """The detector of a trained checkpoint; device None: CUDA when present; `int8`:
+        dynamic int8 linear layers (CPU)."""
+        from vidpipe.core.device import resolve_device
+        from vidpipe.malt.checkpoint import load_model
+
+        device = resolve_device(device)
+        model, checkpoint = load_model(path, device)
+        return cls(model, checkpoint, path, device, int8=int8)
+
+    def step(self, rgb: np.ndarray, flow: np.ndarray) -> np.ndarray:
+        """The next step's rgb (Dr,) and flow (Df,) vectors -> its probabilities (C+1,)."""
+        if self._own_stream is None:
+            self._own_stream = object()
+            self.batched.add_stream(self._own_stream)
+        return self.batched.step({self._own_stream: (rgb, flow)})[self._own_stream]
+
+    def reset(self) -> None:
+        """Forget what `step` has seen."""
+        if self._own_stream is not None:
+            self.batched.remove_stream(self._own_stream)
+            self._own_stream = None
+
+    def run(self, source: str | Path, out: str | Path | None = None,
+            cache: str | Path | None = None, **options) -> Detection:
+        """Detect actions in one video file, URL, device or cache id -> its `Detection`."""
+        if Path(str(source)).is_dir():
+            raise VidpipeError(f"{source}: a folder; use run_many (or `detect`) for several videos")
+        return self.run_many([source], out=out, cache=cache, **options)[0]
+
+    def run_many(self, sources: str | Path | Iterable[str | Path], out: str | Path | None = None,
+                 cache: str | Path | None = None, **options) -> list[Detection]:
+        """Every source at once (one worker each, one batched detector); see `detect`."""
+        options = DetectOptions(**options)
+        texts = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
+        store = _open_cache(cache, self.feature_settings, self.checkpoint_path) if cache else None
+        out_dir = Path(out) if out else Path(self.checkpoint_path).resolve().parent / DETECTIONS_DIR
+        index = CacheIndex(store) if store else None
+        sources, skipped = [], []
+        for text in texts:
+            try:
+                sources += classify(text, index, render=options.render is not None)
+            except VidpipeError as exc:
+                if len(texts) == 1:
+                    raise
+                skipped.append(str(exc))
+                log.warning("skipped: %s", exc)
+        detections, failed = _Batch(self, _unique_names(sources), store, out_dir, options).run()
+        _report(detections, len(sources) + len(skipped), skipped + failed, out_dir,
+                single=len(texts) == 1 and len(sources) == 1)
+        return detections
+
+    def extractor(self, weights: dict[str, str]):
+        """The checkpoint's feature extractor, built on first use (a batch served from the
+        cache never loads the CNNs)."""
         if self._extractor is None:
             from vidpipe.extractors.features import TwoStreamExtractor
             try:
                 self._extractor = TwoStreamExtractor.from_record(
-                    self.ckpt.feature_settings, self.device,
-                    rgb_weights=self.weights.get("rgb"), flow_weights=self.weights.get("flow"),
-                    raft_weights=self.weights.get("raft"))
+                    self.feature_settings, self.device, rgb_weights=weights.get("rgb"),
+                    flow_weights=weights.get("flow"), raft_weights=weights.get("raft"))
             except VidpipeError as exc:
                 raise VidpipeError(f"{self.checkpoint_path}: {exc}") from None
             except KeyError as exc:  # e.g. imported precomputed features: no extractor record
@@ -140,132 +183,184 @@ class _Runner:
                     "featurised the same way; detect on videos of its --cache by id") from None
         return self._extractor
 
-    def cached_id(self, source: str) -> str | None:
-        """The cache id holding this very file, whatever its name now: the content
-        fingerprint `vidpipe extract` records per video identifies it. A source that is no
-        file but a video id of the cache (e.g. of imported features) names it directly."""
+
+# --- what a source is ----------------------------------------------------------------------
+
+class CacheIndex:
+    """Which videos a feature cache holds: by id, and by content fingerprint (read once, on
+    first use: a folder run looks up every video)."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self._by_fingerprint: dict[str, str] | None = None
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self.store
+
+    def id_of_file(self, path: Path) -> str | None:
         from vidpipe.pipeline.extract import fingerprint
 
-        path = Path(source)
-        if self.store is None:
-            return None
-        if not path.exists() and source in self.store:
-            return source
-        if not path.is_file():
-            return None
-        if self._by_fingerprint is None:  # read once: a folder run looks up every video
+        if self._by_fingerprint is None:
             self._by_fingerprint = {self.store.attrs(v).get("fingerprint"): v
                                     for v in self.store.video_ids()}
         return self._by_fingerprint.get(fingerprint(path))
 
-    def run(self, source: str, name: str, out_dir: Path, picture: bool) -> Detection:
-        from vidpipe.extractors.decode import is_stream
-        from vidpipe.malt.stream import OnlineDetector
 
-        cached = self.cached_id(source)
-        started = time.perf_counter()
-        if cached is not None:
-            steps = _cached_steps(self.store, cached)
-            info = {"features": f"cache {self.store.root}"}
-        elif self.store is not None and not Path(source).exists() and not is_stream(source):
-            raise VidpipeError(f"{source}: no such file, and no video of that id in the cache "
-                               f"{self.store.root}")
-        else:
-            steps, info = self._stream_steps(source)
-        names = list(self.ckpt.class_names)
-        detector = OnlineDetector(self.model, self.device)
-        segmenter = Segmenter(names, self.step_seconds, self.settings)
-        timestamps, probs, latencies = [], [], []
-        model_seconds, interrupted = 0.0, False
-        if self.live:
-            self.echo(f"# {source}: live detection, {len(names) - 1} classes, "
-                      f"step {self.step_seconds:g} s (Ctrl-C stops and writes what it has)")
+def classify(text: str, cache: CacheIndex | None, render: bool = False) -> list[Source]:
+    """The source(s) `text` names: a URL/device, a folder (its videos), a file, or a cache id.
+
+    Files the cache holds (by content fingerprint) become cache sources, unless `render`
+    (which needs the frames)."""
+    if is_stream(text):
+        return [Source(text, "stream", video_id_from_path(text.split("://", 1)[-1]))]
+    path = Path(text)
+    if path.is_dir():
+        from vidpipe.pipeline.extract import find_videos
+
+        videos = find_videos(path)
+        if not videos:
+            raise VidpipeError(f"{path}: no video files found")
+        return [_file_source(v.path, v.video_id, cache, render) for v in videos]
+    if path.exists():
+        return [_file_source(path, video_id_from_path(path.name), cache, render)]
+    if cache is not None and text in cache:
+        if render:
+            raise VidpipeError(f"{text}: a cache id has features but no video to render")
+        return [Source(text, "cache", text, cache_id=text)]
+    if cache is not None:
+        raise VidpipeError(f"{text}: no such file, and no video of that id in the cache "
+                           f"{cache.store.root}")
+    raise VidpipeError(f"{text}: file not found")
+
+
+def _file_source(path: Path, name: str, cache: CacheIndex | None, render: bool) -> Source:
+    cache_id = cache.id_of_file(path) if cache and not render and path.is_file() else None
+    return Source(str(path), "cache" if cache_id else "file", name, cache_id)
+
+
+def _unique_names(sources: list[Source]) -> list[Source]:
+    """Two sources with the same name (a/clip.mp4, b/clip.mp4) write different files."""
+    seen: dict[str, int] = {}
+    unique = []
+    for source in sources:
+        seen[source.name] = seen.get(source.name, 0) + 1
+        name = source.name if seen[source.name] == 1 else f"{source.name}-{seen[source.name]}"
+        unique.append(Source(source.text, source.kind, name, source.cache_id))
+    return unique
+
+
+# --- one run over several sources ----------------------------------------------------------
+
+class _Batch:
+    """Workers, per-source state and outputs of one `run_many` call."""
+
+    def __init__(self, detector: Detector, sources: list[Source], store: FeatureStore | None,
+                 out_dir: Path, options: DetectOptions):
+        self.detector, self.sources, self.store = detector, sources, store
+        self.out_dir, self.options = out_dir, options
+        self.detections: dict[int, Detection] = {}
+        self.failures: dict[int, str] = {}
+
+    def run(self) -> tuple[list[Detection], list[str]]:
+        """Every source to its end -> (detections, failures), in the order given."""
+        stop, arrived = threading.Event(), threading.Event()
+        plans = {key: self._plan(source) for key, source in enumerate(self.sources)}
+        extractor = (self.detector.extractor(self.options.weights)
+                     if any(p.open_video for p in plans.values()) else None)
+        workers = {key: SourceWorker(plan, extractor, self.detector.step_seconds,
+                                     self.options.live, self.options.render is not None,
+                                     self.options.reconnect, stop, arrived)
+                   for key, plan in plans.items()}
+        runs = {key: SourceRun(plan, self.detector.class_names, self.detector.step_seconds,
+                               self.options.settings, self._renderer(plan))
+                for key, plan in plans.items()}
+        events = EventLog(self.options.events) if self.options.events else None
         try:
-            for step in steps:
-                tick = time.perf_counter()
-                row = detector.step(step.rgb, step.flow)                    # (C+1,)
-                events = segmenter.step(step.timestamp, row)
-                decided = time.perf_counter()
-                model_seconds += decided - tick
-                latencies.append(decided - step.ready)
-                timestamps.append(step.timestamp)
-                probs.append(row)
-                self._print(events, latencies[-1])
-        except KeyboardInterrupt:
-            interrupted = True
-            self.echo(f"# interrupted at {format_time(timestamps[-1] if timestamps else 0)}: "
-                      "writing the timeline so far")
-        self._print(segmenter.finish(), None)
-        total = time.perf_counter() - started
-        if not len(timestamps) and not interrupted:
-            raise VidpipeError(f"{source}: too short for one feature step")
+            Engine(self.detector.batched, workers, runs, self._write, self.options.live, events,
+                   stop, arrived).run()
+        finally:
+            if events is not None:
+                events.close()
+        return ([self.detections[key] for key in sorted(self.detections)],
+                [self.failures[key] for key in sorted(self.failures)])
 
-        probs_array = (np.stack(probs) if probs else np.zeros((0, len(names)), np.float32))
-        timeline = Timeline(names, np.asarray(timestamps, np.float64), probs_array,
-                            self.step_seconds, segmenter.segments, self.settings,
-                            self._metadata(source, cached, info, total, model_seconds,
-                                           latencies, interrupted))
-        files = {"json": timeline.save_json(out_dir / f"{name}.timeline.json"),
-                 "csv": timeline.save_csv(out_dir / f"{name}.timeline.csv")}
-        if picture:
-            files["png"] = timeline.save_png(out_dir / f"{name}.timeline.png")
-        count = len(timeline.segments)
-        self.echo(f"{source}: {count} segment{'' if count == 1 else 's'} in "
-                  f"{timeline.duration_s:.1f} s of video ({total:.1f} s) -> {files['json']}")
-        return Detection(source, timeline, files, interrupted)
+    def _plan(self, source: Source) -> Plan:
+        if source.kind == "cache":
+            store = self.store
+            return Plan(source.text, source.name, None,
+                        cached=lambda: _cached_features(store, source.cache_id),
+                        info={"features": f"cache {store.root}", "cache_id": source.cache_id})
+        settings = self.detector.feature_settings
+        timeout = self.options.timeout_s
 
-    def _stream_steps(self, source: str) -> tuple[Iterator[_Timed], dict]:
-        """Decode and featurise as a stream; one step at a time when live or from a URL or
-        device (lowest latency), in batches from a file otherwise (fastest)."""
-        extractor = self.extractor
-        video = extractor.source(source)
-        ready: dict[int, float] = {}
+        def open_video() -> VideoSource:
+            return VideoSource(source.text, fps=settings["fps"], chunk=settings["chunk"],
+                               timeout_s=timeout)
+        return Plan(source.text, source.name, open_video, info={"features": "stream"},
+                    stream=source.kind == "stream")
 
-        def chunks():
-            for chunk in video.chunks():
-                ready[chunk.index] = time.perf_counter()
-                yield chunk
+    def _renderer(self, plan: Plan) -> Renderer | None:
+        if self.options.render is None:
+            return None
+        path = Path(self.options.render)
+        if len(self.sources) > 1:   # one file per source: review.mp4 -> review.<name>.mp4
+            path = path.with_name(f"{path.stem}.{plan.name}{path.suffix or '.mp4'}")
+        return Renderer(path, self.detector.feature_settings["fps"], self.detector.class_names)
 
-        def steps() -> Iterator[_Timed]:
-            # batching steps delays each decision until the batch is full: not for live use
-            batch = 1 if self.live or not video.info.is_file else None
-            for step in extractor.stream_chunks(chunks(), batch_size=batch):
-                yield _Timed(step.timestamp, step.rgb, step.flow, ready.pop(step.index))
-
-        info = {"features": "stream", "width": video.info.width, "height": video.info.height,
-                "native_fps": video.info.native_fps, "declared_duration_s": video.info.duration}
-        return steps(), info
-
-    def _print(self, events: list[Event], latency: float | None) -> None:
-        if not self.live:
+    def _write(self, key: int, run: SourceRun) -> None:
+        """Called as each source ends: its timeline files, or why there are none."""
+        if run.ended_by == "error" and not run.timestamps:   # nothing decided: no file
+            self.failures[key] = run.error
             return
-        for event in events:
-            line = f"{format_time(event.time_s)}  {event.kind:<5}  {event.label}  {event.score:.2f}"
-            if latency is not None:
-                line += f"  (decided {latency * 1000:.0f} ms after the chunk's last frame)"
-            self.echo(line)
+        if run.ended_by == "eof" and not run.timestamps:
+            self.failures[key] = f"{run.plan.source}: too short for one feature step"
+            return
+        timeline = run.timeline(self._metadata(run))
+        name = self.out_dir / f"{run.plan.name}.timeline"
+        files = {"json": timeline.save_json(f"{name}.json"), "csv": timeline.save_csv(f"{name}.csv")}
+        if self.options.picture:
+            files["png"] = timeline.save_png(f"{name}.png")
+        if run.renderer is not None and (rendered := run.renderer.close()) is not None:
+            files["render"] = rendered
+        self.detections[key] = Detection(run.plan.source, timeline, files, run.ended_by, run.error)
+        if run.ended_by == "error":
+            self.failures[key] = (f"{run.error} (the {len(run.timestamps)} steps decided before "
+                                  f"are in {files['json']})")
+        count = len(timeline.segments)
+        log.info("%s: %d segment%s in %.1f s of video (%.1f s) -> %s%s", run.plan.source, count,
+                 "" if count == 1 else "s", timeline.duration_s, run.timings()["total_s"],
+                 files["json"], "" if run.ended_by == "eof" else f" (ended by {run.ended_by})")
 
-    def _metadata(self, source: str, cached: str | None, info: dict, total: float,
-                  model_seconds: float, latencies: list[float], interrupted: bool) -> dict:
-        steps = len(latencies)
-        latency = np.asarray(latencies) * 1000
+    def _metadata(self, run: SourceRun) -> dict:
+        info = dict(run.info)
         return {
-            "video": {"source": source, "cache_id": cached, **info},
-            "model": {"checkpoint": self.checkpoint_path, "epoch": self.ckpt.epoch,
-                      "config": self.ckpt.config.get("model", {})},
-            "feature_settings": self.ckpt.feature_settings,
-            "device": str(self.device),
-            "interrupted": interrupted,
-            "timings": {
-                "steps": steps, "total_s": round(total, 4), "model_s": round(model_seconds, 4),
-                "features_s": round(total - model_seconds, 4),
-                "realtime_factor": round(steps * self.step_seconds / total, 2) if total else None,
-                "latency_ms": ({"mean": round(float(latency.mean()), 2),
-                                "p50": round(float(np.percentile(latency, 50)), 2),
-                                "p95": round(float(np.percentile(latency, 95)), 2),
-                                "max": round(float(latency.max()), 2)} if steps else None),
-            },
+            "video": {"source": run.plan.source, "cache_id": info.pop("cache_id", None), **info},
+            "model": {"checkpoint": self.detector.checkpoint_path,
+                      "epoch": self.detector.checkpoint.epoch,
+                      "config": self.detector.checkpoint.config.get("model", {})},
+            "feature_settings": self.detector.feature_settings,
+            "device": str(self.detector.device),
+            "int8": self.detector.batched.int8,
+            "ended_by": run.ended_by, "error": run.error, "reconnects": run.reconnects,
+            "timings": run.timings(),
         }
+
+
+def _report(detections: list[Detection], total: int, failures: list[str], out_dir: Path,
+            single: bool) -> None:
+    """After every source has its files: the summary, and the exception for the exit code."""
+    if any(d.interrupted for d in detections):
+        return                                 # the caller stops on Ctrl-C (CLI: exit 130)
+    if single:
+        if failures:
+            raise VidpipeError(failures[0])
+        return
+    log.info("%d of %d sources done, timelines in %s", len(detections) - sum(
+        d.ended_by == "error" for d in detections), total, out_dir)
+    if failures:
+        log.warning("%d failed:\n  %s", len(failures), "\n  ".join(failures))
+        # After the batch, so that every good source has its timeline; non-zero exit for scripts.
+        raise BatchIncomplete(f"{len(failures)} of {total} sources failed (listed above)")
 
 
 def _open_cache(cache: str | Path, feature_settings: dict, checkpoint: str | Path) -> FeatureStore:
@@ -277,19 +372,9 @@ def _open_cache(cache: str | Path, feature_settings: dict, checkpoint: str | Pat
     return store
 
 
-def _cached_steps(store: FeatureStore, video_id: str) -> Iterator[_Timed]:
+def _cached_features(store: FeatureStore, video_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     features = store.read(video_id)
-    for timestamp, rgb, flow in zip(features.timestamps, features.rgb, features.flow):
-        yield _Timed(float(timestamp), rgb, flow, time.perf_counter())
-
-
-def _output_name(source: str) -> str:
-    """File-name stem for a source: the file's name, or the URL / device made safe."""
-    from vidpipe.extractors.decode import is_stream
-
-    if is_stream(source):
-        return video_id_from_path(source.split("://", 1)[-1])
-    return video_id_from_path(Path(source).name)
+    return features.timestamps, features.rgb, features.flow
 
 
 def timeline_settings(threshold: float, class_thresholds: tuple[str, ...] | list[str],

@@ -126,6 +126,11 @@ class Segmenter:
                     events += self._close(c)
         return events
 
+    def active(self) -> list[Segment]:
+        """The segments announced (start event) and not ended yet, as they stand now."""
+        return [Segment(self.class_names[c], track.start_s, track.end_s, track.total / track.count)
+                for c, track in sorted(self._tracks.items()) if track.confirmed]
+
     def finish(self) -> list[Event]:
         """End of the video: close every open segment."""
         events: list[Event] = []

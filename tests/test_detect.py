@@ -1,19 +1,27 @@
-"""`vidpipe detect`: streamed detection equals the offline model; files, folders, errors."""
+"""`vidpipe detect`: streamed detection equals the offline model; files, folders, several
+sources at once, events, rendering, the Python API, errors."""
 import json
+import logging
 import re
 import shutil
 
+import av
+import cv2
 import numpy as np
 import pytest
 from detect_helpers import tiny_cache, tiny_checkpoint
 
+import vidpipe
+from vidpipe.core.errors import BatchIncomplete, VidpipeError
 from vidpipe.malt.checkpoint import load_model
 from vidpipe.malt.evaluate import predict_offline
 from vidpipe.pipeline.cli import main
-from vidpipe.pipeline.detect import detect
-from vidpipe.core.errors import BatchIncomplete, VidpipeError
-from vidpipe.store.cache import FeatureStore
+from vidpipe.pipeline.detect import Detection, detect
+from vidpipe.pipeline.render import MIN_HEIGHT, draw_overlay
 from vidpipe.pipeline.timeline import Timeline, TimelineSettings
+from vidpipe.store.cache import FeatureStore
+
+EVENT_LINE = r"(\S+  )?\d\d:\d\d:\d\d\.\d\d  (start|end  )  \w+  \d\.\d\d"
 
 
 @pytest.fixture(scope="module")
@@ -24,29 +32,38 @@ def setup(tmp_path_factory):
     return data, store, checkpoint
 
 
+@pytest.fixture
+def lines(caplog):
+    """The log lines detect writes (what the CLI prints)."""
+    caplog.set_level(logging.DEBUG, logger="vidpipe")
+    return lambda: [r.getMessage() for r in caplog.records]
+
+
+def offline(checkpoint, store, video_id):
+    model, _ = load_model(checkpoint)
+    features = store.read(video_id)
+    return predict_offline(model, features.rgb, features.flow)
+
+
 def test_detect_equals_offline_forward_on_cached_features(setup, tmp_path):
     data, store, checkpoint = setup
     video = data.videos_dir / "synth_000.mp4"
-    (detection,) = detect(video, checkpoint, out=tmp_path, cache=store.root, echo=lambda _: None)
+    (detection,) = detect(video, checkpoint, out=tmp_path, cache=store.root)
     assert detection.timeline.metadata["video"]["cache_id"] == "synth_000.mp4"  # not re-decoded
-    model, _ = load_model(checkpoint)
-    features = store.read("synth_000.mp4")
-    expected = predict_offline(model, features.rgb, features.flow)
-    np.testing.assert_allclose(detection.timeline.probs, expected, atol=1e-5)
-    np.testing.assert_array_equal(detection.timeline.timestamps, features.timestamps)
+    assert detection.ended_by == "eof" and detection.timeline.metadata["ended_by"] == "eof"
+    np.testing.assert_allclose(detection.timeline.probs, offline(checkpoint, store, "synth_000.mp4"),
+                               atol=1e-5)
+    np.testing.assert_array_equal(detection.timeline.timestamps, store.read("synth_000.mp4").timestamps)
 
 
-def test_live_stream_matches_cache_prints_events_and_writes_files(setup):
+def test_live_stream_matches_cache_prints_events_and_writes_files(setup, lines):
     data, store, checkpoint = setup
-    lines = []
     settings = TimelineSettings(threshold=0.3, min_duration_s=0.25, merge_gap_s=0.25)
     (detection,) = detect(str(data.videos_dir / "synth_001.mp4"), checkpoint, live=True,
-                          settings=settings, echo=lines.append)
+                          settings=settings)
     assert detection.timeline.metadata["video"]["features"] == "stream"
-    cached = store.read("synth_001.mp4")
-    model, _ = load_model(checkpoint)
-    np.testing.assert_allclose(detection.timeline.probs,
-                               predict_offline(model, cached.rgb, cached.flow), atol=1e-4)
+    np.testing.assert_allclose(detection.timeline.probs, offline(checkpoint, store, "synth_001.mp4"),
+                               atol=1e-4)
     # outputs default next to the run folder
     out = checkpoint.parent / "detections"
     assert detection.files == {"json": out / "synth_001.mp4.timeline.json",
@@ -54,34 +71,102 @@ def test_live_stream_matches_cache_prints_events_and_writes_files(setup):
                                "png": out / "synth_001.mp4.timeline.png"}
     loaded = Timeline.load(detection.files["json"])
     assert loaded.segments == detection.timeline.segments
-    assert loaded.metadata["timings"]["steps"] == len(cached)
-    events = [l for l in lines if re.match(r"\d\d:\d\d:\d\d\.\d\d  (start|end  )  \w+  \d\.\d\d", l)]
+    assert loaded.metadata["timings"]["steps"] == len(store.read("synth_001.mp4"))
+    events = [line for line in lines() if re.match(EVENT_LINE, line)]
     assert len(events) == 2 * len(detection.timeline.segments) > 0
-    assert all("ms after the chunk's last frame" in l for l in events
-               if " start " in l)
+    assert all("ms after the chunk's last frame" in line for line in events if " start " in line)
 
 
-def test_folder_batch_skips_a_corrupt_file(setup, tmp_path):
+def test_several_sources_at_once_one_failing(setup, tmp_path, lines):
+    """Two videos decoded together through one batched detector (each equal to the offline
+    model), one from the cache, a broken one and a missing one: both reported, exit 1."""
     data, store, checkpoint = setup
-    folder = tmp_path / "videos"
-    folder.mkdir()
-    shutil.copy(data.videos_dir / "synth_000.mp4", folder / "good.mp4")
-    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
-    lines = []
-    with pytest.raises(BatchIncomplete, match="1 of 2 videos failed"):
-        detect(folder, checkpoint, out=tmp_path / "out", cache=store.root, echo=lines.append)
-    assert any("broken.mp4" in l and l.startswith("skipped") for l in lines)
-    assert "1 failed:\n  " in "\n".join(lines) and "broken.mp4" in lines[-1]
-    with pytest.raises(SystemExit) as info:   # the CLI: exit 1, as `extract` on a partial batch
-        main(["detect", str(folder), "--checkpoint", str(checkpoint), "--cache", str(store.root),
-              "--out", str(tmp_path / "cli"), "--no-picture"])
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    videos = [str(data.videos_dir / "synth_000.mp4"), str(data.videos_dir / "synth_001.mp4")]
+    events = tmp_path / "events.jsonl"
+    with pytest.raises(BatchIncomplete, match="2 of 4 sources failed"):
+        detect([*videos, str(broken), str(tmp_path / "missing.mp4")], checkpoint,
+               out=tmp_path / "out", live=True, picture=False, events=events)
+    for name in ("synth_000.mp4", "synth_001.mp4"):
+        timeline = Timeline.load(tmp_path / "out" / f"{name}.timeline.json")
+        assert timeline.metadata["ended_by"] == "eof"
+        np.testing.assert_allclose(timeline.probs, offline(checkpoint, store, name), atol=1e-4)
+    assert not (tmp_path / "out" / "broken.mp4.timeline.json").exists()
+    log = "\n".join(lines())
+    assert "2 failed:\n  " in log and "broken.mp4: not a video" in log and "missing.mp4: file not found" in log
+    printed = [line for line in lines() if re.match(EVENT_LINE, line)]
+    assert printed and all(line.split()[0] in ("synth_000.mp4", "synth_001.mp4") for line in printed)
+    written = [json.loads(line) for line in events.read_text().splitlines()]
+    assert len(written) == len(printed)
+    with pytest.raises(SystemExit) as info:   # the CLI: several sources, exit 1
+        main(["detect", *videos, str(broken), "--checkpoint", str(checkpoint),
+              "--cache", str(store.root), "--out", str(tmp_path / "cli"), "--no-picture"])
     assert info.value.code == 1
-    assert "1 of 2 videos done" in "\n".join(lines)
-    good = Timeline.load(tmp_path / "out" / "good.mp4.timeline.json")
-    assert good.metadata["video"]["cache_id"] == "synth_000.mp4"
-    assert (tmp_path / "out" / "good.mp4.timeline.png").stat().st_size > 0
-    with pytest.raises(VidpipeError, match="broken.mp4"):
-        detect(folder / "broken.mp4", checkpoint, out=tmp_path / "out", echo=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.json")) == [
+        "synth_000.mp4.timeline.json", "synth_001.mp4.timeline.json"]
+
+
+def test_events_file_schema_one_object_per_decision(setup, tmp_path):
+    data, store, checkpoint = setup
+    events = tmp_path / "events.jsonl"
+    settings = TimelineSettings(threshold=0.3, min_duration_s=0.25, merge_gap_s=0.25)
+    (detection,) = detect(data.videos_dir / "synth_000.mp4", checkpoint, out=tmp_path,
+                          cache=store.root, settings=settings, events=events)
+    written = [json.loads(line) for line in events.read_text().splitlines()]
+    assert len(written) == 2 * len(detection.timeline.segments) > 0
+    assert set(written[0]) == {"source", "event", "class", "video_time_s", "wall_time", "score",
+                               "latency_ms", "step"}
+    starts = sorted((e["class"], e["video_time_s"]) for e in written if e["event"] == "start")
+    ends = sorted((e["class"], e["video_time_s"]) for e in written if e["event"] == "end")
+    segments = detection.timeline.segments
+    assert starts == sorted((s.label, round(s.start_s, 4)) for s in segments)
+    assert ends == sorted((s.label, round(s.end_s, 4)) for s in segments)
+    assert all(e["source"] == str(data.videos_dir / "synth_000.mp4") for e in written)
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", e["wall_time"]) for e in written)
+    assert all(e["latency_ms"] is None or e["latency_ms"] >= 0 for e in written)
+
+
+def test_render_draws_every_frame_of_every_step(setup, tmp_path):
+    data, store, checkpoint = setup
+    out = tmp_path / "review.mp4"
+    (detection,) = detect(data.videos_dir / "synth_000.mp4", checkpoint, out=tmp_path,
+                          cache=store.root, render=out, picture=False)
+    assert detection.files["render"] == out
+    assert detection.timeline.metadata["video"]["features"] == "stream"   # render decodes
+    chunk = store.settings["chunk"]
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == chunk * len(detection.timeline.timestamps)
+    assert frames[0].shape[0] >= MIN_HEIGHT
+    # the first frame is the source's first frame with step 0's decision drawn (no segment
+    # announced yet), up to H.264's loss; the plain enlarged frame is much further off
+    with av.open(str(data.videos_dir / "synth_000.mp4")) as container:
+        source = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    names = detection.timeline.class_names
+    drawn = draw_overlay(source, 0.0, detection.timeline.probs[0], names, [])
+    plain = cv2.resize(source, drawn.shape[1::-1])
+    error = np.abs(frames[0].astype(float) - drawn).mean()
+    assert error < 4 and np.abs(frames[0].astype(float) - plain).mean() > 3 * error
+    several = detect([data.videos_dir / "synth_000.mp4", data.videos_dir / "synth_001.mp4"],
+                     checkpoint, out=tmp_path, render=out, picture=False)
+    assert [d.files["render"].name for d in several] == ["review.synth_000.mp4.mp4",
+                                                          "review.synth_001.mp4.mp4"]
+
+
+def test_python_api_detector(setup, tmp_path):
+    data, store, checkpoint = setup
+    detector = vidpipe.Detector.from_checkpoint(checkpoint, device="cpu")
+    features = store.read("synth_000.mp4")
+    rows = np.stack([detector.step(r, f) for r, f in zip(features.rgb, features.flow)])
+    np.testing.assert_allclose(rows, offline(checkpoint, store, "synth_000.mp4"), atol=1e-5)
+    detection = detector.run(data.videos_dir / "synth_001.mp4", out=tmp_path, cache=store.root,
+                             picture=False)
+    assert isinstance(detection, Detection) and detection.ended_by == "eof"
+    np.testing.assert_allclose(detection.timeline.probs, offline(checkpoint, store, "synth_001.mp4"),
+                               atol=1e-5)
+    detector.reset()   # its own stream starts again; the run's stream did not disturb it
+    np.testing.assert_allclose(detector.step(features.rgb[0], features.flow[0]), rows[0], atol=1e-5)
 
 
 def test_cache_with_other_settings_is_refused(setup, tmp_path):
@@ -91,23 +176,20 @@ def test_cache_with_other_settings_is_refused(setup, tmp_path):
         detect(data.videos_dir / "synth_000.mp4", checkpoint, cache=other.root)
 
 
-def test_ctrl_c_writes_what_it_has(setup, tmp_path, monkeypatch):
+def test_folder_and_a_bad_single_file(setup, tmp_path, lines):
     data, store, checkpoint = setup
-    from vidpipe.malt.stream import OnlineDetector
-    real_step, calls = OnlineDetector.step, []
-
-    def step_then_interrupt(self, rgb, flow):
-        calls.append(1)
-        if len(calls) > 10:
-            raise KeyboardInterrupt
-        return real_step(self, rgb, flow)
-
-    monkeypatch.setattr(OnlineDetector, "step", step_then_interrupt)
-    (detection,) = detect(data.videos_dir / "synth_000.mp4", checkpoint, out=tmp_path,
-                          cache=store.root, echo=lambda _: None)
-    assert detection.interrupted and len(detection.timeline.probs) == 10
-    saved = json.loads(detection.files["json"].read_text())
-    assert saved["metadata"]["interrupted"] and len(saved["probabilities"]) == 10
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(data.videos_dir / "synth_000.mp4", folder / "good.mp4")
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    with pytest.raises(BatchIncomplete, match="1 of 2 sources failed"):
+        detect(folder, checkpoint, out=tmp_path / "out", cache=store.root)
+    assert "1 of 2 sources done" in "\n".join(lines())
+    good = Timeline.load(tmp_path / "out" / "good.mp4.timeline.json")
+    assert good.metadata["video"]["cache_id"] == "synth_000.mp4"
+    assert (tmp_path / "out" / "good.mp4.timeline.png").stat().st_size > 0
+    with pytest.raises(VidpipeError, match="broken.mp4: not a video"):
+        detect(folder / "broken.mp4", checkpoint, out=tmp_path / "out")
 
 
 def test_cli(setup, tmp_path, capsys):
@@ -136,15 +218,14 @@ def test_imported_features_detect_by_cache_id_only(setup, tmp_path):
     ckpt.feature_settings = imported.settings
     save_checkpoint(ckpt, tmp_path / "run" / "best.pt")
     (detection,) = detect("video_test_0000004", tmp_path / "run" / "best.pt",
-                          cache=imported.root, out=tmp_path, echo=lambda _: None)
+                          cache=imported.root, out=tmp_path)
     assert detection.files["json"] == tmp_path / "video_test_0000004.timeline.json"
     assert len(detection.timeline.probs) == len(features)
     with pytest.raises(VidpipeError, match="not made by `vidpipe extract`"):
-        detect(data.videos_dir / "synth_001.mp4", tmp_path / "run" / "best.pt",
-               out=tmp_path, echo=lambda _: None)
+        detect(data.videos_dir / "synth_001.mp4", tmp_path / "run" / "best.pt", out=tmp_path)
 
 
 def test_unknown_cache_id_is_named(setup, tmp_path):
     _, store, checkpoint = setup
     with pytest.raises(VidpipeError, match="nocacheid: no such file, and no video of that id"):
-        detect("nocacheid", checkpoint, out=tmp_path, cache=store.root, echo=lambda _: None)
+        detect("nocacheid", checkpoint, out=tmp_path, cache=store.root)

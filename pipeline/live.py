@@ -1,0 +1,356 @@
+"""The engine of `vidpipe detect`: sources -> one feature worker each -> one batched detector.
+
+Each source gets a thread (`SourceWorker`) that decodes and featurises it (or reads its
+steps from the feature cache) and hands the steps over through its own bounded queue, so a
+fast file never crowds out a live camera and memory stays flat. The main thread
+(`Engine.run`) takes the newest step of every source that has one, runs them through the
+detector as one batch, and feeds each source's probabilities to its own `Segmenter`: events
+are logged (and appended to `--events`), frames drawn (`--render`), and when the source
+ends, however it ends, its timeline is written with `ended_by`:
+  - "eof": the source ended;
+  - "error": it failed after it opened (the error text is kept; a URL or device that drops
+    is first opened again `reconnect` times in a row, with back-off, the detector's state
+    kept: the stream continues where it was, in the same step grid);
+  - "interrupt": Ctrl-C; every source is written with what was decided so far.
+A source that fails does not stop the others.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+import numpy as np
+
+from vidpipe.core.errors import VidpipeError
+from vidpipe.pipeline.render import Renderer
+from vidpipe.pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
+
+log = logging.getLogger(__name__)
+
+QUEUE_STEPS = 32            # steps a worker may run ahead of the detector
+BACKOFF_S = (0.5, 30.0)     # first reconnect delay, doubled per failed attempt up to the cap
+
+
+# --- what workers send ---------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One feature step of a source, and when its chunk was complete."""
+    index: int                              # step number in the source (continues on reconnect)
+    timestamp: float                        # step start, seconds of video
+    rgb: np.ndarray                         # (Dr,)
+    flow: np.ndarray                        # (Df,)
+    ready: float                            # time.perf_counter() when its last frame was in
+    frames: np.ndarray | None = None        # (chunk, H, W, 3) uint8, when rendering
+    times: np.ndarray | None = None         # (chunk,) seconds of video of those frames
+
+
+@dataclass
+class Opened:
+    info: dict                              # what the timeline's metadata says of the video
+
+
+@dataclass
+class Reconnected:
+    at_s: float                             # video time where the stream continues
+    error: str                              # why it dropped
+
+
+@dataclass
+class Ended:
+    how: str                                # "eof" | "error"
+    error: str | None = None
+
+
+@dataclass
+class Plan:
+    """How one source is read (made by `pipeline.detect` once per source)."""
+    source: str                             # as given
+    name: str                               # output file stem
+    open_video: Callable | None             # () -> VideoSource (decoded sources)
+    cached: Callable | None = None          # () -> (timestamps, rgb, flow) (cached sources)
+    info: dict = field(default_factory=dict)
+    stream: bool = False                    # a URL or device: may be reconnected
+
+
+# --- one worker per source -----------------------------------------------------------------
+
+class SourceWorker(threading.Thread):
+    """Decodes and featurises one source into `self.queue` (steps, then one `Ended`)."""
+
+    def __init__(self, plan: Plan, extractor, step_seconds: float, one_by_one: bool,
+                 render: bool, reconnect: int, stop: threading.Event, arrived: threading.Event):
+        super().__init__(name=f"detect-{plan.name}", daemon=True)
+        self.plan, self.extractor, self.step_seconds = plan, extractor, step_seconds
+        self.one_by_one, self.render, self.reconnect = one_by_one, render, reconnect
+        self.stop, self.arrived = stop, arrived
+        self.queue: queue.Queue = queue.Queue(QUEUE_STEPS)
+
+    def run(self) -> None:
+        try:
+            steps = self._cached_steps() if self.plan.cached else self._decoded_steps()
+            for step in steps:
+                self._send(step)
+            self._send(Ended("eof"))
+        except VidpipeError as exc:
+            self._send(Ended("error", str(exc)))
+        except Exception as exc:  # a bug or an odd source must not take the others down
+            self._send(Ended("error", f"{self.plan.source}: unexpected {type(exc).__name__}: {exc}"))
+
+    def _send(self, message) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(message, timeout=0.1)
+                self.arrived.set()
+                return
+            except queue.Full:
+                continue
+
+    def _cached_steps(self) -> Iterator[Step]:
+        timestamps, rgb, flow = self.plan.cached()
+        self._send(Opened(self.plan.info))
+        for index, (timestamp, rgb_vec, flow_vec) in enumerate(zip(timestamps, rgb, flow)):
+            yield Step(index, float(timestamp), rgb_vec, flow_vec, time.perf_counter())
+
+    def _decoded_steps(self) -> Iterator[Step]:
+        """Steps of the source; a stream that drops is opened again (`reconnect` tries in a
+        row) and continues the step grid where it stopped."""
+        from vidpipe.extractors.decode import StreamLost
+
+        video = self.plan.open_video()        # a first open that fails is final
+        self._send(Opened({**self.plan.info, "width": video.info.width, "height": video.info.height,
+                           "native_fps": video.info.native_fps,
+                           "declared_duration_s": video.info.duration}))
+        done, failures = 0, 0
+        while True:
+            try:
+                for step in self._featurise(video, done):
+                    done, failures = step.index + 1, 0
+                    yield step
+                return
+            except StreamLost as lost:
+                video, failures = self._reopen(lost, failures)
+                self._send(Reconnected(done * self.step_seconds, str(lost)))
+
+    def _reopen(self, lost: VidpipeError, failures: int):
+        """Open the source again after `lost`, with back-off -> (video, tries so far in a
+        row); raise when out of tries."""
+        error = lost
+        while failures < self.reconnect and not self.stop.is_set():
+            failures += 1
+            delay = min(BACKOFF_S[0] * 2 ** (failures - 1), BACKOFF_S[1])
+            log.warning("%s; reconnecting in %g s (try %d of %d)", error, delay, failures,
+                        self.reconnect)
+            if self.stop.wait(delay):
+                break
+            try:
+                return self.plan.open_video(), failures
+            except VidpipeError as exc:
+                error = exc
+        tries = f" (gave up after {self.reconnect} reconnect tries)" if self.reconnect else ""
+        raise VidpipeError(f"{error}{tries}")
+
+    def _featurise(self, video, offset: int) -> Iterator[Step]:
+        ready: dict[int, float] = {}
+        shown: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        def chunks():
+            for chunk in video.chunks():
+                ready[chunk.index] = time.perf_counter()
+                if self.render:
+                    shown[chunk.index] = (chunk.frames, chunk.times)
+                yield chunk
+                if self.stop.is_set():
+                    return
+
+        # batching steps delays each decision until the batch is full: not for live use
+        batch = 1 if self.one_by_one or self.plan.stream else None
+        shift = offset * self.step_seconds            # continues the grid after a reconnect
+        for step in self.extractor.stream_chunks(chunks(), batch_size=batch):
+            frames, times = shown.pop(step.index, (None, None))
+            yield Step(offset + step.index, step.timestamp + shift, step.rgb, step.flow,
+                       ready.pop(step.index), frames, None if times is None else times + shift)
+
+
+# --- the decisions of one source -----------------------------------------------------------
+
+class SourceRun:
+    """What has been decided for one source: segments, per-step rows, timings."""
+
+    def __init__(self, plan: Plan, class_names: list[str], step_seconds: float,
+                 settings: TimelineSettings, renderer: Renderer | None):
+        self.plan, self.renderer = plan, renderer
+        self.segmenter = Segmenter(class_names, step_seconds, settings)
+        self.timestamps: list[float] = []
+        self.probs: list[np.ndarray] = []
+        self.latencies: list[float] = []
+        self.model_seconds = 0.0
+        self.started = time.perf_counter()
+        self.info: dict = dict(plan.info)
+        self.reconnects: list[dict] = []
+        self.ended_by: str | None = None
+        self.error: str | None = None
+
+    def decide(self, step: Step, row: np.ndarray, decided: float, model_seconds: float) -> list[Event]:
+        events = self.segmenter.step(step.timestamp, row)
+        self.model_seconds += model_seconds
+        self.latencies.append(decided - step.ready)
+        self.timestamps.append(step.timestamp)
+        self.probs.append(row)
+        if self.renderer is not None and step.frames is not None:
+            self.renderer.write(step.frames, step.times, row, self.segmenter.active())
+        return events
+
+    def finish(self, how: str, error: str | None = None) -> list[Event]:
+        self.ended_by, self.error = how, error
+        return self.segmenter.finish()
+
+    def timeline(self, metadata: dict) -> Timeline:
+        names = self.segmenter.class_names
+        probs = np.stack(self.probs) if self.probs else np.zeros((0, len(names)), np.float32)
+        return Timeline(names, np.asarray(self.timestamps, np.float64), probs,
+                        self.segmenter.step_seconds, self.segmenter.segments,
+                        self.segmenter.settings, metadata)
+
+    def timings(self) -> dict:
+        total, steps = time.perf_counter() - self.started, len(self.latencies)
+        latency = np.asarray(self.latencies) * 1000
+        return {
+            "steps": steps, "total_s": round(total, 4), "model_s": round(self.model_seconds, 4),
+            "features_s": round(total - self.model_seconds, 4),
+            "realtime_factor": (round(steps * self.segmenter.step_seconds / total, 2)
+                                if total else None),
+            "latency_ms": ({"mean": round(float(latency.mean()), 2),
+                            "p50": round(float(np.percentile(latency, 50)), 2),
+                            "p95": round(float(np.percentile(latency, 95)), 2),
+                            "max": round(float(latency.max()), 2)} if steps else None),
+        }
+
+
+# --- events for a deployment ---------------------------------------------------------------
+
+class EventLog:
+    """`--events FILE.jsonl`: one JSON object per start/end event, appended and flushed as it
+    is decided (schema in docs/detect.md)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(self.path, "a", encoding="utf-8")
+
+    def write(self, source: str, event: Event, latency: float | None) -> None:
+        record = {
+            "source": source, "event": event.kind, "class": event.label,
+            "video_time_s": round(event.time_s, 4),
+            "wall_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "score": round(event.score, 4),
+            "latency_ms": None if latency is None else round(latency * 1000, 2),
+            "step": event.step,
+        }
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --- the main loop -------------------------------------------------------------------------
+
+class Engine:
+    """Runs sources (`workers` and their `runs`, by key) through one batched detector
+    (`malt.stream.MultiStreamDetector`) until each has ended; calls `write(key, run)` as each
+    one ends."""
+
+    def __init__(self, detector, workers: dict[int, SourceWorker], runs: dict[int, SourceRun],
+                 write: Callable[[int, SourceRun], None], live: bool, events: EventLog | None,
+                 stop: threading.Event, arrived: threading.Event):
+        self.detector, self.workers, self.runs, self.write = detector, workers, runs, write
+        self.live, self.events, self.stop, self.arrived = live, events, stop, arrived
+        self.active = set(workers)
+        self.prefix = len(workers) > 1        # say which source an event line is about
+
+    def run(self) -> None:
+        for key in self.workers:
+            self.detector.add_stream(key)
+        for worker in self.workers.values():
+            worker.start()
+        try:
+            while self.active:
+                self.arrived.clear()
+                batch = self._collect()
+                if batch:
+                    self._step(batch)
+                else:
+                    self.arrived.wait(0.1)
+        except KeyboardInterrupt:
+            self.stop.set()
+            log.warning("# interrupted: writing what was decided so far")
+            for key in sorted(self.active):
+                self._end(key, Ended("interrupt"))
+        finally:
+            self.stop.set()
+
+    def _collect(self) -> dict[int, Step]:
+        """The next step of every source that has one; other messages handled on the way."""
+        batch: dict[int, Step] = {}
+        for key in sorted(self.active):
+            while key in self.active and key not in batch:
+                try:
+                    message = self.workers[key].queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(message, Step):
+                    batch[key] = message
+                elif isinstance(message, Opened):
+                    self.runs[key].info.update(message.info)
+                    self._announce(key)
+                elif isinstance(message, Reconnected):
+                    self.runs[key].reconnects.append({"at_s": message.at_s, "error": message.error})
+                    log.warning("%s: reconnected, continuing at %s", self.runs[key].plan.source,
+                                format_time(message.at_s))
+                else:
+                    self._end(key, message)
+        return batch
+
+    def _step(self, batch: dict[int, Step]) -> None:
+        tick = time.perf_counter()
+        rows = self.detector.step({key: (step.rgb, step.flow) for key, step in batch.items()})
+        decided = time.perf_counter()
+        for key, step in batch.items():
+            run = self.runs[key]
+            events = run.decide(step, rows[key], decided, (decided - tick) / len(batch))
+            self._report(run, events, run.latencies[-1])
+
+    def _end(self, key: int, ended: Ended) -> None:
+        run = self.runs[key]
+        self._report(run, run.finish(ended.how, ended.error), None)
+        self.active.discard(key)
+        self.detector.remove_stream(key)
+        if ended.how == "error":
+            log.warning("%s", ended.error)
+        self.write(key, run)
+
+    def _announce(self, key: int) -> None:
+        if self.live:
+            run = self.runs[key]
+            log.info("# %s: live detection, %d classes, step %g s (Ctrl-C stops and writes "
+                     "what it has)", run.plan.source, len(run.segmenter.class_names) - 1,
+                     run.segmenter.step_seconds)
+
+    def _report(self, run: SourceRun, events: list[Event], latency: float | None) -> None:
+        for event in events:
+            if self.events is not None:
+                self.events.write(run.plan.source, event, latency)
+            line = f"{format_time(event.time_s)}  {event.kind:<5}  {event.label}  {event.score:.2f}"
+            if latency is not None:
+                line += f"  (decided {latency * 1000:.0f} ms after the chunk's last frame)"
+            if self.prefix:
+                line = f"{run.plan.name}  {line}"
+            log.log(logging.INFO if self.live else logging.DEBUG, "%s", line)
