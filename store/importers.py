@@ -169,7 +169,7 @@ def labels_from_target(target: np.ndarray, spec: DatasetSpec) -> VideoLabels:
     stores them; a step with no class at all (ambiguous only) is background, as the centre
     rule of store/labels.py makes it.
     """
-    target = np.asarray(target, np.float32)
+    target = np.array(target, np.float32)          # a copy: the caller's array is left alone
     if spec.ambiguous_column is None:
         ambiguous = np.zeros(len(target), bool)
     else:
