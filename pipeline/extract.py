@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from vidpipe.extractors.decode import VIDEO_EXTENSIONS, Chunk, VideoSource
 from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor, stack_steps
 from vidpipe.core.config import load_config
+from vidpipe.core.distributed import distributed_env, process_device
 from vidpipe.core.errors import VidpipeError
 from vidpipe.store.cache import FeatureStore, video_id_from_path
 
@@ -118,25 +119,14 @@ def fingerprint(path: Path) -> str:
     return f"size-head-tail-sha256:{digest.hexdigest()}"
 
 
-def shard_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise VidpipeError(f"rank {rank} is outside world size {world_size}")
-    return rank, world_size
-
-
 def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: FeatureSettings,
                    device: str | None = None, workers: int = 0, rank: int | None = None,
                    world_size: int | None = None, progress: bool = True) -> ExtractSummary:
     """Extract every video under `input_dir` into the cache `out_dir`; see the module doc."""
-    rank, world_size = shard_from_env(rank, world_size)
+    env = distributed_env(rank, world_size)
+    rank, world_size = env.rank, env.world_size
     jobs = find_videos(input_dir)[rank::world_size]
-    if device is None and world_size > 1 and "LOCAL_RANK" in os.environ:
-        import torch
-        if torch.cuda.device_count() > 1:
-            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    extractor = TwoStreamExtractor(settings, device)
+    extractor = TwoStreamExtractor(settings, process_device(device, env))
     store = FeatureStore.open_or_create(out_dir, extractor.settings_record())
     summary = ExtractSummary(str(out_dir), rank, world_size)
 
