@@ -274,7 +274,7 @@ class Engine:
         self.detector, self.workers, self.runs, self.write = detector, workers, runs, write
         self.live, self.events, self.stop, self.arrived = live, events, stop, arrived
         self.active = set(workers)
-        self.prefix = len(workers) > 1        # say which source an event line is about
+        self.several = len(workers) > 1       # say which source a line is about, as it happens
 
     def run(self) -> None:
         for key in self.workers:
@@ -333,7 +333,7 @@ class Engine:
         self._report(run, run.finish(ended.how, ended.error), None)
         self.active.discard(key)
         self.detector.remove_stream(key)
-        if ended.how == "error":
+        if ended.how == "error" and self.several:   # (one source: its error ends the call)
             log.warning("%s", ended.error)
         self.write(key, run)
 
@@ -351,6 +351,6 @@ class Engine:
             line = f"{format_time(event.time_s)}  {event.kind:<5}  {event.label}  {event.score:.2f}"
             if latency is not None:
                 line += f"  (decided {latency * 1000:.0f} ms after the chunk's last frame)"
-            if self.prefix:
+            if self.several:
                 line = f"{run.plan.name}  {line}"
             log.log(logging.INFO if self.live else logging.DEBUG, "%s", line)

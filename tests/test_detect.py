@@ -2,14 +2,18 @@
 sources at once, events, rendering, the Python API, errors."""
 import json
 import logging
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 
 import av
 import cv2
 import numpy as np
 import pytest
-from detect_helpers import tiny_cache, tiny_checkpoint
+from detect_helpers import LiveServer, free_port, tiny_cache, tiny_checkpoint, to_mpegts
 
 import vidpipe
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
@@ -229,3 +233,89 @@ def test_unknown_cache_id_is_named(setup, tmp_path):
     _, store, checkpoint = setup
     with pytest.raises(VidpipeError, match="nocacheid: no such file, and no video of that id"):
         detect("nocacheid", checkpoint, out=tmp_path, cache=store.root)
+
+
+# --- live sources that end badly (a local TCP server sending MPEG-TS) ----------------------
+
+@pytest.fixture(scope="module")
+def live(setup, tmp_path_factory):
+    """(MPEG-TS bytes of a synthetic video, its features, the offline model's probabilities)."""
+    data, store, checkpoint = setup
+    ts = to_mpegts(data.videos_dir / "synth_001.mp4", tmp_path_factory.mktemp("live") / "clip.ts")
+    detector = vidpipe.Detector.from_checkpoint(checkpoint, device="cpu")
+    rgb, flow, _ = detector.extractor({}).extract(ts)
+    return ts.read_bytes(), rgb, flow
+
+
+def test_a_stream_reset_keeps_every_decided_step(setup, live, tmp_path):
+    _, _, checkpoint = setup
+    data, rgb, flow = live
+    events = tmp_path / "events.jsonl"
+    with LiveServer([(data[: len(data) // 2], "reset")]) as server:
+        with pytest.raises(VidpipeError, match=r"stream failed at .* \(connection reset\) \(the \d+ "
+                                               r"steps decided before are in .*timeline.json\)"):
+            detect(server.url, checkpoint, out=tmp_path, events=events, picture=False)
+    (saved,) = tmp_path.glob("*.timeline.json")
+    timeline = Timeline.load(saved)
+    assert timeline.metadata["ended_by"] == "error"
+    assert "connection reset" in timeline.metadata["error"]
+    steps = len(timeline.timestamps)
+    assert 4 <= steps < len(rgb)
+    model, _ = load_model(checkpoint)
+    np.testing.assert_allclose(timeline.probs, predict_offline(model, rgb[:steps], flow[:steps]),
+                               atol=1e-4)
+    starts = {(e["class"], e["video_time_s"]) for e in map(json.loads, events.read_text().splitlines())
+              if e["event"] == "start"}
+    assert starts == {(s.label, round(s.start_s, 4)) for s in timeline.segments}
+
+
+def test_reconnect_continues_the_stream_with_the_detector_state(setup, live, tmp_path):
+    _, _, checkpoint = setup
+    data, rgb, flow = live
+    with LiveServer([(data[: len(data) // 2], "reset"), (data, "close")]) as server:
+        (detection,) = detect(server.url, checkpoint, out=tmp_path, picture=False, reconnect=2)
+    assert server.connections == 2
+    timeline = detection.timeline
+    assert detection.ended_by == "eof" and timeline.metadata["error"] is None
+    (reconnect,) = timeline.metadata["reconnects"]
+    before = round(reconnect["at_s"] / 0.25)
+    assert 4 <= before < len(rgb) and "connection reset" in reconnect["error"]
+    # one stream: the step grid continues, and the model saw the steps before the drop
+    np.testing.assert_allclose(timeline.timestamps, np.arange(before + len(rgb)) * 0.25)
+    model, _ = load_model(checkpoint)
+    expected = predict_offline(model, np.concatenate([rgb[:before], rgb]),
+                               np.concatenate([flow[:before], flow]))
+    np.testing.assert_allclose(timeline.probs, expected, atol=1e-4)
+
+
+def test_ctrl_c_on_a_stalled_stream_writes_the_timeline_and_exits_130(setup, live, tmp_path,
+                                                                       lines):
+    _, _, checkpoint = setup
+    data, rgb, _ = live
+
+    def interrupt_after_the_first_event():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(" start " in line for line in lines()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with LiveServer([(data[: len(data) // 2], "stall")]) as server:
+        threading.Thread(target=interrupt_after_the_first_event, daemon=True).start()
+        with pytest.raises(SystemExit) as info:
+            main(["detect", server.url, "--checkpoint", str(checkpoint), "--out", str(tmp_path),
+                  "--live", "--no-picture", "--timeout", "60"])
+    assert info.value.code == 130
+    (saved,) = tmp_path.glob("*.timeline.json")
+    timeline = Timeline.load(saved)
+    assert timeline.metadata["ended_by"] == "interrupt"
+    assert 1 <= len(timeline.timestamps) < len(rgb) and timeline.segments
+
+
+def test_a_refused_rtsp_source_says_so(setup, tmp_path, capsys):
+    _, _, checkpoint = setup
+    url = f"rtsp://127.0.0.1:{free_port()}/cam"
+    with pytest.raises(SystemExit) as info:
+        main(["detect", url, "--checkpoint", str(checkpoint), "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: {url}: cannot open the stream: connection refused\n"
+    assert not list(tmp_path.iterdir())
