@@ -38,16 +38,21 @@ def load_config(cls: type[T], path: str | Path | None = None,
     (`model.sparse_k=290`, `model.sparse_k=null`, `train.amp=false`).
     """
     source = str(path) if path is not None else "defaults"
-    data: dict = {}
-    if path is not None:
-        path = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise VidpipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
-        if not isinstance(data, dict):
-            raise VidpipeError(f"{path}: expected a mapping at the top level")
+    data = read_config_file(path) if path is not None else {}
     return from_dict(cls, _with_overrides(data, overrides), source)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping of a YAML config file (a path or a shipped config's name), unchecked:
+    for callers that need to know which keys the file itself sets."""
+    path = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise VidpipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise VidpipeError(f"{path}: expected a mapping at the top level")
+    return data
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -121,4 +121,28 @@ class TrainWindows(Dataset):
                   for name, array in window._asdict().items()}   # rgb_long (L, Dr) ... flow_short (S, Df)
         sample["targets"] = torch.from_numpy(video.targets[short_idx])     # (S, C+1)
         sample["valid"] = torch.from_numpy(~video.ambiguous[short_idx])    # (S,)
+        sample["window"] = torch.tensor(index)     # names the video in error messages
         return sample
+
+    def video_of(self, index: int) -> str:
+        return self.windows[index][0]
+
+
+def held_out_videos(video_ids: list[str], fraction: float, seed: int) -> list[str]:
+    """The validation videos of `data.val_fraction`: round(fraction * n) of `video_ids` (at
+    least 1), drawn by a generator seeded with `seed` from the sorted ids, so that the same
+    labels and seed always hold out the same videos, in any process."""
+    ids = sorted(video_ids)
+    count = max(1, round(fraction * len(ids)))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[:count])
+
+
+def feature_dims(store: FeatureStore, videos: dict[str, VideoData]) -> tuple[int, int]:
+    """(rgb_dim, flow_dim): from the cache's manifest settings (extracted caches record them),
+    else from the videos already loaded (imported caches record no sizes)."""
+    settings = store.settings or {}
+    if "rgb_dim" in settings and "flow_dim" in settings:
+        return int(settings["rgb_dim"]), int(settings["flow_dim"])
+    first = next(iter(videos.values()))
+    return first.rgb.shape[1], first.flow.shape[1]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vidpipe.malt.checkpoint import Checkpoint, load_model
+from vidpipe.malt.config import describe_selection
 from vidpipe.malt.data import VideoData, load_videos, resolve_labels
 from vidpipe.malt.metrics import detection_report
 from vidpipe.malt.model import MALT
@@ -32,6 +33,8 @@ def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
     and no long memory exists yet, so its output at step t equals that of the window ending
     at t. Every later step is the last output of its own window (sliding, stride 1).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = model.cfg
     device = next(model.parameters()).device
     was_training = model.training
@@ -42,9 +45,8 @@ def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
     rgb_t = _with_zero_row(rgb, device)                                  # (T+1, Dr)
     flow_t = _with_zero_row(flow, device)                                # (T+1, Df)
     num_steps = len(rgb)
-    probs = np.empty((num_steps, cfg.num_classes), np.float32)
     if num_steps == 0:
-        return probs
+        return np.zeros((0, cfg.num_classes), np.float32)
 
     def forward(ends: list[int]) -> torch.Tensor:
         indices = [window_indices(t, cfg) for t in ends]
@@ -55,11 +57,14 @@ def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
         return logits.float().softmax(dim=-1)
 
     first = min(num_steps, cfg.short_memory_steps) - 1
-    probs[:first + 1] = forward([first])[0].cpu().numpy()
+    # Built from the computed rows only: a step no forward pass covered cannot pass unseen.
+    chunks = [forward([first])[0].cpu().numpy()]                                      # steps 0..first
     for start in range(first + 1, num_steps, batch_size):
         ends = list(range(start, min(start + batch_size, num_steps)))
-        probs[start:start + len(ends)] = forward(ends)[:, -1].cpu().numpy()
+        chunks.append(forward(ends)[:, -1].cpu().numpy())
     model.train(was_training)
+    probs = np.concatenate(chunks).astype(np.float32, copy=False)
+    assert len(probs) == num_steps, (len(probs), num_steps)
     return probs
 
 
@@ -100,23 +105,30 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     """`vidpipe eval`: metrics of a checkpoint on a split of a cache (default: its test split).
 
     Returns {"mAP", "mcAP", "num_frames", "num_videos", "per_class", "checkpoint", "cache",
-    "split", "epoch"} and writes it as JSON to `out` when given.
+    "split", "epoch", "selection" (which videos chose the run's best.pt), "selected_on_test"}
+    and writes it as JSON to `out` when given.
     """
+    if batch_size < 1:
+        raise VidpipeError(f"--batch-size must be >= 1 (windows per forward pass), got {batch_size}")
     model, ckpt = load_model(checkpoint, device)
     store = FeatureStore.open(cache)
     label_set, labels_source = resolve_labels(store, labels)
     check_compatible(ckpt, store, label_set.class_names, checkpoint, labels_source)
-    split = split or ckpt.model_config(str(checkpoint)).data.test_split
+    config = ckpt.model_config(str(checkpoint))
+    split = split or config.data.test_split
     video_ids = label_set.split(split)
     if not video_ids:
-        raise VidpipeError(f"{labels_source}: no videos in split '{split}'")
+        known = sorted(set(label_set.splits.values()))
+        raise VidpipeError(f"{labels_source}: no videos in split '{split}'"
+                           + (f" (splits there: {', '.join(known)})" if known else ""))
     videos = load_videos(store, label_set, video_ids, labels_source)
     first = next(iter(videos.values()))
     if (first.rgb.shape[1], first.flow.shape[1]) != (model.cfg.rgb_dim, model.cfg.flow_dim):
         raise VidpipeError(f"{cache}: features are {first.rgb.shape[1]}+{first.flow.shape[1]}-dim, "
                            f"{checkpoint} expects {model.cfg.rgb_dim}+{model.cfg.flow_dim}")
     report = evaluate_videos(model, videos, label_set.class_names, batch_size)
-    report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch)
+    report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch,
+                  selection=describe_selection(config), selected_on_test=config.train.select_on_test)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         # NaN (no class with a positive step) is not JSON: written as null.

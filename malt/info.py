@@ -45,8 +45,10 @@ def count_macs(fn) -> int:
 def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
     torch.manual_seed(seed)
     model = MALT(cfg).eval()
+    learned_positions = sum(p.numel() for p in (model.long_pos, model.short_pos)
+                            if isinstance(p, torch.nn.Parameter))   # sinusoidal: buffers, no parameters
     params = {"input fusion + positions": count_params(model.long_fusion) + count_params(model.short_fusion)
-              + model.long_pos.numel() + model.short_pos.numel()}
+              + learned_positions}
     for n, branch in enumerate(model.encoder.branches, start=1):
         params[f"encoder branch {n}"] = count_params(branch)
     params[f"decoder ({cfg.decoder}, {cfg.num_branches} stages)"] = count_params(model.decoder)

@@ -1,7 +1,8 @@
 """MALT's training loss: multi-label cross-entropy on soft targets, plus auxiliary terms.
 
 As in LSTR ('MCE') and the MALT authors' code: per step, -sum_c target_c * log_softmax(logits)_c,
-averaged over the steps that are not ambiguous. The auxiliary loss applies the same criterion
+averaged over the steps that are not ambiguous; a frame with several actions has a 1 in each
+of their columns (`model.multi_label_targets: lstr`) or 1/k (`normalised`). The auxiliary loss applies the same criterion
 to each encoder output f_n (token i supervised by short-memory step i's label) and is added
 with weight `aux_weight`: total = L_dec + aux_weight * sum_n L_aux(f_n).
 
@@ -34,15 +35,32 @@ def soft_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
     return (per_step * valid).sum()
 
 
+def loss_targets(targets: torch.Tensor, multi_label: str = "lstr") -> torch.Tensor:
+    """The rows the loss is computed against, from the stored targets (rows summing to 1).
+
+    'lstr': multi-hot, as LSTR's target files: a frame with k actions counts -log p once per
+    action (k times the weight of a one-action frame). 'normalised': the stored rows, 1/k on
+    each action. Rows with one class are the same either way.
+    """
+    if multi_label == "lstr":
+        return (targets > 0).to(targets.dtype)
+    if multi_label == "normalised":
+        return targets
+    raise ValueError(f"multi_label must be 'lstr' or 'normalised', got {multi_label!r}")
+
+
 def malt_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], targets: torch.Tensor,
               valid: torch.Tensor, aux_weight: float, use_aux: bool,
-              num_valid: torch.Tensor | float | None = None) -> LossTerms:
+              num_valid: torch.Tensor | float | None = None,
+              multi_label: str = "normalised") -> LossTerms:
     """Decoder loss + auxiliary losses of the encoder outputs.
 
-    logits (B, S, C+1); aux_logits: list of (B, Q, C+1); targets (B, S, C+1); valid (B, S).
-    Encoder token i is supervised by short step i, for i < min(Q, S). `num_valid` defaults to
-    the valid steps of this batch.
+    logits (B, S, C+1); aux_logits: list of (B, Q, C+1); targets (B, S, C+1) as stored (rows
+    summing to 1), turned into the loss's rows by `loss_targets(targets, multi_label)`;
+    valid (B, S). Encoder token i is supervised by short step i, for i < min(Q, S).
+    `num_valid` defaults to the valid steps of this batch.
     """
+    targets = loss_targets(targets, multi_label)
     if num_valid is None:
         num_valid = valid.sum()
     denominator = torch.as_tensor(num_valid, dtype=torch.float32, device=logits.device).clamp(min=1)

@@ -9,6 +9,7 @@ Where the paper is silent the structure follows the authors' code and LSTR (docs
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -185,6 +186,17 @@ class RecurrentDecoder(nn.Module):
         return x
 
 
+def sinusoidal_encoding(num_positions: int, d_model: int) -> torch.Tensor:
+    """(num_positions, d_model) fixed encodings of LSTR's PositionalEncoding (the authors'
+    too): sin on even dimensions, cos on odd ones, wavelengths from 2 pi to 10000 * 2 pi."""
+    position = torch.arange(num_positions, dtype=torch.float).unsqueeze(1)             # (P, 1)
+    frequency = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
+    table = torch.zeros(num_positions, d_model)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table
+
+
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
     """(1, length, length) bool: step i may attend to steps 0..i."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]
@@ -202,18 +214,34 @@ class MALT(nn.Module):
         # Separate input heads for the two memories (LSTR, authors' code).
         self.long_fusion = FeatureFusion(cfg.rgb_dim, cfg.flow_dim, d)
         self.short_fusion = FeatureFusion(cfg.rgb_dim, cfg.flow_dim, d)
-        # Learned positional encodings: one per long-memory slot and per short-memory position.
-        self.long_pos = nn.Parameter(torch.zeros(self.num_long_tokens, d))       # (L, D)
-        self.short_pos = nn.Parameter(torch.zeros(cfg.short_memory_steps, d))    # (S, D)
+        # Positional encodings, one per long-memory slot (oldest first) and per short-memory
+        # position, added to the fused features. sinusoidal (LSTR, the authors): a fixed
+        # buffer, the short memory's positions following the long memory's (L .. L+S-1);
+        # learned: parameters, init N(0, 0.02) truncated.
+        num_short = cfg.short_memory_steps
+        if cfg.pos_encoding == "sinusoidal":
+            table = sinusoidal_encoding(self.num_long_tokens + num_short, d)
+            self.register_buffer("long_pos", table[:self.num_long_tokens].clone(), persistent=False)
+            self.register_buffer("short_pos", table[self.num_long_tokens:].clone(), persistent=False)
+        else:
+            self.long_pos = nn.Parameter(torch.zeros(self.num_long_tokens, d))   # (L, D)
+            self.short_pos = nn.Parameter(torch.zeros(num_short, d))             # (S, D)
         self.pos_drop = nn.Dropout(cfg.dropout)
         self.encoder = HierarchicalEncoder(cfg)
         self.decoder = RecurrentDecoder(cfg)
         self.classifier = nn.Linear(d, cfg.num_classes)     # shared by decoder and encoder outputs
         # Linear layers keep PyTorch's default init, as in LSTR and the authors' code: timm's
         # N(0, 0.02) leaves small models (d_model 32..64) unable to use the long memory at
-        # all (tests/test_learning.py stays at chance with it).
-        for p in [self.long_pos, self.short_pos, *(b.queries for b in self.encoder.branches)]:
-            nn.init.trunc_normal_(p, std=0.02)
+        # all (tests/test_learning.py stays at chance with it). Latent queries: N(0, 1) as
+        # the authors' nn.Embedding, or N(0, 0.02) truncated.
+        if cfg.pos_encoding == "learned":
+            for p in (self.long_pos, self.short_pos):
+                nn.init.trunc_normal_(p, std=0.02)
+        for branch in self.encoder.branches:
+            if cfg.query_init == "embedding":
+                nn.init.normal_(branch.queries)
+            else:
+                nn.init.trunc_normal_(branch.queries, std=0.02)
 
     def forward(self, rgb_long: torch.Tensor, flow_long: torch.Tensor, long_valid: torch.Tensor,
                 rgb_short: torch.Tensor, flow_short: torch.Tensor) -> MALTOutput:

@@ -203,21 +203,32 @@ def export_features(cache: str, out: str, layout: str, labels: str | None, rgb_d
               help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder, e.g. runs/NAME.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--init-from", default=None, type=click.Path(path_type=str),
+              help="Start from this checkpoint's weights (new optimiser; the classifier is "
+                   "re-initialised when the class count differs), e.g. to adapt a model to your classes.")
 @set_option("model.sparse_k=290")
+@click.option("--epochs", default=None, type=int, help="Shortcut for --set train.epochs=N.")
+@click.option("--lr", default=None, type=float, help="Shortcut for --set train.lr=X.")
+@click.option("--batch-size", default=None, type=int, help="Shortcut for --set train.batch_size=N (global).")
+@click.option("--seed", default=None, type=int, help="Shortcut for --set train.seed=N.")
 @device_option()
 def train(config: str | None, cache: str, labels: str | None, out: str, resume: bool,
-          overrides: tuple[str, ...], device: str | None) -> None:
+          init_from: str | None, overrides: tuple[str, ...], epochs: int | None, lr: float | None,
+          batch_size: int | None, seed: int | None, device: str | None) -> None:
     """Train MALT on the train split of CACHE; the same command under torchrun uses DDP."""
     from vidpipe.malt.train import train as train_model
 
     if config is None and not resume:
         raise click.UsageError("--config is required (except with --resume)")
-    history = train_model(config, cache, out, labels=labels, overrides=overrides,
-                          resume=resume, device=device)
+    shortcuts = [f"train.{key}={value!r}" for key, value in
+                 (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
+                 if value is not None]
+    history = train_model(config, cache, out, labels=labels, overrides=[*overrides, *shortcuts],
+                          resume=resume, device=device, init_from=init_from)
     if history:
         click.echo(f"{out}: {len(history)} epochs; last: "
                    + ", ".join(f"{k}={v:.4g}" for k, v in history[-1].items()
-                               if k.startswith(("train_loss", "test_"))))
+                               if k.startswith(("train_loss", "val_", "test_"))))
 
 
 @cli.command("eval")
@@ -237,6 +248,8 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
 
     report = evaluate(checkpoint, cache, labels=labels, split=split, out=out, device=device,
                       batch_size=batch_size)
+    click.echo(f"{checkpoint} (epoch {report['epoch']}); model selection of its run: "
+               f"{report['selection']}")
     click.echo(format_table(report))
     click.echo(f"{report['num_videos']} videos, {report['num_frames']} frames (split "
                f"'{report['split']}'): mAP {100 * report['mAP']:.2f}, mcAP {100 * report['mcAP']:.2f}"

@@ -147,3 +147,20 @@ def test_encoder_runs_once_per_stride_steps_and_only_grid_steps_are_projected(ch
     # One fused row per grid step (s % stride == stride - 1), nothing else.
     assert fused_rows == [1] * len(range(stride - 1, num_steps, stride))
     np.testing.assert_allclose(streamed, offline_probs(model, rgb, flow, range(num_steps)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("query_init", ["embedding", "trunc_normal"])
+def test_streaming_is_exact_under_every_paper_switch(pos_encoding, query_init):
+    """The authors' choices (sinusoidal positions, the short memory's after the long memory's;
+    N(0, 1) queries) and ours stream exactly alike."""
+    model = tiny_model(pos_encoding=pos_encoding, query_init=query_init)
+    rgb, flow = random_video(NUM_STEPS, model.cfg)
+    streamed = stream_probs(OnlineDetector(model), rgb, flow)
+    np.testing.assert_allclose(streamed, offline_probs(model, rgb, flow, range(NUM_STEPS)),
+                               atol=1e-5, rtol=0)
+    assert np.abs(np.diff(streamed, axis=0)).max() > 1e-2
+    if pos_encoding == "sinusoidal":
+        assert not any(name.endswith("_pos") for name in model.state_dict())   # fixed, not weights
+        L = model.num_long_tokens
+        torch.testing.assert_close(model.short_pos[0, :2], torch.tensor([np.sin(L), np.cos(L)]).float())

@@ -28,9 +28,10 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache):
-    """One 3-epoch run through the CLI, shared by the tests that only read it."""
+    """One 3-epoch run through the CLI, shared by the tests that only read it; one of the
+    three training videos held out for model selection."""
     root = tmp_path_factory.mktemp("run")
-    config = write_config(root / "tiny.yaml")
+    config = write_config(root / "tiny.yaml", data={"val_fraction": 0.34})
     main(["train", "--config", str(config), "--cache", str(cache), "--out", str(root / "run")])
     return root / "run"
 
@@ -40,7 +41,9 @@ def test_run_folder(trained, cache):
                                                    "best.pt", "checkpoints"}
     history = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert all(np.isfinite(h["train_loss"]) and 0 <= h["test_mAP"] <= 1 for h in history)
+    assert all(np.isfinite(h["train_loss"]) and 0 <= h["test_mAP"] <= 1 and 0 <= h["val_mAP"] <= 1
+               for h in history)
+    assert all("held out of split 'train'" in h["selection"] for h in history)
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["epoch_002.pt", "epoch_003.pt"]
     # the recorded config holds the dimensions taken from the data
     recorded = yaml.safe_load((trained / "config.yaml").read_text())
@@ -53,7 +56,8 @@ def test_run_folder(trained, cache):
     assert raw["feature_settings"] == FeatureStore.open(cache).settings
     assert raw["class_names"] == ["background", "action_1", "action_2"] and raw["epoch"] == 3
     best = torch.load(trained / "best.pt", weights_only=True)
-    assert best["best"] == max(h["test_mAP"] for h in history)
+    assert best["best"] == max(h["val_mAP"] for h in history)      # chosen on validation videos
+    assert best["epoch"] == max(history, key=lambda h: h["val_mAP"])["epoch"]
 
 
 def test_eval_cli_matches_training_record(trained, cache, tmp_path, capsys):

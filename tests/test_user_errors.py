@@ -39,11 +39,11 @@ def test_bad_device_names_the_device(run, tmp_path, capsys, monkeypatch):
     err = cli_error(capsys, ["train", "--config", str(write_config(tmp_path / "c.yaml")),
                              "--cache", str(cache), "--out", str(tmp_path / "r"), "--device", "gpu"])
     assert "device 'gpu': not a torch device" in err
-    err = cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
+    err = cli_error(capsys, ["eval", "--checkpoint", str(folder / "last.pt"), "--cache", str(cache),
                              "--device", "gpu"])
     assert "device 'gpu': not a torch device" in err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    err = cli_error(capsys, ["eval", "--checkpoint", str(folder / "best.pt"), "--cache", str(cache),
+    err = cli_error(capsys, ["eval", "--checkpoint", str(folder / "last.pt"), "--cache", str(cache),
                              "--device", "cuda"])
     assert "device 'cuda': CUDA is not available" in err and "checkpoint" not in err
 
