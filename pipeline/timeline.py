@@ -287,16 +287,12 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MultipleLocator
 
     dpi = 100
     names = timeline.class_names
     colours = plt.get_cmap("tab10" if len(names) <= 11 else "tab20")
     colour = {name: colours((i - 1) % colours.N) for i, name in enumerate(names)}
     duration = max(timeline.duration_s, timeline.step_seconds)
-
-    peaks = timeline.probs[:, 1:].max(axis=0) if len(timeline.probs) else np.zeros(len(names) - 1)
-    top = [int(i) + 1 for i in np.argsort(-peaks, kind="stable")[:top_classes]]
     # Optional ground truth ({"label", "start_s", "end_s"} dicts in the metadata, as the
     # demo records it): drawn as a pale band under each row's detections.
     truth = [t for t in timeline.metadata.get("ground_truth") or [] if t["label"] in names]
@@ -311,7 +307,18 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
     fig.suptitle(f"{title}  ·  {len(timeline.segments)} action segment"
                  f"{'' if len(timeline.segments) == 1 else 's'}  ·  "
                  f"{format_time(duration, 1)}", fontsize=12)
+    _draw_bands(bands, timeline, rows, truth, colour)
+    _draw_curves(curves, timeline, top_classes, duration, colour)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as temp:
+        fig.savefig(temp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
 
+
+def _draw_bands(bands, timeline: Timeline, rows: list[str], truth: list[dict],
+                colour: dict) -> None:
+    """One row per class: detected segments, the ground truth (if any) pale beneath."""
     detected_height = 0.5 if truth else 0.8
     for row, label in enumerate(rows):
         spans = [(s.start_s, s.end_s - s.start_s) for s in timeline.segments if s.label == label]
@@ -329,6 +336,15 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
                     fontsize=10, loc="left")
     bands.grid(axis="x", alpha=0.3)
 
+
+def _draw_curves(curves, timeline: Timeline, top_classes: int, duration: float,
+                 colour: dict) -> None:
+    """Probability curves of the classes with the highest peaks, on the adaptive time axis."""
+    from matplotlib.ticker import MultipleLocator
+
+    names = timeline.class_names
+    peaks = timeline.probs[:, 1:].max(axis=0) if len(timeline.probs) else np.zeros(len(names) - 1)
+    top = [int(i) + 1 for i in np.argsort(-peaks, kind="stable")[:top_classes]]
     for c in top:
         t, p = downsample_max(timeline.timestamps, timeline.probs[:, c])
         curves.plot(t + timeline.step_seconds / 2, p, color=colour[names[c]], lw=1.2,
@@ -345,10 +361,4 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
     curves.xaxis.set_major_formatter(_tick_formatter(duration))
     curves.set_xlabel("time (s)" if duration < 60 else
                       "time (m:ss)" if duration < 3600 else "time (h:mm:ss)")
-
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as temp:
-        fig.savefig(temp, dpi=dpi, format="png")
-    plt.close(fig)
-    return Path(path)
 

@@ -84,6 +84,19 @@ def test_live_events_agree_with_final_segments():
         ("Bounce", 0.25, 1.75), ("Spin", 2.5, 3.25)]
 
 
+def test_active_segments_are_those_announced_and_not_ended():
+    labels = [0, 1, 1, 1, 0, 1, 1, 0, 0, 0, 2, 2, 2, 0, 1, 0, 0]
+    segmenter = Segmenter(NAMES, STEP, TimelineSettings(min_duration_s=0.5, merge_gap_s=0.25))
+    active = []
+    for t, row in enumerate(probs_from(labels)):
+        segmenter.step(t * STEP, row)
+        active.append([(s.label, s.start_s) for s in segmenter.active()])
+    # Bounce from its start event (step 2) until its end event (step 8); the one-step
+    # Bounce at step 14 is never announced
+    assert active == [[], [], *[[("Bounce", 0.25)]] * 6, [], [], [], *[[("Spin", 2.5)]] * 3, [], [], []]
+    assert segmenter.active() == [] and segmenter.finish() == []
+
+
 def test_format_time():
     assert format_time(72.5) == "00:01:12.50"
     assert format_time(3723.25) == "01:02:03.25"
