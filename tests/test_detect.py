@@ -171,6 +171,10 @@ def test_python_api_detector(setup, tmp_path):
                                atol=1e-5)
     detector.reset()   # its own stream starts again; the run's stream did not disturb it
     np.testing.assert_allclose(detector.step(features.rgb[0], features.flow[0]), rows[0], atol=1e-5)
+    # --int8: the same detector with dynamic int8 linear layers, close to fp32, not equal
+    int8 = vidpipe.Detector.from_checkpoint(checkpoint, device="cpu", int8=True)
+    quantised = np.stack([int8.step(r, f) for r, f in zip(features.rgb, features.flow)])
+    assert 0 < np.abs(quantised - rows).max() < 0.1
 
 
 def test_cache_with_other_settings_is_refused(setup, tmp_path):
