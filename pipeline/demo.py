@@ -54,6 +54,7 @@ class DemoResult:
     timeline_json: str
     timeline_png: str
     checkpoint: str                 # the model evaluated and run
+    selection: str                  # which videos chose that model (none: the last epoch's)
     summary_file: str               # this result as JSON
     seconds: dict[str, float]       # wall time per stage, and total
 
@@ -64,6 +65,7 @@ class DemoResult:
             f"timeline picture: {self.timeline_png}",
             f"timeline JSON:    {self.timeline_json}",
             f"model:            {self.checkpoint}",
+            f"model selection:  {self.selection}",
             f"done in {self.seconds['total']:.0f} s; summary in {self.summary_file}"])
 
 
@@ -117,6 +119,7 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> DemoResult:
                         per_class_AP={k: float(v["AP"]) for k, v in report["per_class"].items()},
                         timeline_json=str(detection.files["json"]),
                         timeline_png=str(detection.files["png"]), checkpoint=str(checkpoint),
+                        selection=report["selection"],
                         summary_file=str(out / SUMMARY_FILE), seconds=clock.total())
     write_text_atomically(out / SUMMARY_FILE, json.dumps(asdict(result), indent=2))
     return result
