@@ -17,7 +17,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
-test: install
+# Test-only reference implementations (tests/test_recipes.py compares vidpipe's features with
+# them), installed into their own folder, never into the venv: mmaction2 1.1.0 (1.2.0's wheel
+# lacks localizers/drn) with the dependencies it imports, and pretrainedmodels (BN-Inception).
+REFIMPL := .refimpl
+REFIMPL_PACKAGES := mmaction2==1.1.0 mmengine==0.10.7 mmcv-lite==2.0.1 pretrainedmodels==0.7.4 \
+	addict==2.4.0 yapf==0.43.0 termcolor==3.3.0 rich==15.0.0 platformdirs==4.14.8 einops==0.8.2 munch==4.0.0
+
+$(REFIMPL)/.installed: Makefile | $(VENV)/.installed
+	rm -rf $(REFIMPL)
+	$(BIN)/pip install --no-deps --target $(REFIMPL) $(REFIMPL_PACKAGES)
+	touch $@
+
+test: install $(REFIMPL)/.installed
 	$(BIN)/python -m pytest
 
 demo: install
@@ -30,4 +42,4 @@ bench: install
 	$(BIN)/python bench/detect.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(REFIMPL) demo_out .pytest_cache

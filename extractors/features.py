@@ -9,6 +9,7 @@ live detector uses it to featurise new video exactly like the training cache).
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,13 +20,15 @@ import torch
 
 from vidpipe.extractors.backbone import file_sha256
 from vidpipe.extractors.decode import Chunk, VideoSource
-from vidpipe.extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow
+from vidpipe.extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow, tvl1_expected_time
 from vidpipe.extractors.rgb import RGBStream, resize_short_side
+from vidpipe.extractors.tsn import RECIPES, TSNFlowStream, TSNRGBStream
 from vidpipe.core.device import resolve_device
 from vidpipe.core.errors import VidpipeError
 from vidpipe.core.settings import differing_keys
 
 RESIZE_BYTES = 128 << 20   # float frames resized at once: bounds memory for 4K sources
+log = logging.getLogger("vidpipe")
 
 
 @dataclass
@@ -33,11 +36,12 @@ class FeatureSettings:
     """What `vidpipe extract` computes. Defaults follow TSN features at 24 fps, chunks of 6."""
     fps: float = 24.0                    # frames per second after resampling
     chunk: int = 6                       # frames per feature step (step = chunk / fps seconds)
-    resize: int = 256                    # short side of frames before cropping (flow runs at this size)
-    crop: int = 224                      # centre crop fed to both CNNs
+    resize: int | None = None            # short side before cropping (flow runs at this size);
+    crop: int | None = None              # centre crop fed to both CNNs; None: both from the RGB
+                                         # model's pretrained config (timm data config)
     rgb_backbone: str = "resnet50"       # timm model name (2048-d)
     flow_backbone: str = "resnet50"      # timm model name, built with in_chans = 2 * flow_fields
-    flow_method: Literal["auto", "tvl1", "dis", "raft"] = "auto"   # auto: raft on CUDA, tvl1 on CPU
+    flow_method: Literal["auto", "tvl1", "dis", "raft"] = "auto"   # auto: raft on CUDA, dis on CPU
     flow_fields: int = 5                 # consecutive frame pairs per chunk (at most chunk - 1)
     dis_preset: Literal["ultrafast", "fast", "medium"] = "medium"
     raft_model: Literal["raft_small", "raft_large"] = "raft_large"
@@ -50,6 +54,8 @@ class FeatureSettings:
     batch_size: int = 16                 # steps per CNN batch
     decoder: Literal["auto", "decord", "pyav"] = "auto"   # same frames either way
     amp: bool = True                     # autocast (bf16/fp16) for the CNNs on CUDA
+    recipe: str | None = None            # a named recipe reproducing public features (extractors.tsn)
+    flow_jpeg: bool = False              # recipe: JPEG round trip of the 8-bit flow images (DenseFlow's files)
 
     def validate(self) -> "FeatureSettings":
         problems = []
@@ -59,8 +65,9 @@ class FeatureSettings:
             problems.append(f"chunk must be >= 2 frames for flow (got {self.chunk})")
         if not 1 <= self.flow_fields <= self.chunk - 1:
             problems.append(f"flow_fields must be 1..chunk-1 = {self.chunk - 1} (got {self.flow_fields})")
-        if not 0 < self.crop <= self.resize:
+        if self.crop is not None and not 0 < self.crop <= (self.resize or self.crop):
             problems.append(f"crop must be 1..resize = {self.resize} (got {self.crop})")
+        problems += self._recipe_problems()
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         files = [key for key in ("rgb_weights", "flow_weights", "raft_weights") if getattr(self, key)]
@@ -69,6 +76,19 @@ class FeatureSettings:
         if problems:
             raise VidpipeError("extraction settings: " + "; ".join(problems))
         return self
+
+    def _recipe_problems(self) -> list[str]:
+        """A recipe fixes networks, sizes and flow method: refuse settings it would ignore."""
+        if self.recipe is None:
+            return ["flow_jpeg applies to a --recipe only"] if self.flow_jpeg else []
+        if self.recipe not in RECIPES:
+            return [f"recipe '{self.recipe}': choose one of {', '.join(RECIPES)}"]
+        fixed = {"rgb_backbone": "resnet50", "flow_backbone": "resnet50", "resize": None, "crop": None,
+                 "raft_weights": None}
+        clashing = [key for key, default in fixed.items() if getattr(self, key) != default]
+        if self.flow_method not in ("auto", "tvl1"):
+            clashing.append("flow_method (the recipe's flow is TV-L1)")
+        return [f"recipe {self.recipe} sets its own {key}" for key in clashing]
 
 
 @dataclass
@@ -99,20 +119,12 @@ class TwoStreamExtractor:
     def __init__(self, settings: FeatureSettings, device: str | torch.device | None = None):
         self.settings = settings = replace(settings).validate()
         self.device = resolve_device(device)
-        self.flow_method = settings.flow_method
-        if self.flow_method == "auto":
-            self.flow_method = "raft" if self.device.type == "cuda" else "tvl1"
-        if self.flow_method == "raft":
-            estimator = RAFTFlow(settings.raft_model, settings.raft_iterations,
-                                 weights_file=settings.raft_weights,
-                                 random_init=settings.random_init, seed=settings.seed + 2)
+        self.recipe = RECIPES[settings.recipe] if settings.recipe else None
+        self.flow_method = self._pick_flow_method()
+        if self.recipe:
+            self._build_recipe_streams()
         else:
-            estimator = OpenCVFlow(self.flow_method, settings.dis_preset)
-        self.rgb = RGBStream(settings.rgb_backbone, settings.crop, weights_file=settings.rgb_weights,
-                             random_init=settings.random_init, seed=settings.seed)
-        self.flow = FlowStream(estimator, settings.flow_backbone, settings.flow_fields, settings.crop,
-                               weights_file=settings.flow_weights,
-                               random_init=settings.random_init, seed=settings.seed + 1)
+            self._build_timm_streams()
         self.rgb.to(self.device)
         self.flow.to(self.device)
         self.rgb.backbone.to(memory_format=torch.channels_last)   # faster convolutions on CPU and GPU
@@ -121,6 +133,46 @@ class TwoStreamExtractor:
         self.flow_thread = ThreadPoolExecutor(1, "opencv-flow") if self.flow_method != "raft" else None
         use_amp = settings.amp and self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
+
+    def _pick_flow_method(self) -> str:
+        """auto: RAFT on CUDA, DIS on a CPU (saying so); TV-L1 on a CPU announces its time."""
+        method = self.settings.flow_method
+        if self.recipe:
+            method = "tvl1"
+        elif method == "auto" and self.device.type != "cuda":
+            log.warning("flow: --flow auto uses DIS on the CPU (TV-L1, the field's standard, is about "
+                        "20x slower: --flow tvl1)")
+            return "dis"
+        elif method == "auto":
+            return "raft"
+        if method == "tvl1":
+            short = self.recipe.flow.short if self.recipe else (self.settings.resize or 256)
+            log.warning(tvl1_expected_time(short, self.settings.fps, self.settings.chunk,
+                                           self.settings.flow_fields))
+        return method
+
+    def _build_timm_streams(self) -> None:
+        s = self.settings
+        if self.flow_method == "raft":
+            estimator = RAFTFlow(s.raft_model, s.raft_iterations, weights_file=s.raft_weights,
+                                 random_init=s.random_init, seed=s.seed + 2)
+        else:
+            estimator = OpenCVFlow(self.flow_method, s.dis_preset)
+        self.rgb = RGBStream(s.rgb_backbone, s.crop, weights_file=s.rgb_weights,
+                             random_init=s.random_init, seed=s.seed)
+        config = self.rgb.input_config   # sizes not given follow the RGB model's pretrained config
+        self.resize, self.crop = s.resize or max(config.resize, self.rgb.crop), self.rgb.crop
+        self.interpolation = config.interpolation
+        if self.crop > self.resize:
+            raise VidpipeError(f"extraction settings: crop must be 1..resize = {self.resize} (got {self.crop})")
+        self.flow = FlowStream(estimator, s.flow_backbone, s.flow_fields, self.crop,
+                               weights_file=s.flow_weights, random_init=s.random_init, seed=s.seed + 1)
+
+    def _build_recipe_streams(self) -> None:
+        s = self.settings
+        self.rgb = TSNRGBStream(self.recipe, weights_file=s.rgb_weights, random_init=s.random_init, seed=s.seed)
+        self.flow = TSNFlowStream(self.recipe, s.flow_fields, jpeg=s.flow_jpeg, weights_file=s.flow_weights,
+                                  random_init=s.random_init, seed=s.seed + 1)
 
     # -- description ---------------------------------------------------------------------
     def settings_record(self) -> dict:
@@ -133,26 +185,35 @@ class TwoStreamExtractor:
         s = self.settings
         record = {
             "extractor": "vidpipe two-stream (TSN convention)",
+            "recipe": s.recipe,
             "fps": s.fps,
             "chunk": s.chunk,
             "step_seconds": s.chunk / s.fps,
             "timestamps": "step start, seconds from the first video frame",
-            "resize": s.resize,
-            "crop": s.crop,
-            "rgb_backbone": s.rgb_backbone,
             "rgb_weights": self.rgb.weights_identity,
             "rgb_dim": self.rgb.dim,
-            "rgb_input": f"centre frame (index {s.chunk // 2} of {s.chunk}), imagenet normalisation",
-            "flow_backbone": s.flow_backbone,
             "flow_weights": self.flow.weights_identity,
             "flow_dim": self.flow.dim,
             "flow_method": self.flow_method,
             "flow_estimator": self.flow.estimator.identity,
             "flow_fields": s.flow_fields,
-            "flow_input": f"x/y clipped to +-{FLOW_CLIP:g} px, scaled to [0, 255], mean 128 std 128",
             "random_init": s.random_init,
             "seed": s.seed,
         }
+        if self.recipe:
+            return {**record, **self.recipe.describe(), "rgb_backbone": "resnet50 (mmaction2 TSN)",
+                    "flow_backbone": f"{self.recipe.flow.network} (TSN)",
+                    "flow_images": "8-bit, jpeg round trip" if s.flow_jpeg else "8-bit"}
+        config = self.rgb.input_config
+        record.update({
+            "resize": self.resize,
+            "crop": self.crop,
+            "rgb_backbone": s.rgb_backbone,
+            "rgb_input": (f"centre frame (index {s.chunk // 2} of {s.chunk}), {self.interpolation} resize, "
+                          f"mean {[round(v, 4) for v in config.mean]} std {[round(v, 4) for v in config.std]}"),
+            "flow_backbone": s.flow_backbone,
+            "flow_input": f"x/y clipped to +-{FLOW_CLIP:g} px, scaled to [0, 255], mean 128 std 128",
+        })
         if self.flow_method == "dis":
             record["dis_preset"] = s.dis_preset
         if self.flow_method == "raft":
@@ -175,21 +236,27 @@ class TwoStreamExtractor:
         Hub weights are fetched by name; weights that came from files need those files again
         (checked by sha256). The rebuilt extractor's record must equal `record`.
         """
-        rebuilt = FeatureSettings(
-            fps=record["fps"], chunk=record["chunk"], resize=record["resize"], crop=record["crop"],
-            rgb_backbone=_backbone_name(record["rgb_backbone"], record["rgb_weights"]),
-            flow_backbone=_backbone_name(record["flow_backbone"], record["flow_weights"]),
-            flow_method=record["flow_method"], flow_fields=record["flow_fields"],
-            dis_preset=record.get("dis_preset", "medium"),
-            raft_model=record.get("raft_model", "raft_large"),
-            raft_iterations=record.get("raft_iterations", 12),
+        common = dict(
+            fps=record["fps"], chunk=record["chunk"], flow_fields=record["flow_fields"],
             rgb_weights=_weights_file(record["rgb_weights"], rgb_weights, "rgb"),
             flow_weights=_weights_file(record["flow_weights"], flow_weights, "flow"),
-            raft_weights=_weights_file(record.get("flow_estimator", ""), raft_weights, "raft"),
             random_init=record["random_init"], seed=record["seed"], batch_size=batch_size)
+        if record.get("recipe"):
+            rebuilt = FeatureSettings(recipe=record["recipe"], flow_jpeg="jpeg" in record.get("flow_images", ""),
+                                      **common)
+        else:
+            rebuilt = FeatureSettings(
+                resize=record["resize"], crop=record["crop"],
+                rgb_backbone=_backbone_name(record["rgb_backbone"], record["rgb_weights"]),
+                flow_backbone=_backbone_name(record["flow_backbone"], record["flow_weights"]),
+                flow_method=record["flow_method"], dis_preset=record.get("dis_preset", "medium"),
+                raft_model=record.get("raft_model", "raft_large"),
+                raft_iterations=record.get("raft_iterations", 12),
+                raft_weights=_weights_file(record.get("flow_estimator", ""), raft_weights, "raft"), **common)
         extractor = cls(rebuilt, device)
         mine = extractor.settings_record()
-        mine["rgb_backbone"], mine["flow_backbone"] = record["rgb_backbone"], record["flow_backbone"]
+        if not record.get("recipe"):   # hub tags stand for the name given
+            mine["rgb_backbone"], mine["flow_backbone"] = record["rgb_backbone"], record["flow_backbone"]
         differing = differing_keys(mine, record)
         if differing:
             raise VidpipeError(f"cannot rebuild the feature extractor of this record: it differs in "
@@ -230,7 +297,8 @@ class TwoStreamExtractor:
 
     @torch.inference_mode()
     def features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames (B, K, 3, h, w) float [0, 255], resized, on the device -> rgb (B, Dr), flow (B, Df)."""
+        """frames (B, K, 3, h, w) float [0, 255], resized, on the device -> rgb (B, Dr), flow (B, Df).
+        A recipe's streams take the decoded frames instead: (B, K, H, W, 3) uint8 on the CPU."""
         centre = frames[:, self.settings.chunk // 2]            # (B, 3, h, w)
         pending_flow = self.flow_thread.submit(self.flow.compute_flow, frames) if self.flow_thread else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -245,10 +313,13 @@ class TwoStreamExtractor:
         """(K, H, W, 3) uint8 -> (K, 3, h, w) float on the device, short side = resize.
 
         Resized chunk by chunk, in slices, so a 4K source never sits in memory as floats.
+        A recipe resizes 8-bit images itself, as its references do: frames stay as decoded.
         """
+        if self.recipe:
+            return torch.from_numpy(frames)
         pixels = torch.from_numpy(frames).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         per_slice = max(1, RESIZE_BYTES // (pixels[0].numel() * 4))
-        return torch.cat([resize_short_side(part.float(), self.settings.resize)
+        return torch.cat([resize_short_side(part.float(), self.resize, self.interpolation)
                           for part in pixels.split(per_slice)])
 
     def _steps(self, batch: list[tuple[Chunk, torch.Tensor]]) -> Iterator[Step]:

@@ -10,6 +10,9 @@ Flow methods: OpenCV TV-L1 (the field's standard) and DIS (fast) run on the CPU;
 """
 from __future__ import annotations
 
+import functools
+import time
+
 import cv2
 import numpy as np
 import torch
@@ -53,6 +56,28 @@ class OpenCVFlow(nn.Module):
         return flow.to(first.device)
 
 
+@functools.lru_cache(maxsize=1)
+def _tvl1_seconds_per_pixel() -> float:
+    """Time one TV-L1 pair on this machine (a moving smooth texture, 96x128), per pixel."""
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.integers(0, 256, (96, 160), dtype=np.uint8), (5, 5), 2)
+    first, second = texture[:, :128].copy(), texture[:, 2:130].copy()
+    estimator = cv2.optflow.DualTVL1OpticalFlow_create()
+    start = time.perf_counter()
+    estimator.calc(first, second, None)
+    return (time.perf_counter() - start) / first.size
+
+
+def tvl1_expected_time(short: int, fps: float, chunk: int, fields: int) -> str:
+    """One line: what TV-L1 will cost per minute of 4:3 video at this short side, measured here."""
+    width = round(short * 4 / 3)
+    per_pair = _tvl1_seconds_per_pixel() * short * width
+    per_video_second = per_pair * fps / chunk * fields        # pairs per second of video
+    return (f"flow: TV-L1 on the CPU takes about {per_pair:.2f} s per frame pair at {width}x{short} here: "
+            f"~{per_video_second:.1f} s per second of video, {per_video_second:.0f}x slower than real time "
+            f"(DIS, --flow dis, is ~20x faster)")
+
+
 class RAFTFlow(nn.Module):
     """torchvision RAFT; frames padded to a multiple of 8, at least 128 pixels, as it requires."""
 
@@ -89,6 +114,13 @@ class RAFTFlow(nn.Module):
         return flow[..., :height, :width]
 
 
+def frame_pairs(chunk: int, fields: int) -> tuple[list[int], list[int]]:
+    """Frame indices of the `fields` consecutive pairs, centred in the chunk."""
+    start = (chunk - 1 - fields) // 2
+    first = list(range(start, start + fields))
+    return first, [i + 1 for i in first]
+
+
 def flow_to_input(flow: torch.Tensor) -> torch.Tensor:
     """Flow in pixels -> network input: clipped, scaled to [0, 255] like TSN's flow images,
     normalised with mean 128 and std 128. (No 8-bit rounding: the images are never stored.)"""
@@ -113,16 +145,10 @@ class FlowStream(nn.Module):
     def dim(self) -> int:
         return self.backbone.num_features
 
-    def pairs(self, chunk: int) -> tuple[list[int], list[int]]:
-        """Frame indices of the `fields` consecutive pairs, centred in the chunk."""
-        start = (chunk - 1 - self.fields) // 2
-        first = list(range(start, start + self.fields))
-        return first, [i + 1 for i in first]
-
     def compute_flow(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B, K, 3, h, w) -> flow (B, fields, 2, h, w) in pixels."""
         batch, chunk = frames.shape[:2]
-        first, second = self.pairs(chunk)
+        first, second = frame_pairs(chunk, self.fields)
         flow = self.estimator(frames[:, first].flatten(0, 1), frames[:, second].flatten(0, 1))
         return flow.view(batch, self.fields, *flow.shape[1:])
 

@@ -72,7 +72,10 @@ def cli(quiet: bool, verbose: bool) -> None:
 @device_option()
 @click.option("--flow", "flow_method", type=click.Choice(["auto", "tvl1", "dis", "raft"]), default=None,
               help="Optical flow: tvl1 (standard, slow), dis (fast CPU), raft (GPU); "
-                   "auto = raft on CUDA, tvl1 on CPU.")
+                   "auto = raft on CUDA, dis on CPU.")
+@click.option("--recipe", type=click.Choice(["tsn-kinetics", "tsn-kinetics-r50"]), default=None,
+              help="Reproduce the public TSN Kinetics features (docs/extract.md): RGB and flow weights "
+                   "files from mmaction2 / TSN via --rgb-weights and --flow-weights.")
 @click.option("--rgb-backbone", default=None, help="timm model for the RGB stream (default resnet50).")
 @click.option("--flow-backbone", default=None, help="timm model for the flow stream (default resnet50).")
 @click.option("--rgb-weights", default=None, type=click.Path(path_type=str),
@@ -88,7 +91,7 @@ def cli(quiet: bool, verbose: bool) -> None:
 @set_option("dis_preset=fast --set batch_size=32")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def extract(videos_dir: str, out: str, config: str | None, device: str | None,
-            flow_method: str | None, rgb_backbone: str | None, flow_backbone: str | None,
+            flow_method: str | None, recipe: str | None, rgb_backbone: str | None, flow_backbone: str | None,
             rgb_weights: str | None, flow_weights: str | None, random_init: bool | None,
             workers: int, overrides: tuple[str, ...], no_progress: bool) -> None:
     """Extract two-stream features of every video under VIDEOS_DIR into the cache --out.
@@ -101,7 +104,7 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
     """
     from vidpipe.pipeline.extract import extract_folder, load_settings
 
-    settings = load_settings(config, overrides, flow_method=flow_method, rgb_backbone=rgb_backbone,
+    settings = load_settings(config, overrides, flow_method=flow_method, recipe=recipe, rgb_backbone=rgb_backbone,
                              flow_backbone=flow_backbone, rgb_weights=rgb_weights,
                              flow_weights=flow_weights, random_init=random_init)
     summary = extract_folder(videos_dir, out, settings, device=device, workers=workers,

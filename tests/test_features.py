@@ -74,8 +74,31 @@ def test_default_config_file_equals_the_defaults():
     assert load_config(FeatureSettings, "configs/extract.yaml") == FeatureSettings()
 
 
-def test_auto_flow_is_tvl1_on_cpu():
-    assert TwoStreamExtractor(tiny_settings(flow_method="auto"), device="cpu").flow_method == "tvl1"
+def test_auto_flow_is_dis_on_cpu_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="vidpipe"):
+        assert TwoStreamExtractor(tiny_settings(flow_method="auto"), device="cpu").flow_method == "dis"
+    assert "--flow auto uses DIS on the CPU" in caplog.text
+
+
+def test_tvl1_on_cpu_announces_its_expected_time(caplog):
+    with caplog.at_level("WARNING", logger="vidpipe"):
+        TwoStreamExtractor(tiny_settings(flow_method="tvl1"), device="cpu")
+    line = [r.getMessage() for r in caplog.records if "TV-L1" in r.getMessage()]
+    assert len(line) == 1 and "s per frame pair at 75x56" in line[0] and "slower than real time" in line[0]
+
+
+def test_rgb_preprocessing_follows_the_timm_pretrained_config():
+    """A 0.5-mean model (test_resnet.r160_in1k: mean/std 0.5, 160 px, crop_pct 0.95, bilinear)
+    is normalised with its own constants and sized from its config; no weights are downloaded."""
+    extractor = TwoStreamExtractor(tiny_settings(rgb_backbone="test_resnet.r160_in1k", resize=None, crop=None),
+                                   device="cpu")
+    assert torch.allclose(extractor.rgb.mean.flatten(), torch.full((3,), 127.5))
+    assert torch.allclose(extractor.rgb.std.flatten(), torch.full((3,), 127.5))
+    assert (extractor.resize, extractor.crop, extractor.interpolation) == (168, 160, "bilinear")
+    record = extractor.settings_record()
+    assert "mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5]" in record["rgb_input"] and record["crop"] == 160
+    imagenet = TwoStreamExtractor(tiny_settings(), device="cpu").settings_record()["rgb_input"]
+    assert "mean [0.485, 0.456, 0.406] std [0.229, 0.224, 0.225]" in imagenet
 
 
 def test_bad_settings_are_user_errors():
