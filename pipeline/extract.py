@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import logging
 import os
 import queue
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,10 +29,13 @@ from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor, sta
 from vidpipe.core.config import load_config
 from vidpipe.core.distributed import distributed_env, process_device
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.log import progress_bar
 from vidpipe.store.cache import FeatureStore, video_id_from_path
 
 FINGERPRINT_BYTES = 1 << 20    # hashed from the head and from the tail of each file
 PREFETCH_CHUNKS = 32           # decoded chunks a worker may hold ahead, per video
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,11 +144,9 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
         else:
             pending.append((job, job_print))
 
-    from tqdm import tqdm
-
     show = progress and rank == 0
-    videos_bar = tqdm(total=len(pending), unit="video", desc="videos", disable=not show)
-    steps_bar = tqdm(unit="step", desc="steps", disable=not show, position=1, leave=False)
+    videos_bar = progress_bar(total=len(pending), enabled=show, unit="video", desc="videos")
+    steps_bar = progress_bar(enabled=show, unit="step", desc="steps", position=1, leave=False)
     started = time.perf_counter()
     decoded = _decode_ahead([job for job, _ in pending], extractor, workers)
     try:
@@ -160,8 +161,10 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
                             _video_attrs(job, job_print, source, extractor))
                 summary.extracted.append(job.relative)
                 summary.steps += len(timestamps)
+                log.info("extracted %s: %d steps", job.relative, len(timestamps))
             except Exception as exc:  # a bad file must not stop the batch: record why
                 summary.failed.append((job.relative, _failure(job, exc)))
+                log.warning("failed: %s", summary.failed[-1][1])
             finally:
                 if chunks is not None:
                     chunks.close()   # stops its decoding if abandoned half-way
@@ -234,7 +237,7 @@ def _failure(job: VideoJob, exc: BaseException) -> str:
         message = str(exc)
     else:  # not a known bad-input case: keep the traceback's last line for the report
         message = f"unexpected {type(exc).__name__}: {exc}"
-        traceback.print_exc()
+        log.error("%s: unexpected %s", job.path, type(exc).__name__, exc_info=exc)
     return message if str(job.path) in message else f"{job.path}: {message}"
 
 
