@@ -199,7 +199,7 @@ def _detect_held_out(out: Path, data, checkpoint: Path, device: str):
 
     held_out = data.videos_dir / data.test[0]
     (detection,) = detect(held_out, checkpoint, out=out / "detections", live=True,
-                          device=device, picture=False, echo=log.info)
+                          device=device, picture=False)
     # the demo knows the truth: add it to the timeline, so the picture (drawn once, here)
     # compares the two
     detection.timeline.metadata["ground_truth"] = _ground_truth(data.annotations, held_out.name)
