@@ -288,7 +288,7 @@ def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
               help="Append every start/end event to this JSONL file as it is decided.")
 @click.option("--render", default=None, type=click.Path(path_type=str),
               help="Write the video with the decisions drawn on it (OUT.mp4; several sources: "
-                   "OUT.<name>.mp4 each).")
+                   "<name>.OUT.mp4 each, beside OUT.mp4).")
 @click.option("--reconnect", default=0, show_default=True, type=click.IntRange(min=0),
               help="Open a dropped URL/device again up to N times in a row (back-off 0.5 s, 1 s, ...).")
 @click.option("--timeout", "timeout_s", default=10.0, show_default=True,

@@ -303,8 +303,8 @@ class _Batch:
         if self.options.render is None:
             return None
         path = Path(self.options.render)
-        if len(self.sources) > 1:   # one file per source: review.mp4 -> review.<name>.mp4
-            path = path.with_name(f"{path.stem}.{plan.name}{path.suffix or '.mp4'}")
+        if len(self.sources) > 1:   # one file per source, named like its timeline files
+            path = path.with_name(f"{plan.name}.{path.name}")
         return Renderer(path, self.detector.feature_settings["fps"], self.detector.class_names)
 
     def _write(self, key: int, run: SourceRun) -> None:

@@ -296,6 +296,8 @@ class Engine:
                 self._end(key, Ended("interrupt"))
         finally:
             self.stop.set()
+            for key in self.active:   # only after an unexpected error: free the detector
+                self.detector.remove_stream(key)
 
     def _collect(self) -> dict[int, Step]:
         """The next step of every source that has one; other messages handled on the way."""

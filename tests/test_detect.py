@@ -154,8 +154,8 @@ def test_render_draws_every_frame_of_every_step(setup, tmp_path):
     assert error < 4 and np.abs(frames[0].astype(float) - plain).mean() > 3 * error
     several = detect([data.videos_dir / "synth_000.mp4", data.videos_dir / "synth_001.mp4"],
                      checkpoint, out=tmp_path, render=out, picture=False)
-    assert [d.files["render"].name for d in several] == ["review.synth_000.mp4.mp4",
-                                                          "review.synth_001.mp4.mp4"]
+    assert [d.files["render"].name for d in several] == ["synth_000.mp4.review.mp4",
+                                                          "synth_001.mp4.review.mp4"]
 
 
 def test_python_api_detector(setup, tmp_path):
