@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from vidpipe.malt.config import Config
+from vidpipe.malt.config import Config, saved_config
 from vidpipe.malt.model import MALT
 from vidpipe.core.atomic import atomic_path
-from vidpipe.core.config import from_dict
 from vidpipe.core.device import resolve_device
 from vidpipe.core.errors import VidpipeError, first_line
 
@@ -40,7 +39,7 @@ class Checkpoint:
     best: float | None = None
 
     def model_config(self, source: str = "checkpoint") -> Config:
-        return from_dict(Config, self.config, source)
+        return saved_config(self.config, source)
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:

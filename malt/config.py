@@ -231,3 +231,24 @@ def describe_selection(cfg: Config) -> str:
         return (f"TEST split '{cfg.data.test_split}' (train.select_on_test: figures on that "
                 f"split are optimistic)")
     return "none (no validation split: last.pt is the last epoch's model, no best.pt)"
+
+
+# Configs saved before the paper-recipe switches existed (checkpoints, run folders) trained
+# with what are now the non-default choices: reading them must rebuild that same model.
+BEFORE_SWITCHES = {"model": {"pos_encoding": "learned", "query_init": "trunc_normal",
+                             "multi_label_targets": "normalised"},
+                   "train": {"schedule": "warmup_then_cosine"}}
+
+
+def saved_config(data: dict, source: str = "checkpoint") -> Config:
+    """The Config a checkpoint or run folder recorded; keys it predates take the values it
+    was trained with (BEFORE_SWITCHES), not today's defaults."""
+    data = {section: dict(values) if isinstance(values, dict) else values
+            for section, values in (data or {}).items()}
+    model = data.get("model")
+    if isinstance(model, dict) and "pos_encoding" not in model:
+        for section, values in BEFORE_SWITCHES.items():
+            if isinstance(data.get(section), dict):
+                for key, value in values.items():
+                    data[section].setdefault(key, value)
+    return from_dict(Config, data, source)

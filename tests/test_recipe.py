@@ -355,3 +355,28 @@ def test_eval_is_the_same_at_every_batch_size(cache, run):
 def test_eval_unknown_split_lists_the_splits(cache, run, capsys):
     err = cli_error(capsys, ["eval", "--checkpoint", str(run), "--cache", str(cache), "--split", "val"])
     assert "no videos in split 'val' (splits there: test, train)" in err
+
+
+def test_checkpoints_from_before_the_switches_load_as_they_were_trained(cache, tmp_path):
+    """A checkpoint whose config predates the switches was trained with learned positions,
+    small queries, normalised targets and warmup_then_cosine: it loads as that model."""
+    from vidpipe.malt.checkpoint import Checkpoint, save_checkpoint
+    from vidpipe.core.config import to_dict
+
+    cfg = load_config(Config, write_config(tmp_path / "c.yaml"),
+                      ["model.rgb_dim=6", "model.flow_dim=4", "model.num_classes=3",
+                       "model.pos_encoding=learned", "model.query_init=trunc_normal"])
+    torch.manual_seed(0)
+    model = MALT(cfg.model)
+    old = to_dict(cfg)
+    for section, keys in (("model", ["pos_encoding", "query_init", "multi_label_targets"]),
+                          ("train", ["schedule", "select_on_test"]), ("data", ["val_split", "val_fraction"])):
+        for key in keys:
+            del old[section][key]
+    save_checkpoint(Checkpoint(model.state_dict(), old, FeatureStore.open(cache).settings,
+                               ["background", "action_1", "action_2"]), tmp_path / "old.pt")
+    loaded, checkpoint = load_model(tmp_path / "old.pt")
+    restored = checkpoint.model_config()
+    assert (restored.model.pos_encoding, restored.model.query_init, restored.model.multi_label_targets,
+            restored.train.schedule) == ("learned", "trunc_normal", "normalised", "warmup_then_cosine")
+    assert torch.equal(loaded.long_pos, model.long_pos)
