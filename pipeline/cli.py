@@ -353,6 +353,36 @@ def demo(out, num_videos, duration, epochs, device, seed) -> None:
     click.echo(result.summary())
 
 
+# --- cache maintenance --------------------------------------------------------------------
+
+@cli.group("cache", cls=PipelineGroup)
+def cache_group() -> None:
+    """Check a feature cache's files (checksums, settings) and rebuild its manifest."""
+
+
+@cache_group.command("verify")
+@click.argument("cache", type=click.Path(path_type=str))
+def cache_verify(cache: str) -> None:
+    """Check every video file of CACHE and its manifest; exit 1 when anything is damaged."""
+    from vidpipe.store.cache import check_cache
+
+    result = check_cache(cache)
+    click.echo(result.report())
+    if not result.ok:
+        raise BatchIncomplete(f"{cache}: damaged; `vidpipe cache repair {cache}` sets damaged "
+                              "files aside and rebuilds the manifest")
+
+
+@cache_group.command("repair")
+@click.argument("cache", type=click.Path(path_type=str))
+def cache_repair(cache: str) -> None:
+    """Rebuild CACHE's manifest from its files and move damaged files to CACHE/damaged/
+    (`vidpipe extract` then extracts those videos again)."""
+    from vidpipe.store.cache import check_cache
+
+    click.echo(check_cache(cache, repair=True).report())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one line `error: ...` on stderr and an exit code:
     1 a batch finished with failures, 2 a user mistake, 130 interrupted."""

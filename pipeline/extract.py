@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISSOCK
 from typing import Any, Iterator
 
 from vidpipe.extractors.decode import VIDEO_EXTENSIONS, Chunk, VideoSource
@@ -93,8 +94,11 @@ def find_videos(input_dir: str | Path) -> list[VideoJob]:
         paths, root = [root], root.parent
     elif root.is_dir():
         # Hidden names are metadata, not videos (macOS '._clip.mp4', editors' temporaries).
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+        named = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
                        and not p.name.startswith(".") and not p.is_dir())
+        paths = [p for p in named if _is_regular(p)]
+    elif root.exists() or root.is_symlink():
+        raise VidpipeError(f"{input_dir}: {_not_regular(root)}")
     else:
         raise VidpipeError(f"{input_dir}: no such folder or file")
     jobs = [VideoJob(p, p.relative_to(root).as_posix(), video_id_from_path(p.relative_to(root)))
@@ -107,6 +111,26 @@ def find_videos(input_dir: str | Path) -> list[VideoJob]:
             digest = hashlib.sha1(job.relative.encode()).hexdigest()[:8]
             job.video_id = f"{job.video_id}-{digest}"
     return jobs
+
+
+def _is_regular(path: Path) -> bool:
+    """Only regular files are read: a FIFO, socket or device named .mp4 would block the
+    fingerprint (and the decoder) forever. Others are skipped with a warning."""
+    if path.is_file():
+        return True
+    log.warning("skipping %s: %s", path, _not_regular(path))
+    return False
+
+
+def _not_regular(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    kinds = {S_ISFIFO: "a FIFO", S_ISSOCK: "a socket", S_ISCHR: "a character device",
+             S_ISBLK: "a block device"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+    return f"not a regular file ({kind}), not read"
 
 
 def fingerprint(path: Path) -> str:
@@ -128,7 +152,11 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
     """Extract every video under `input_dir` into the cache `out_dir`; see the module doc."""
     env = distributed_env(rank, world_size)
     rank, world_size = env.rank, env.world_size
-    jobs = find_videos(input_dir)[rank::world_size]
+    jobs = find_videos(input_dir)
+    if not jobs:   # before the cache exists: an empty folder must not leave an empty cache
+        raise VidpipeError(f"{input_dir}: no video files found (looked for "
+                           f"{', '.join(VIDEO_EXTENSIONS)})")
+    jobs = jobs[rank::world_size]
     extractor = TwoStreamExtractor(settings, process_device(device, env))
     store = FeatureStore.open_or_create(out_dir, extractor.settings_record())
     summary = ExtractSummary(str(out_dir), rank, world_size)
@@ -202,12 +230,15 @@ def _all_ranks(summary: ExtractSummary) -> ExtractSummary:
 
 
 def _cached_print(store: FeatureStore, video_id: str) -> str | None:
+    """The source fingerprint of a sound cached file; None (extract again) when the video is
+    not cached or its file is damaged, incomplete or made with other settings."""
     if video_id not in store:
         return None
-    try:
-        return store.attrs(video_id).get("fingerprint")
-    except VidpipeError:
-        return None   # unreadable cache file: extract again
+    problem = store.check(video_id)
+    if problem is not None:
+        log.warning("extracting again: %s", problem)
+        return None
+    return store.attrs(video_id).get("fingerprint")
 
 
 def _video_attrs(job: VideoJob, job_print: str | None, source: VideoSource,
