@@ -47,8 +47,8 @@ def read_config_file(path: str | Path) -> dict:
     for callers that need to know which keys the file itself sets."""
     path = resolve_config_path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_bytes()) or {}   # bytes: a binary file is a YAMLError
+    except (yaml.YAMLError, RecursionError) as exc:
         raise VidpipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise VidpipeError(f"{path}: expected a mapping at the top level")

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from vidpipe.core.atomic import atomic_path
-from vidpipe.core.errors import VidpipeError
+from vidpipe.core.errors import VidpipeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,12 @@ def _add_split(splits: dict[str, str], video: str, split: str, where: str) -> No
 
 
 def _read_csv(path: Path) -> Annotations:
-    with open(path, newline="") as handle:
-        rows = [(i, row) for i, row in enumerate(csv.reader(handle), 1)
-                if row and any(cell.strip() for cell in row)]
+    try:   # utf-8-sig: spreadsheet programs start their CSV files with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = [(i, row) for i, row in enumerate(csv.reader(handle), 1)
+                    if row and any(cell.strip() for cell in row)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise VidpipeError(f"{path}: not a CSV text file ({first_line(exc)})") from None
     columns = list(CSV_COLUMNS[:4])
     if rows and rows[0][1][0].strip().lower() == "video":
         columns = [c.strip().lower() for c in rows.pop(0)[1]]
@@ -241,9 +244,9 @@ def _read_thumos(path: Path) -> Annotations:
 
 def _read_json(path: Path) -> Annotations:
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VidpipeError(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_bytes())   # bytes: any UTF encoding, with or without BOM
+    except (ValueError, RecursionError) as exc:   # JSON and UTF errors; nesting too deep
+        raise VidpipeError(f"{path}: not valid JSON ({first_line(exc)})") from None
     if isinstance(data, dict) and isinstance(data.get("database"), dict):
         return _read_activitynet(path, data["database"])
     if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
@@ -412,7 +415,7 @@ def build_labels(store, annotation_path: str | Path | list[str | Path],
     matches = match_videos(store, annotations.videos, source, skip_missing)
     step_seconds = float(store.settings["step_seconds"])
 
-    videos, splits = {}, {}
+    videos, splits, uncovered = {}, {}, []
     for name, video_id in matches.items():
         if video_id in videos:
             raise VidpipeError(f"{source}: videos '{name}' and another name both match "
@@ -421,6 +424,8 @@ def build_labels(store, annotation_path: str | Path | list[str | Path],
         actions = [(column[s.label], s.start_s, s.end_s) for s in own if s.label != AMBIGUOUS]
         ambiguous = [(0, s.start_s, s.end_s) for s in own if s.label == AMBIGUOUS]
         timestamps = store.timestamps(video_id)
+        uncovered += [s for s in own if s.end_s > s.start_s and not _active_steps(
+            [(0, s.start_s, s.end_s)], timestamps, step_seconds, 1).any()]
         videos[video_id] = VideoLabels(
             targets=segments_to_targets(actions, timestamps, step_seconds, len(names)),
             ambiguous=_active_steps(ambiguous, timestamps, step_seconds, 1)[:, 0])
@@ -430,6 +435,10 @@ def build_labels(store, annotation_path: str | Path | list[str | Path],
         unsplit = sorted(set(videos) - set(splits))
         raise VidpipeError(f"{source}: some videos have a split and others not "
                            f"(e.g. '{unsplit[0]}')")
+    if uncovered:   # past the video's end (wrong video? minutes for seconds?): say so
+        first = uncovered[0]
+        log.warning("%d segment(s) cover no step of their video and label nothing, e.g. %s: "
+                    "[%g, %g] s", len(uncovered), first.where, first.start_s, first.end_s)
     return LabelSet(class_names=names, videos=videos, splits=splits)
 
 

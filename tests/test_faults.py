@@ -30,6 +30,7 @@ from vidpipe.malt.checkpoint import INTEGRITY_KEY, load_model, read_checkpoint, 
 from vidpipe.pipeline.cli import main
 from vidpipe.pipeline.extract import extract_folder
 from vidpipe.store.cache import MANIFEST, FeatureStore
+from vidpipe.store.labels import LabelSet
 
 REPO = Path(__file__).resolve().parents[1]
 # Kill points differ from run to run; a failure names the seed (VIDPIPE_FAULT_SEED=N repeats it).
@@ -285,3 +286,51 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(checkpoint,
     assert list(run.glob(".tmp-*.pt")) and not (run / "last.pt").exists()
     save_checkpoint(read_checkpoint(checkpoint), run / "last.pt")
     assert not list(run.glob(".tmp-*")) and read_checkpoint(run / "last.pt").epoch == 1
+
+
+# --- hostile annotation and config files -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def labelled_cache(tmp_path_factory) -> Path:
+    return random_cache(tmp_path_factory.mktemp("labels") / "cache", num_train=2, num_test=0)
+
+
+@pytest.mark.parametrize("name, content, why", [
+    ("binary.csv", b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 20, "not a CSV text file"),
+    ("deep.json", b"[" * 100_000, "not valid JSON"),
+    ("binary.json", b"\xff\xfe\x00\xd8" * 10, "not valid JSON"),
+])
+def test_binary_and_deep_annotation_files_are_one_line_errors(labelled_cache, tmp_path, capsys,
+                                                              name, content, why):
+    (tmp_path / name).write_bytes(content)
+    err = cli_error(capsys, ["labels", str(tmp_path / name), "--cache", str(labelled_cache),
+                             "--out", str(tmp_path / "labels.h5")])
+    assert f"{name}: {why}" in err
+
+
+def test_binary_and_deep_yaml_configs_are_one_line_errors(labelled_cache, tmp_path, capsys):
+    (tmp_path / "binary.yaml").write_bytes(b"\x00\xff\xfe\x01" * 30)
+    (tmp_path / "deep.yaml").write_text("model: " + "[" * 100_000)
+    for name in ("binary.yaml", "deep.yaml"):
+        err = cli_error(capsys, ["train", "--config", str(tmp_path / name), "--cache",
+                                 str(labelled_cache), "--out", str(tmp_path / "run")])
+        assert f"{name}: not valid YAML" in err
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_header(labelled_cache, tmp_path):
+    csv_file = tmp_path / "excel.csv"
+    csv_file.write_bytes("video,label,start_s,end_s\nvideo_0,jump,1.0,3.0\n".encode("utf-8-sig"))
+    main(["labels", str(csv_file), "--cache", str(labelled_cache), "--out", str(tmp_path / "l.h5")])
+    labels = LabelSet.load(tmp_path / "l.h5")
+    assert labels.class_names == ["background", "jump"]
+    assert labels.videos["video_0"].targets[:, 1].sum() == 8   # 1 s to 3 s: 8 steps of 0.25 s
+
+
+def test_segments_past_the_end_of_their_video_are_counted_and_reported(labelled_cache, tmp_path,
+                                                                       caplog):
+    csv_file = tmp_path / "late.csv"   # the cache's videos last 10 s
+    csv_file.write_text("video,label,start_s,end_s\nvideo_0,jump,1,2\nvideo_0,jump,12,14\n"
+                        "video_1,jump,1e300,1e301\n")
+    main(["labels", str(csv_file), "--cache", str(labelled_cache), "--out", str(tmp_path / "l.h5")])
+    assert "2 segment(s) cover no step of their video" in caplog.text
+    assert "late.csv:3: [12, 14] s" in caplog.text
