@@ -2,9 +2,11 @@
 
 Prints one table: decode speed per backend, flow speed per method, CNN steps/s per backbone,
 and whole extraction as a multiple of real time (DIS + resnet18 on the CPU; RAFT + resnet50
-on CUDA when present). Backbones use random weights (same speed as pretrained, no download).
+on CUDA when present); then each recipe (--recipe) per stage: decode, DenseFlow TV-L1 at the
+recipe's size, each CNN, and the stages in sequence as a multiple of real time. Backbones use
+random weights (same speed as pretrained, no download).
 
-    .venv/bin/python bench/extract.py [--seconds 60] [--threads N] [--device cuda]
+    .venv/bin/python bench/extract.py [--seconds 60] [--threads N] [--device cuda] [--recipes-only]
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor
 from vidpipe.extractors.flow import OpenCVFlow, RAFTFlow
 from vidpipe.extractors.backbone import create_timm_backbone
 from vidpipe.extractors.rgb import resize_short_side
+from vidpipe.extractors.tsn import RECIPES, TSNFlowStream, TSNRGBStream
 
 PAIRS_PER_SECOND = 4 * 5   # flow fields per second of video: 4 steps of 5 fields
 
@@ -63,11 +66,45 @@ def frame_pairs(clip: Path, resize: int, count: int, device: torch.device) -> tu
     return frames[:-1], frames[1:]
 
 
+def recipe_rows(folder: Path, device: torch.device, row) -> None:
+    """Each recipe's stages on a 2 s 480x360 clip (large enough for DenseFlow's 256 and 320
+    short sides), one after another as `vidpipe extract --recipe` runs them on this device."""
+    clip = make_clip(folder / "recipe.mp4", 2.0, size=(480, 360))
+    seconds = timed(lambda: sum(1 for _ in VideoSource(clip)))
+    decode_rate = 2.0 / seconds                                  # video seconds per second
+    row("recipe decode 480x360 (24 fps RGB out)", f"{48 / seconds:,.0f} frames/s", f"{decode_rate:.1f}x real time")
+    chunk = torch.from_numpy(next(iter(VideoSource(clip))).frames)[None]     # (1, 6, H, W, 3) uint8
+    batch = 4
+    for name, recipe in RECIPES.items():
+        flow = TSNFlowStream(recipe, 5, jpeg=False, weights_file=None, random_init=True, seed=1).to(device)
+        rgb = TSNRGBStream(recipe, weights_file=None, random_init=True, seed=0).to(device)
+        images = flow.compute_flow(chunk)                        # warm-up; (1, 5, 2, h, w) uint8
+        pairs_per_second = 5 / timed(lambda: flow.compute_flow(chunk))
+        with torch.inference_mode():
+            rgb(chunk[:, 3].expand(batch, -1, -1, -1)), flow.embed(images.expand(batch, -1, -1, -1, -1))
+            synchronize(device)
+            rgb_steps = batch / timed(lambda: (rgb(chunk[:, 3].expand(batch, -1, -1, -1)), synchronize(device)))
+            flow_steps = batch / timed(lambda: (flow.embed(images.expand(batch, -1, -1, -1, -1)),
+                                                synchronize(device)))
+        rates = [decode_rate, pairs_per_second / PAIRS_PER_SECOND, rgb_steps / 4, flow_steps / 4]
+        height, width = images.shape[-2:]
+        row(f"{name}: TV-L1 {flow.recipe.short}p (DenseFlow) cpu", f"{pairs_per_second:,.2f} pairs/s",
+            f"{rates[1]:.3f}x real time (images {width}x{height})")
+        row(f"{name}: RGB TSN resnet50 {recipe.rgb_crop} {device.type}", f"{rgb_steps:,.1f} steps/s",
+            f"{rates[2]:.2f}x real time")
+        row(f"{name}: flow {recipe.flow.network} {recipe.flow.crop} {device.type}", f"{flow_steps:,.1f} steps/s",
+            f"{rates[3]:.2f}x real time")
+        whole = 1 / sum(1 / rate for rate in rates)
+        row(f"{name}: whole, stages in sequence", f"{whole:.4f}x real time",
+            f"{1 / whole:,.0f} s per video second; an hour of video: {1 / whole:,.0f} h")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="clip length")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--recipes-only", action="store_true", help="only the recipes' rows (short)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +116,10 @@ def main() -> None:
         print(f"  {what:<44} {speed:>16}  {note}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as folder:
+        if args.recipes_only:
+            recipe_rows(Path(folder), device, row)
+            print_table(rows, "recipes", device)
+            return
         clip = make_clip(Path(folder) / "clip.mp4", args.seconds)
         frames_out = int(args.seconds * 24)
 
@@ -136,9 +177,13 @@ def main() -> None:
             cpu_seconds = time.process_time() - cpu_before   # robust to other jobs on the machine
             row(f"whole extract --flow {method} {name} {run_device.type}", f"{args.seconds / seconds:.2f}x real time",
                 f"{args.seconds * 4 / seconds:.1f} steps/s; {cpu_seconds / args.seconds:.2f} CPU s per video s")
+        recipe_rows(Path(folder), device, row)
 
-    print(f"\nvidpipe extraction benchmark: {args.seconds:g} s clip, 320x240 @ 30 fps -> 24 fps, chunks of 6; "
-          f"torch threads {torch.get_num_threads()}, device {device}")
+    print_table(rows, f"{args.seconds:g} s clip, 320x240 @ 30 fps -> 24 fps, chunks of 6", device)
+
+
+def print_table(rows: list[tuple[str, str, str]], what_ran: str, device: torch.device) -> None:
+    print(f"\nvidpipe extraction benchmark: {what_ran}; torch threads {torch.get_num_threads()}, device {device}")
     print(f"| {'what':<44} | {'speed':>18} | note")
     print(f"|{'-' * 46}|{'-' * 20}|------")
     for what, speed, note in rows:

@@ -114,11 +114,11 @@ def test_rgb_matches_mmaction2_tsn_recognizer(rgb_checkpoint):
     stream = TSNRGBStream(RECIPES["tsn-kinetics"], weights_file=str(path), random_init=False, seed=0)
     rng = np.random.default_rng(0)
     for height, width in ((90, 120), (300, 400)):      # enlarged and shrunk to short side 256
-        frames = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        frames = rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8)
         with torch.no_grad():
             ours = stream(torch.from_numpy(frames))
         reference = torch.cat([mmaction_features(model, [frame], crop=256, flow=False) for frame in frames])
-        assert ours.shape == (2, 2048)
+        assert ours.shape == (1, 2048)
         assert relative_errors(ours, reference).max() <= TOLERANCE
 
 
