@@ -483,9 +483,10 @@ def _check_finite(loss: torch.Tensor, batch: dict, windows: TrainWindows, epoch:
         dist.all_reduce(bad)
     if bad.item():
         videos = sorted({windows.video_of(int(i)) for i in batch["window"]})
+        where = f"{', '.join(videos)}" + (" (or another process's batch)" if world > 1 else "")
         raise VidpipeError(f"epoch {epoch + 1}: the training loss is {loss.item()} (not finite) "
-                           f"on a batch of windows from {', '.join(videos)} (or another process's); "
-                           f"training stopped, last.pt holds the previous epoch. Check those "
+                           f"on a batch of windows from {where}; "
+                           f"training stopped (last.pt, if any, is the last finished epoch). Check those "
                            f"videos' features and lower train.lr")
 
 
