@@ -380,3 +380,14 @@ def test_checkpoints_from_before_the_switches_load_as_they_were_trained(cache, t
     assert (restored.model.pos_encoding, restored.model.query_init, restored.model.multi_label_targets,
             restored.train.schedule) == ("learned", "trunc_normal", "normalised", "warmup_then_cosine")
     assert torch.equal(loaded.long_pos, model.long_pos)
+
+
+def test_feature_sizes_come_from_the_manifest_when_it_records_them(cache):
+    """Extracted caches record rgb_dim / flow_dim: no video is read for them; imported caches
+    (no sizes recorded) take them from the training videos already loaded."""
+    from vidpipe.malt.data import feature_dims
+
+    assert feature_dims(FeatureStore(cache, {"rgb_dim": 2048, "flow_dim": 1024}), {}) == (2048, 1024)
+    labels = LabelSet.load(cache / "labels.h5")
+    store = FeatureStore.open(cache)
+    assert feature_dims(store, load_videos(store, labels, labels.split("train"))) == (6, 4)
