@@ -97,3 +97,31 @@ def test_redirected_extract_logs_one_line_per_video(tmp_path):
         "extracted a.mp4: 2 steps", "extracted b.mp4: 2 steps"]
     assert any(line.startswith("warning: failed: ") and "bad.mp4" in line
                for line in run.stderr.splitlines())
+
+
+LIBRARY = ["core", "store", "extractors", "malt", "pipeline", "vidpipe"]
+
+
+def test_no_library_module_prints_or_draws_its_own_bars():
+    """print, sys.stdout/stderr writes and tqdm only in the two places that own the console."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    owners = {repo / "core" / "log.py", repo / "pipeline" / "cli.py"}
+    found = []
+    for path in sorted(p for folder in LIBRARY for p in (repo / folder).rglob("*.py")):
+        if path in owners:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                found.append(f"{path.relative_to(repo)}:{node.lineno} print")
+            elif isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr") \
+                    and isinstance(node.value, ast.Name) and node.value.id == "sys":
+                found.append(f"{path.relative_to(repo)}:{node.lineno} sys.{node.attr}")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [alias.name for alias in node.names]
+                if any(name.split(".")[0] in ("tqdm", "click") for name in names):
+                    found.append(f"{path.relative_to(repo)}:{node.lineno} imports {names[0]}")
+    assert not found, "library code writes to the console itself:\n" + "\n".join(found)
