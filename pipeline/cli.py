@@ -340,7 +340,7 @@ def detect(source_args, source_opts, checkpoint, out, cache, live, events, rende
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Training epochs (default: those of configs/demo.yaml).")
 @device_option("cpu")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the generated videos and the random-init backbones "
                    "(training keeps configs/demo.yaml's train.seed).")
 def demo(out, num_videos, duration, epochs, device, seed) -> None:

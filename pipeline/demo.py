@@ -101,6 +101,8 @@ def _check(settings: DemoSettings) -> None:
                         ("crop", settings.crop), ("threads", settings.threads)):
         if value is not None and not value > 0:
             raise VidpipeError(f"demo {name} must be positive, not {value}")
+    if settings.seed < 0:
+        raise VidpipeError(f"demo seed must be 0 or more, not {settings.seed}")
 
 
 def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> DemoResult:

@@ -26,6 +26,7 @@ def test_help_lists_commands_in_pipeline_order_with_whole_summaries(capsys):
     (["demo", "--duration", "-5"], "'--duration'"),
     (["demo", "--videos", "1"], "'--videos'"),
     (["demo", "--epochs", "0"], "'--epochs'"),
+    (["demo", "--seed", "-1"], "'--seed'"),
 ])
 def test_usage_mistakes_are_one_error_line(capsys, argv, words):
     assert words in cli_error(capsys, argv)
@@ -37,6 +38,8 @@ def test_demo_settings_checked_by_the_library_too(tmp_path):
 
     with pytest.raises(VidpipeError, match="demo duration_s must be positive, not 0"):
         run_demo(tmp_path, DemoSettings(duration_s=0))
+    with pytest.raises(VidpipeError, match="demo seed must be 0 or more, not -1"):
+        run_demo(tmp_path, DemoSettings(seed=-1))
     assert not any(tmp_path.iterdir())   # refused before anything is written
 
 
