@@ -5,8 +5,8 @@ model_state, config (the full Config as a dict), feature_settings (the manifest 
 the cache it was trained on: a model only fits features made the same way), class_names,
 epoch (epochs completed), step (optimizer steps), optimizer and AMP scaler state, rng (torch
 RNG states of every process, for exact resume), history (one metrics dict per epoch), best
-(the best selection score so far). The learning-rate schedule is a pure function of the
-epoch progress (malt.train.lr_factor), so `epoch` is its whole state.
+(the best selection score so far). The learning rate is a pure function of the optimiser
+step and the config (malt.train.learning_rate), so `step` is its whole state.
 
 Integrity: the file also holds `tensors_sha256`, a hash of every tensor it stores (name,
 dtype, shape, bytes), verified on every read: damaged weights are a one-line error, never a
