@@ -28,7 +28,7 @@ from vidpipe.core.errors import VidpipeError
 from vidpipe.core.settings import differing_keys
 
 RESIZE_BYTES = 128 << 20   # float frames resized at once: bounds memory for 4K sources
-log = logging.getLogger("vidpipe")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,6 +125,9 @@ class TwoStreamExtractor:
             self._build_recipe_streams()
         else:
             self._build_timm_streams()
+        if self.flow_method == "tvl1":   # never a silent 20x slowdown: say what it will cost
+            short = self.recipe.flow.short if self.recipe else self.resize
+            log.warning(tvl1_expected_time(short, settings.fps, settings.chunk, settings.flow_fields))
         self.rgb.to(self.device)
         self.flow.to(self.device)
         self.rgb.backbone.to(memory_format=torch.channels_last)   # faster convolutions on CPU and GPU
@@ -135,21 +138,15 @@ class TwoStreamExtractor:
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
 
     def _pick_flow_method(self) -> str:
-        """auto: RAFT on CUDA, DIS on a CPU (saying so); TV-L1 on a CPU announces its time."""
+        """A recipe's flow is TV-L1; auto is RAFT on CUDA and DIS on a CPU (saying so)."""
         method = self.settings.flow_method
         if self.recipe:
-            method = "tvl1"
-        elif method == "auto" and self.device.type != "cuda":
-            log.warning("flow: --flow auto uses DIS on the CPU (TV-L1, the field's standard, is about "
+            return "tvl1"
+        if method == "auto" and self.device.type != "cuda":
+            log.info("flow: --flow auto uses DIS on the CPU (TV-L1, the field's standard, is about "
                         "20x slower: --flow tvl1)")
             return "dis"
-        elif method == "auto":
-            return "raft"
-        if method == "tvl1":
-            short = self.recipe.flow.short if self.recipe else (self.settings.resize or 256)
-            log.warning(tvl1_expected_time(short, self.settings.fps, self.settings.chunk,
-                                           self.settings.flow_fields))
-        return method
+        return "raft" if method == "auto" else method
 
     def _build_timm_streams(self) -> None:
         s = self.settings

@@ -75,7 +75,7 @@ def test_default_config_file_equals_the_defaults():
 
 
 def test_auto_flow_is_dis_on_cpu_and_says_so(caplog):
-    with caplog.at_level("WARNING", logger="vidpipe"):
+    with caplog.at_level("INFO", logger="vidpipe"):
         assert TwoStreamExtractor(tiny_settings(flow_method="auto"), device="cpu").flow_method == "dis"
     assert "--flow auto uses DIS on the CPU" in caplog.text
 
