@@ -90,6 +90,20 @@ def _check_no_foreign_keys(model: nn.Module, path: Path) -> None:
         raise RuntimeError(f"{len(foreign)} keys of another architecture, e.g. {foreign[0]}")
 
 
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """A checkpoint file's contents without running pickled code (weights_only), also when its
+    metadata holds numpy scalars (mmcv/mmengine's `meta`, e.g. a best score)."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    numpy_types = [scalar, np.dtype, *{type(np.dtype(kind)) for kind in "fdilb"}]
+    try:
+        with torch.serialization.safe_globals(numpy_types):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # unpickling errors come in many types
+        raise VidpipeError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)[:150]})") from None
+
+
 def load_weights_file(model: nn.Module, weights_file: str, name: str) -> str:
     """Load a plain state dict file into `model` (torchvision networks); returns its identity."""
     path = _weights_file(weights_file)

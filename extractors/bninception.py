@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vidpipe.core.errors import VidpipeError, first_line
+from vidpipe.extractors.backbone import read_checkpoint
 
 PREFIXES = ("module.", "base_model.")                  # tsn-pytorch's DataParallel + TSN wrapper
 CLASSIFIERS = ("last_linear.", "fc.", "new_fc.", "fc_action.")   # pretrainedmodels, tf_model_zoo, TSN
@@ -134,10 +135,7 @@ def load_bninception(path: str | Path, in_chans: int) -> BNInception:
     """A BN-Inception from a tsn-pytorch / pretrainedmodels state dict file; other layouts are
     refused with one line naming the keys expected and found."""
     model = BNInception(in_chans)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:   # unpickling errors come in many types
-        raise VidpipeError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)[:150]})") from None
+    state = read_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]          # tsn-pytorch saves {'epoch', 'arch', 'state_dict', ...}
     found = {_strip(key): value for key, value in state.items()} if isinstance(state, dict) else {}

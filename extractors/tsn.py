@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vidpipe.core.errors import VidpipeError, first_line
-from vidpipe.extractors.backbone import file_sha256, seeded, weights_identity
+from vidpipe.core.errors import VidpipeError
+from vidpipe.extractors.backbone import file_sha256, read_checkpoint, seeded, weights_identity
 from vidpipe.extractors.bninception import BNInception, load_bninception
 from vidpipe.extractors.flow import OpenCVFlow, frame_pairs
 from vidpipe.extractors.rgb import center_crop
@@ -151,10 +151,7 @@ def load_mmaction_resnet50(path: str | Path, in_chans: int) -> nn.Module:
     import timm
 
     model = timm.create_model("resnet50", num_classes=0, in_chans=in_chans)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:   # unpickling errors come in many types
-        raise VidpipeError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)[:150]})") from None
+    checkpoint = read_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
     mapped = {timm_key(k): v for k, v in state.items() if timm_key(k)}
     expected = set(model.state_dict())

@@ -74,7 +74,8 @@ def mmaction_tsn(in_channels: int, mean: list[float], std: list[float]) -> torch
 
 def save_mmaction_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     """The layout of mmaction2's model zoo files: meta + state_dict (backbone. / cls_head.)."""
-    torch.save({"meta": {"mmcv_version": "1.3.1", "epoch": 100, "config": "tsn_r50"},
+    torch.save({"meta": {"mmcv_version": "1.3.1", "epoch": 100, "config": "tsn_r50",
+                         "hook_msgs": {"best_score": np.float64(0.72)}},   # numpy in meta, as mmcv's eval hook
                 "state_dict": model.state_dict()}, path)
     return path
 
