@@ -276,3 +276,14 @@ def test_extract_cli_with_recipe_matches_mmaction2_on_the_decoded_frames(rgb_che
     expected = mmaction_features(rgb_checkpoint[0], [centre], crop=256, flow=False)
     assert relative_errors(torch.from_numpy(features.rgb[:1]), expected).max() <= TOLERANCE
     assert features.flow.shape == (1, 2048)
+
+
+def test_a_recipe_extractor_is_rebuilt_from_its_record(rgb_checkpoint, flow_checkpoint):
+    """What `vidpipe detect` does with a checkpoint trained on recipe features: the same
+    extractor again, given the same weights files (checked by sha256)."""
+    files = dict(rgb_weights=str(rgb_checkpoint[1]), flow_weights=str(flow_checkpoint[1]))
+    record = TwoStreamExtractor(FeatureSettings(recipe="tsn-kinetics-r50", **files), device="cpu").settings_record()
+    rebuilt = TwoStreamExtractor.from_record(record, device="cpu", **files)
+    assert rebuilt.recipe is RECIPES["tsn-kinetics-r50"] and rebuilt.settings_record() == record
+    with pytest.raises(VidpipeError, match="came from a file .*tsn_r50_rgb.pth.*pass that file"):
+        TwoStreamExtractor.from_record(record, device="cpu")
