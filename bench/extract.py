@@ -128,7 +128,7 @@ def main() -> None:
             row(f"decode {backend} (24 fps RGB out)", f"{frames_out / seconds:,.0f} frames/s",
                 f"{args.seconds / seconds:.1f}x real time")
 
-        settings = FeatureSettings()
+        settings = FeatureSettings(resize=256)   # flow rows at TSN's short side 256 (README's table)
         for method, count in (("tvl1", 3), ("dis", 20)):
             first, second = frame_pairs(clip, settings.resize, count, torch.device("cpu"))
             estimator = OpenCVFlow(method, settings.dis_preset)
