@@ -4,11 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vidpipe.pipeline.demo import demo_feature_settings
-from vidpipe.pipeline.extract import extract_folder
-from vidpipe.pipeline.synthetic import SyntheticSpec, generate_dataset
-from vidpipe.store.cache import FeatureStore
-from vidpipe.store.labels import LABELS_FILE, build_labels
+from train_helpers import random_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- README example: tests/test_readme.py runs this block as written -->"
@@ -22,15 +18,9 @@ def readme_example() -> str:
 
 
 def small_demo_folder(root: Path) -> None:
-    """demo_out/data and demo_out/cache (with labels.h5) as `vidpipe demo` leaves them,
-    with 2 videos (1 held out) instead of 48."""
-    data = generate_dataset(root / "demo_out" / "data",
-                            SyntheticSpec(num_videos=2, duration_s=10.0), progress=False)
-    summary = extract_folder(data.videos_dir, root / "demo_out" / "cache",
-                             demo_feature_settings(), device="cpu", progress=False)
-    assert summary.ok
-    store = FeatureStore.open(root / "demo_out" / "cache")
-    build_labels(store, data.annotations, data.class_names).save(store.root / LABELS_FILE)
+    """demo_out/cache as `vidpipe demo` leaves it for the example (features, labels.h5 with
+    train and test splits), smaller: 3 videos of 80 steps with 4 action classes."""
+    random_cache(root / "demo_out" / "cache", num_train=2, num_test=1, steps=80, num_classes=5)
 
 
 def test_the_readme_python_example_runs(tmp_path):
