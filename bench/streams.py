@@ -1,0 +1,198 @@
+"""Many live streams on one machine: how many stay real time (malt.stream.MultiStreamDetector).
+
+    .venv/bin/python bench/streams.py [--streams 1,4,16,64] [--threads 2] [--cycles 2]
+                                      [--e2e-sources 1,2,3] [--e2e-seconds 6] [--no-e2e]
+
+Model only, at paper size (M_L 512 tokens, M_S 32, d_model 1024, N=2, k=370; rgb 2048 +
+flow 1024; random weights and features: the cost does not depend on their values): B
+streams step together through one batched detector, fp32 and int8 (dynamic int8 Linear
+layers). Each stream has a full history (`feed_history`) and its own refresh phase
+(positions 2080 + b), the encoder's work is spread over every cycle of 4 steps, and the
+timed steps are whole cycles after one warm-up cycle. Columns: per-step median / mean /
+p99 for the B streams together; stream-steps/s; achieved GFLOP/s (2 x the multiply-adds
+counted per stream-step x B / mean step; for int8 the same count, an effective rate) beside
+a large fp32 matmul's GFLOP/s measured in the same run, which is about the most this
+machine's cores give. Real time is 4 steps/s per stream (a step is 0.25 s of video): B
+streams are real time when the mean step of all B takes <= 250 ms. The largest such B is
+estimated from the timed rows (time per step grows linearly with B), then measured.
+
+End to end: S live sources, each decoded (PyAV), DIS flow and random-init resnet18 RGB +
+flow features one step at a time (the demo's extractor settings at 24 fps, chunks of 6, on
+320x240 synthetic videos from pipeline/synthetic.py), all stepping through one detector of
+paper size on those 512 + 512-d features. Real time: a round of all S sources (decode,
+features, model) takes <= 250 ms on average.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vidpipe.malt.config import ModelConfig
+from vidpipe.malt.info import count_macs
+from vidpipe.malt.model import MALT
+from vidpipe.malt.stream import MultiStreamDetector
+
+PAPER = ModelConfig()      # the defaults are the paper's THUMOS'14 model
+STEP_SECONDS = 0.25        # 4 steps/s: LSTR's and the paper's feature rate
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """The best of `repeats` (size x size) @ (size x size) fp32 products, GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _random_inputs(cfg: ModelConfig, streams: int, rng: np.random.Generator) -> dict:
+    """One step of every stream (the values do not change the cost)."""
+    return {b: (rng.standard_normal(cfg.rgb_dim, dtype=np.float32),
+                rng.standard_normal(cfg.flow_dim, dtype=np.float32)) for b in range(streams)}
+
+
+def serve(model: MALT, streams: int, cycles: int, int8: bool, rng: np.random.Generator) -> np.ndarray:
+    """Seconds per batched step of `streams` streams with full histories at all refresh phases."""
+    cfg, stride = model.cfg, model.cfg.long_memory_stride
+    detector = MultiStreamDetector(model, "cpu", max_streams=streams, int8=int8)
+    history = cfg.long_memory_steps + cfg.short_memory_steps
+    for b in range(streams):
+        detector.add_stream(b)
+        detector.feed_history(b, rng.standard_normal((history + b % stride, cfg.rgb_dim), dtype=np.float32),
+                              rng.standard_normal((history + b % stride, cfg.flow_dim), dtype=np.float32))
+    inputs = _random_inputs(cfg, streams, rng)
+    for _ in range(stride):                           # warm-up: the encodings after feed_history
+        detector.step(inputs)
+    return np.array([_seconds(lambda: detector.step(inputs)) for _ in range(cycles * stride)])
+
+
+def macs_per_stream_step(model: MALT, rng: np.random.Generator) -> float:
+    """Multiply-adds of one stream's step, mean over a cycle (the same for every stream)."""
+    cfg, stride = model.cfg, model.cfg.long_memory_stride
+    detector = MultiStreamDetector(model, "cpu", max_streams=1)
+    detector.add_stream(0)
+    history = cfg.long_memory_steps + cfg.short_memory_steps
+    detector.feed_history(0, rng.standard_normal((history, cfg.rgb_dim), dtype=np.float32),
+                          rng.standard_normal((history, cfg.flow_dim), dtype=np.float32))
+    inputs = _random_inputs(cfg, 1, rng)
+    for _ in range(stride):
+        detector.step(inputs)
+    return sum(count_macs(lambda: detector.step(inputs)) for _ in range(stride)) / stride
+
+
+def real_time_streams(rows: dict[int, float]) -> int:
+    """The largest B whose mean step stays within STEP_SECONDS, from a line fitted to the
+    measured (B, mean seconds) points (one point: proportional); 0 when not even one."""
+    sizes = np.array(sorted(rows), dtype=float)
+    means = np.array([rows[b] for b in sorted(rows)])
+    if len(sizes) == 1:
+        return int(STEP_SECONDS / means[0] * sizes[0])
+    slope, intercept = np.polyfit(sizes, means, 1)
+    return max(0, int((STEP_SECONDS - intercept) / slope)) if slope > 0 else int(sizes[-1])
+
+
+def model_rows(args, rng) -> None:
+    torch.manual_seed(0)
+    model = MALT(PAPER).eval()
+    peak = matmul_gflops()
+    macs = macs_per_stream_step(model, rng)
+    print(f"fp32 matmul 2048^3: {peak:.1f} GFLOP/s; {macs / 1e9:.3f} GMAC per stream-step "
+          f"(paper size, mean over a refresh cycle)")
+    header = (f"{'precision':<10}{'streams':>8}{'step ms median / mean / p99':>30}{'stream-steps/s':>16}"
+              f"{'GFLOP/s':>9}{'of matmul':>10}{'real time':>10}")
+    print(header)
+
+    def row(precision: str, streams: int, seconds: np.ndarray, note: str = "") -> None:
+        mean = seconds.mean()
+        gflops = 2 * macs * streams / mean / 1e9
+        times = " / ".join(f"{v * 1e3:.1f}" for v in (np.median(seconds), mean, np.percentile(seconds, 99)))
+        print(f"{precision:<10}{streams:>8}{times:>30}{streams / mean:>16.1f}{gflops:>9.1f}"
+              f"{gflops / peak:>10.0%}{'yes' if mean <= STEP_SECONDS else 'no':>10}{note}", flush=True)
+
+    for precision, int8 in [("fp32", False), ("int8", True)]:
+        means = {}
+        for streams in args.streams:
+            seconds = serve(model, streams, args.cycles, int8, rng)
+            means[streams] = seconds.mean()
+            row(precision, streams, seconds)
+        best = real_time_streams(means)
+        if best and best not in means:
+            row(precision, best, serve(model, best, args.cycles, int8, rng), "  <- estimated largest real-time B")
+    print(f"real time = mean step of all B streams <= {STEP_SECONDS * 1e3:.0f} ms (4 steps/s each); "
+          f"load average now {os.getloadavg()[0]:.1f}")
+
+
+def end_to_end_rows(args, rng) -> None:
+    from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor
+    from vidpipe.pipeline.synthetic import SyntheticSpec, generate_dataset
+
+    settings = FeatureSettings(rgb_backbone="resnet18", flow_backbone="resnet18", flow_method="dis",
+                               random_init=True)
+    extractor = TwoStreamExtractor(settings, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        longest = max(args.e2e_sources)
+        spec = SyntheticSpec(num_videos=max(longest, 4), duration_s=args.e2e_seconds + 2,
+                             width=320, height=240, fps=30)
+        data = generate_dataset(Path(tmp) / "videos", spec, progress=False)
+        videos = sorted(data.videos_dir.glob("*.mp4"))
+        probe = next(extractor.stream(videos[0], batch_size=1))
+        cfg = ModelConfig(rgb_dim=len(probe.rgb), flow_dim=len(probe.flow))
+        torch.manual_seed(0)
+        model = MALT(cfg).eval()
+        print(f"\nend to end, 320x240 @ 30 fps -> {settings.fps:g} fps, chunks of {settings.chunk}: decode + "
+              f"DIS ({settings.dis_preset}) + random-init resnet18 RGB + flow, one step at a time per source, "
+              f"+ the paper-size model on {cfg.rgb_dim} + {cfg.flow_dim}-d features")
+        print(f"{'sources':>8}{'round ms median / mean / p99':>30}{'x real time':>13}{'real time':>10}")
+        for count in args.e2e_sources:
+            sources = [extractor.stream(videos[i % len(videos)], batch_size=1) for i in range(count)]
+            detector = MultiStreamDetector(model, "cpu", max_streams=count)
+            for i in range(count):
+                detector.add_stream(i)
+            rounds = []
+            for tick in range(int(args.e2e_seconds / STEP_SECONDS)):
+                start = time.perf_counter()
+                steps = {i: next(source) for i, source in enumerate(sources)}
+                detector.step({i: (step.rgb, step.flow) for i, step in steps.items()})
+                if tick >= 2:                     # the first rounds open the files
+                    rounds.append(time.perf_counter() - start)
+            rounds = np.array(rounds)
+            times = " / ".join(f"{v * 1e3:.0f}" for v in (np.median(rounds), rounds.mean(), np.percentile(rounds, 99)))
+            print(f"{count:>8}{times:>30}{STEP_SECONDS / rounds.mean():>13.2f}"
+                  f"{'yes' if rounds.mean() <= STEP_SECONDS else 'no':>10}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", default="1,4,16,64", help="batch sizes to time, comma-separated")
+    parser.add_argument("--cycles", type=int, default=2, help="refresh cycles (4 steps) timed per row")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    parser.add_argument("--e2e-sources", default="1,2,3", help="live source counts, comma-separated")
+    parser.add_argument("--e2e-seconds", type=float, default=6.0, help="video seconds timed per source count")
+    parser.add_argument("--no-e2e", action="store_true", help="model rows only")
+    args = parser.parse_args()
+    args.streams = [int(b) for b in args.streams.split(",")]
+    args.e2e_sources = [int(s) for s in args.e2e_sources.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    rng = np.random.default_rng(0)
+    model_rows(args, rng)
+    if not args.no_e2e:
+        end_to_end_rows(args, rng)
+
+
+if __name__ == "__main__":
+    main()
