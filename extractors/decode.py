@@ -179,12 +179,6 @@ class VideoSource:
         self._opened = container
         return info
 
-    def close(self) -> None:
-        """Release the probe's container when the source will not be decoded after all."""
-        if self._opened is not None:
-            self._opened.close()
-            self._opened = None
-
     def _take_container(self) -> av.container.InputContainer:
         """The probe's container the first time (one open per source), a new one after."""
         container, self._opened = self._opened, None
