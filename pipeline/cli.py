@@ -40,6 +40,14 @@ def device_option(default: str | None = None):
                         help="cpu, cuda, cuda:1 (default: cuda when available).")
 
 
+def labelled_cache_options(command):
+    """`--cache` and `--labels`: the labelled features that train and eval read."""
+    command = click.option("--labels", default=None, type=click.Path(path_type=str),
+                           help="labels.h5 or an annotation file (default: CACHE/labels.h5).")(command)
+    return click.option("--cache", required=True, type=click.Path(path_type=str),
+                        help="Feature cache folder.")(command)
+
+
 def set_option(example: str):
     """The repeatable `--set KEY=VALUE` override of a config value; `example` shows one."""
     return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -201,9 +209,7 @@ def export_features(cache: str, out: str, layout: str, labels: str | None, rgb_d
 @cli.command()
 @click.option("--config", default=None, type=click.Path(path_type=str),
               help="Model + training config (configs/*.yaml); optional with --resume.")
-@click.option("--cache", required=True, type=click.Path(path_type=str), help="Feature cache folder.")
-@click.option("--labels", default=None, type=click.Path(path_type=str),
-              help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
+@labelled_cache_options
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder, e.g. runs/NAME.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--init-from", default=None, type=click.Path(path_type=str),
@@ -236,9 +242,7 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 
 @cli.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=str), help="e.g. runs/NAME/best.pt")
-@click.option("--cache", required=True, type=click.Path(path_type=str), help="Feature cache folder.")
-@click.option("--labels", default=None, type=click.Path(path_type=str),
-              help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
+@labelled_cache_options
 @click.option("--split", default=None, help="Split to evaluate (default: the config's test split).")
 @click.option("--out", default=None, type=click.Path(path_type=str), help="Write the results as JSON.")
 @device_option()

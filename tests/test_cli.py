@@ -43,7 +43,7 @@ def test_demo_settings_checked_by_the_library_too(tmp_path):
     assert not any(tmp_path.iterdir())   # refused before anything is written
 
 
-def test_device_and_set_options_are_one_declaration_each():
+def test_shared_options_are_one_declaration_each():
     by_command = {name: {p.name: p for p in command.params} for name, command in cli.commands.items()}
     devices = {name: params["device"].help for name, params in by_command.items() if "device" in params}
     assert {"extract", "train", "eval", "detect", "demo"} <= set(devices)
@@ -51,3 +51,5 @@ def test_device_and_set_options_are_one_declaration_each():
     overrides = [params["overrides"] for params in by_command.values() if "overrides" in params]
     assert len(overrides) >= 3
     assert all(o.multiple and o.metavar == "KEY=VALUE" and o.opts == ["--set"] for o in overrides)
+    for name in ("cache", "labels"):
+        assert by_command["train"][name].help == by_command["eval"][name].help
