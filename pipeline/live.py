@@ -333,11 +333,11 @@ class Engine:
     def _end(self, key: int, ended: Ended) -> None:
         run = self.runs[key]
         self._report(run, run.finish(ended.how, ended.error), None)
-        self.active.discard(key)
-        self.detector.remove_stream(key)
         if ended.how == "error" and self.several:   # (one source: its error ends the call)
             log.warning("%s", ended.error)
-        self.write(key, run)
+        self.write(key, run)    # before it leaves `active`: Ctrl-C while writing writes again
+        self.active.discard(key)
+        self.detector.remove_stream(key)
 
     def _announce(self, key: int) -> None:
         if self.live:

@@ -118,10 +118,10 @@ class Renderer:
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
 
     def close(self) -> Path | None:
-        """Finish the file (None when no frame came: nothing is written)."""
-        if self._container is None:
-            return None
-        self._container.mux(self._stream.encode())
-        self._container.close()
-        self._files.close()
-        return self.path
+        """Finish the file (None when no frame came: nothing is written). Idempotent."""
+        if self._container is not None:
+            self._container.mux(self._stream.encode())
+            self._container.close()
+            self._files.close()
+            self._container = None
+        return self.path if self.frames else None
