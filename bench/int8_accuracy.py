@@ -1,0 +1,74 @@
+"""What int8 streaming costs in accuracy: test-split mAP of a trained checkpoint, streamed in
+fp32 and in int8 (malt.stream, `int8=True`), beside the offline forward's.
+
+    .venv/bin/python bench/int8_accuracy.py RUN/last.pt CACHE [--split test]
+
+e.g. on the demo's outputs (`vidpipe demo --out demo`): `demo/run/last.pt demo/cache`.
+Every test video is one stream of a single MultiStreamDetector; the videos step together.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from vidpipe.malt.checkpoint import load_model
+from vidpipe.malt.data import load_videos, resolve_labels
+from vidpipe.malt.evaluate import predict_offline
+from vidpipe.malt.metrics import detection_report
+from vidpipe.malt.stream import MultiStreamDetector
+from vidpipe.store.cache import FeatureStore
+
+
+def stream_videos(model, videos: dict, int8: bool) -> tuple[dict[str, np.ndarray], float]:
+    """Probabilities (T, C+1) of every video, all streamed at once; and the seconds it took."""
+    detector = MultiStreamDetector(model, "cpu", max_streams=len(videos), int8=int8)
+    for name in videos:
+        detector.add_stream(name)
+    probs = {name: [] for name in videos}
+    started = time.perf_counter()
+    for t in range(max(len(v.rgb) for v in videos.values())):
+        inputs = {name: (v.rgb[t], v.flow[t]) for name, v in videos.items() if t < len(v.rgb)}
+        for name, row in detector.step(inputs).items():
+            probs[name].append(row)
+    return {name: np.stack(rows) for name, rows in probs.items()}, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("cache")
+    parser.add_argument("--split", default=None, help="default: the checkpoint's test split")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, checkpoint = load_model(args.checkpoint, "cpu")
+    store = FeatureStore.open(args.cache)
+    labels, source = resolve_labels(store, None)
+    split = args.split or checkpoint.model_config(args.checkpoint).data.test_split
+    videos = load_videos(store, labels, labels.split(split), source)
+
+    def report(probs: dict[str, np.ndarray]) -> dict:
+        return detection_report(np.concatenate([probs[name] for name in videos]),
+                                np.concatenate([v.targets for v in videos.values()]), labels.class_names,
+                                ambiguous=np.concatenate([v.ambiguous for v in videos.values()]))
+
+    offline = {name: predict_offline(model, v.rgb, v.flow) for name, v in videos.items()}
+    fp32, fp32_s = stream_videos(model, videos, int8=False)
+    int8, int8_s = stream_videos(model, videos, int8=True)
+    steps = sum(len(v.rgb) for v in videos.values())
+    print(f"{args.checkpoint} on {len(videos)} '{split}' videos ({steps} steps) of {args.cache}, "
+          f"streamed together, {torch.get_num_threads()} threads")
+    print(f"{'':<16}{'mAP':>8}{'mcAP':>8}{'max |p - offline|':>19}{'stream-steps/s':>16}")
+    print(f"{'offline':<16}{report(offline)['mAP']:>8.4f}{report(offline)['mcAP']:>8.4f}")
+    for name, probs, seconds in [("streaming fp32", fp32, fp32_s), ("streaming int8", int8, int8_s)]:
+        result = report(probs)
+        error = max(np.abs(probs[v] - offline[v]).max() for v in videos)
+        print(f"{name:<16}{result['mAP']:>8.4f}{result['mcAP']:>8.4f}{error:>19.2e}{steps / seconds:>16.1f}")
+
+
+if __name__ == "__main__":
+    main()
