@@ -273,6 +273,24 @@ def test_a_stream_reset_keeps_every_decided_step(setup, live, tmp_path):
     assert starts == {(s.label, round(s.start_s, 4)) for s in timeline.segments}
 
 
+def test_a_stream_that_drops_does_not_stop_the_other_sources(setup, live, tmp_path):
+    data_set, store, checkpoint = setup
+    data, rgb, flow = live
+    video = str(data_set.videos_dir / "synth_000.mp4")
+    with LiveServer([(data[: len(data) // 2], "reset")]) as server:
+        with pytest.raises(BatchIncomplete, match="1 of 2 sources failed"):
+            detect([server.url, video], checkpoint, out=tmp_path, picture=False)
+    stream = Timeline.load(next(tmp_path.glob("127.0.0.1*.timeline.json")))
+    assert stream.metadata["ended_by"] == "error" and 4 <= len(stream.timestamps) < len(rgb)
+    model, _ = load_model(checkpoint)
+    steps = len(stream.timestamps)
+    np.testing.assert_allclose(stream.probs, predict_offline(model, rgb[:steps], flow[:steps]),
+                               atol=1e-4)
+    file = Timeline.load(tmp_path / "synth_000.mp4.timeline.json")
+    assert file.metadata["ended_by"] == "eof"
+    np.testing.assert_allclose(file.probs, offline(checkpoint, store, "synth_000.mp4"), atol=1e-4)
+
+
 def test_reconnect_continues_the_stream_with_the_detector_state(setup, live, tmp_path):
     _, _, checkpoint = setup
     data, rgb, flow = live
