@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 # lacks localizers/drn) with the dependencies it imports, and pretrainedmodels (BN-Inception).
 REFIMPL := .refimpl
 REFIMPL_PACKAGES := mmaction2==1.1.0 mmengine==0.10.7 mmcv-lite==2.0.1 pretrainedmodels==0.7.4 \
-	addict==2.4.0 yapf==0.43.0 termcolor==3.3.0 rich==15.0.0 platformdirs==4.14.8 einops==0.8.2 munch==4.0.0
+	addict==2.4.0 yapf==0.43.0 termcolor==3.3.0 rich==15.0.0 platformdirs==4.14.8 einops==0.8.2 munch==4.0.0 six==1.17.0
 
 $(REFIMPL)/.installed: Makefile | $(VENV)/.installed
 	rm -rf $(REFIMPL)
