@@ -169,6 +169,7 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
             job_print = None   # unreadable: decoding will say why
         if job_print is not None and _cached_print(store, job.video_id) == job_print:
             summary.skipped.append(job.relative)
+            log.debug("skipped %s: cached, unchanged", job.relative)
         else:
             pending.append((job, job_print))
 

@@ -84,10 +84,11 @@ def test_redirected_extract_logs_one_line_per_video(tmp_path, capsys):
     make_video(tmp_path / "videos" / "a.mp4", frames=12)
     make_video(tmp_path / "videos" / "b.mp4", frames=12, seed=1)
     (tmp_path / "videos" / "bad.mp4").write_bytes(b"not a video")
+    extract = ["extract", str(tmp_path / "videos"), "--out", str(tmp_path / "cache"),
+               "--random-init", "--rgb-backbone", "resnet18", "--flow-backbone", "resnet18",
+               "--flow", "dis", "--set", "crop=48", "--set", "resize=56"]
     with pytest.raises(SystemExit) as info:
-        main(["extract", str(tmp_path / "videos"), "--out", str(tmp_path / "cache"),
-              "--random-init", "--rgb-backbone", "resnet18", "--flow-backbone", "resnet18",
-              "--flow", "dis", "--set", "crop=48", "--set", "resize=56"])
+        main(extract)
     out, err = capsys.readouterr()
     assert info.value.code == 1, err
     assert "\r" not in out + err
@@ -95,6 +96,12 @@ def test_redirected_extract_logs_one_line_per_video(tmp_path, capsys):
         "extracted a.mp4: 2 steps", "extracted b.mp4: 2 steps"]
     assert any(line.startswith("warning: failed: ") and "bad.mp4" in line
                for line in err.splitlines())
+    # a rerun skips what is cached; --verbose says so (debug lines), the default does not
+    for verbosity, shown in (["--verbose"], True), ([], False):
+        with pytest.raises(SystemExit):
+            main([*verbosity, *extract])
+        out = capsys.readouterr().out
+        assert ("skipped a.mp4: cached, unchanged" in out) == shown, out
 
 
 LIBRARY = ["core", "store", "extractors", "malt", "pipeline", "vidpipe"]
