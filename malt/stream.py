@@ -393,12 +393,9 @@ class MultiStreamDetector:
                                 for stage, depth in self._decoder_layers()}
         for name, value in self._empty_encoding.items():
             self._state[name] = value.new_zeros(self._capacity, *value.shape)
-        # An op goes to the chunk its middle falls in: chunk sums stay within one op of equal.
-        stride, total = self.cfg.long_memory_stride, max(sum(costs), 1)
-        middles = np.cumsum(costs) - np.asarray(costs) / 2
-        chunks = [[] for _ in range(stride)]
-        for op, cost, middle in zip(ops, costs, middles):
-            chunks[min(int(middle / total * stride), stride - 1)].append((cost, op))
+        chunks = [[] for _ in range(self.cfg.long_memory_stride)]
+        for op, cost, chunk in zip(ops, costs, _balanced_split(costs, len(chunks))):
+            chunks[chunk].append((cost, op))
         return chunks
 
     def _encoder_ops(self) -> list[Callable[[_Work], None]]:
@@ -548,6 +545,27 @@ def _memory_kv_op(layer, out: str):
         # The decoder layer's cross-attention keys and values over f_n: (B, 2, Q1, D)
         work[out] = torch.stack([layer.cross_attn.k_proj(work["f"]), layer.cross_attn.v_proj(work["f"])], 1)
     return run
+
+
+def _balanced_split(costs: list[int], parts: int) -> list[int]:
+    """The part (0..parts-1) of each item when `costs` is cut into `parts` consecutive,
+    non-empty runs (fewer when there are fewer items) whose largest sum is the smallest
+    possible: dynamic programming over where each run starts."""
+    count, runs = len(costs), min(parts, len(costs))
+    prefix = np.concatenate([[0], np.cumsum(costs)])
+    best = np.full((runs + 1, count + 1), np.inf)     # [k, i]: first i items in k runs
+    best[0, 0] = 0
+    start = np.zeros((runs + 1, count + 1), dtype=int)
+    for k in range(1, runs + 1):
+        for i in range(k, count + 1):
+            options = [max(best[k - 1, j], prefix[i] - prefix[j]) for j in range(k - 1, i)]
+            start[k, i] = k - 1 + int(np.argmin(options))
+            best[k, i] = min(options)
+    labels, end = [0] * count, count
+    for k in range(runs, 0, -1):
+        labels[start[k, end]:end] = [k - 1] * (end - start[k, end])
+        end = start[k, end]
+    return labels
 
 
 def _stacked_linear(projs: list[nn.Linear]) -> nn.Linear:
