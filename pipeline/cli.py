@@ -10,6 +10,7 @@ import click
 
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
 from vidpipe.core.log import configure_cli_logging, remove_cli_logging
+from vidpipe.core.memory import limit_malloc_arenas
 
 # `vidpipe --help` lists the commands in the order a user runs them (any command not named
 # here follows, in the order it is defined).
@@ -63,6 +64,7 @@ def cli(quiet: bool, verbose: bool) -> None:
     if quiet and verbose:
         raise click.UsageError("--quiet and --verbose exclude each other")
     configure_cli_logging(-1 if quiet else 1 if verbose else 0)
+    limit_malloc_arenas()   # before any worker thread starts (core.memory says why)
 
 
 # Commands are added below, one section per stage; imports stay inside each command so

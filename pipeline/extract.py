@@ -30,6 +30,7 @@ from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor, sta
 from vidpipe.core.config import load_config
 from vidpipe.core.distributed import distributed_env, process_device
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.memory import release_free_memory
 from vidpipe.core.log import progress_bar
 from vidpipe.store.cache import FeatureStore, video_id_from_path
 
@@ -197,6 +198,7 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
             finally:
                 if chunks is not None:
                     chunks.close()   # stops its decoding if abandoned half-way
+                release_free_memory()   # bounds the heap's creep over long jobs (core.memory)
             videos_bar.update(1)
     finally:
         decoded.close()
