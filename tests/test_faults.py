@@ -167,7 +167,11 @@ def test_a_damaged_manifest_is_one_line_for_every_command(videos, reference, tmp
                  ["labels", str(tmp_path / "a.csv"), "--cache", str(cache)],
                  ["extract", str(videos), "--out", str(cache), *EXTRACT_OPTIONS]):
         assert "corrupt manifest" in cli_error(capsys, argv)
+    with pytest.raises(SystemExit) as info:   # verify: damaged, exit 1
+        main(["cache", "verify", str(cache)])
+    assert info.value.code == 1
     main(["cache", "repair", str(cache)])
+    main(["cache", "verify", str(cache)])      # sound again: returns (exit 0)
     assert FeatureStore.open(cache).video_ids() == ["v0.mp4", "v1.mp4", "v2.mp4"]
 
 
@@ -242,6 +246,23 @@ def test_junk_text_and_truncated_checkpoints_are_one_line_errors(checkpoint, tmp
         truncated = tmp_path / f"truncated{trial}.pt"
         truncated.write_bytes(good[:int(rng.integers(1, len(good)))])
         assert_refused(truncated, "")
+
+
+class _RunsCode:
+    """Unpickling this would run code (here: create a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_unrun(checkpoint, tmp_path):
+    hostile = dict(torch.load(checkpoint, weights_only=True), history=[_RunsCode(tmp_path / "ran")])
+    torch.save(hostile, tmp_path / "hostile.pt")
+    assert_refused(tmp_path / "hostile.pt", "more than tensors and plain types")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_zeroed_weights_are_detected_by_the_tensor_hash(checkpoint, tmp_path):
