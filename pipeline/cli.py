@@ -35,6 +35,14 @@ class PipelineGroup(click.Group):
                 formatter.write_dl(rows)
 
 
+PATH = click.Path(path_type=str)
+
+
+def path_option(*names: str, **options):
+    """An option naming a file or folder (None when not given)."""
+    return click.option(*names, type=PATH, **options)
+
+
 def device_option(default: str | None = None):
     """The `--device` option every command running a model shares."""
     return click.option("--device", default=default, show_default=default is not None,
@@ -43,10 +51,9 @@ def device_option(default: str | None = None):
 
 def labelled_cache_options(command):
     """`--cache` and `--labels`: the labelled features that train and eval read."""
-    command = click.option("--labels", default=None, type=click.Path(path_type=str),
-                           help="labels.h5 or an annotation file (default: CACHE/labels.h5).")(command)
-    return click.option("--cache", required=True, type=click.Path(path_type=str),
-                        help="Feature cache folder.")(command)
+    labels = path_option("--labels", help="labels.h5 or an annotation file (default: CACHE/labels.h5).")
+    command = labels(command)
+    return path_option("--cache", required=True, help="Feature cache folder.")(command)
 
 
 def set_option(example: str):
@@ -74,11 +81,9 @@ def cli(quiet: bool, verbose: bool) -> None:
 # --- extract ------------------------------------------------------------------------------
 
 @cli.command()
-@click.argument("videos_dir", type=click.Path(path_type=str))
-@click.option("--out", required=True, type=click.Path(path_type=str),
-              help="Feature cache folder (created; rerun to resume or update it).")
-@click.option("--config", default=None, type=click.Path(path_type=str),
-              help="Feature settings YAML (default: built-in defaults = configs/extract.yaml).")
+@click.argument("videos_dir", type=PATH)
+@path_option("--out", required=True, help="Feature cache folder (created; rerun to resume or update it).")
+@path_option("--config", help="Feature settings YAML (default: built-in defaults = configs/extract.yaml).")
 @device_option()
 @click.option("--flow", "flow_method", type=click.Choice(["auto", "tvl1", "dis", "raft"]), default=None,
               help="Optical flow: tvl1 (standard, slow), dis (fast CPU), raft (GPU); "
@@ -88,11 +93,10 @@ def cli(quiet: bool, verbose: bool) -> None:
                    "files from mmaction2 / TSN via --rgb-weights and --flow-weights.")
 @click.option("--rgb-backbone", default=None, help="timm model for the RGB stream (default resnet50).")
 @click.option("--flow-backbone", default=None, help="timm model for the flow stream (default resnet50).")
-@click.option("--rgb-weights", default=None, type=click.Path(path_type=str),
-              help="Local weights file for the RGB backbone instead of the hub's.")
-@click.option("--flow-weights", default=None, type=click.Path(path_type=str),
-              help="Local weights file for the flow backbone (RGB ImageNet weights are "
-                   "adapted to the flow channels; a flow network's own weights load as they are).")
+@path_option("--rgb-weights", help="Local weights file for the RGB backbone instead of the hub's.")
+@path_option("--flow-weights", help="Local weights file for the flow backbone (RGB ImageNet weights "
+                                    "are adapted to the flow channels; a flow network's own weights "
+                                    "load as they are).")
 @click.option("--random-init", is_flag=True, default=None,
               help="Seeded random weights instead of pretrained ones (tests, demos, offline); "
                    "the seed is --set seed=N (default 0).")
@@ -128,14 +132,12 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
 # --- labels / import ----------------------------------------------------------------------
 
 @cli.command()
-@click.argument("annotations", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--cache", required=True, type=click.Path(path_type=str),
-              help="Feature cache whose step timestamps the labels are built on.")
+@click.argument("annotations", nargs=-1, required=True, type=PATH)
+@path_option("--cache", required=True, help="Feature cache whose step timestamps the labels are built on.")
 @click.option("--classes", default=None,
               help="Class order: comma-separated names, or a text file with one per line "
                    "(default: the file's own list, else its labels sorted).")
-@click.option("--out", default=None, type=click.Path(path_type=str),
-              help="Output labels file (default: CACHE/labels.h5).")
+@path_option("--out", help="Output labels file (default: CACHE/labels.h5).")
 @click.option("--skip-missing", is_flag=True,
               help="Skip annotated videos that are not in the cache instead of failing.")
 def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: str | None,
@@ -156,14 +158,12 @@ def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: s
 
 
 @cli.command("import-features")
-@click.argument("root", type=click.Path(path_type=str))
+@click.argument("root", type=PATH)
 @click.option("--format", "layout", type=click.Choice(["lstr"]), default="lstr", show_default=True,
               help="Layout of ROOT: lstr = rgb_*/, flow_*/, target_perframe/ with VID.npy (T, D).")
-@click.option("--out", required=True, type=click.Path(path_type=str),
-              help="Cache folder to create (features + labels.h5).")
-@click.option("--data-info", default=None, type=click.Path(path_type=str),
-              help="LSTR's data_info.json: class columns and each split's videos (default: "
-                   "ROOT/data_info.json if there, else built-in THUMOS'14 / TVSeries).")
+@path_option("--out", required=True, help="Cache folder to create (features + labels.h5).")
+@path_option("--data-info", help="LSTR's data_info.json: class columns and each split's videos (default: "
+                                 "ROOT/data_info.json if there, else built-in THUMOS'14 / TVSeries).")
 @click.option("--dataset", default=None,
               help="Its entry: THUMOS, TVSeries, ... (default: recognised from the target columns).")
 @click.option("--rgb-dir", default=None, help="RGB feature folder in ROOT (default: the only rgb_*).")
@@ -183,13 +183,12 @@ def import_features(root: str, layout: str, out: str, data_info: str | None, dat
 
 
 @cli.command("export-features")
-@click.argument("cache", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(path_type=str))
+@click.argument("cache", type=PATH)
+@click.argument("out", type=PATH)
 @click.option("--format", "layout", type=click.Choice(["lstr"]), default="lstr", show_default=True,
               help="lstr = LSTR/TeSTra/MAT: rgb_*/, flow_*/, target_perframe/ with VID.npy, "
                    "and data_info.json.")
-@click.option("--labels", default=None, type=click.Path(path_type=str),
-              help="labels.h5 (default: CACHE/labels.h5); only labelled videos are exported.")
+@path_option("--labels", help="labels.h5 (default: CACHE/labels.h5); only labelled videos are exported.")
 @click.option("--rgb-dir", default=None,
               help="RGB folder name (default: the recipe's or import's, else LSTR's name for its width).")
 @click.option("--flow-dir", default=None, help="Flow folder name (default: as for --rgb-dir).")
@@ -209,14 +208,12 @@ def export_features(cache: str, out: str, layout: str, labels: str | None, rgb_d
 # --- model / train / eval -----------------------------------------------------------------
 
 @cli.command()
-@click.option("--config", default=None, type=click.Path(path_type=str),
-              help="Model + training config (configs/*.yaml); optional with --resume.")
+@path_option("--config", help="Model + training config (configs/*.yaml); optional with --resume.")
 @labelled_cache_options
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder, e.g. runs/NAME.")
+@path_option("--out", required=True, help="Run folder, e.g. runs/NAME.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--init-from", default=None, type=click.Path(path_type=str),
-              help="Start from this checkpoint's weights (new optimiser; the classifier is "
-                   "re-initialised when the class count differs), e.g. to adapt a model to your classes.")
+@path_option("--init-from", help="Start from this checkpoint's weights (new optimiser; the classifier is "
+                                 "re-initialised when the class count differs), e.g. to adapt a model to your classes.")
 @set_option("model.sparse_k=290")
 @click.option("--epochs", default=None, type=int, help="Shortcut for --set train.epochs=N.")
 @click.option("--lr", default=None, type=float, help="Shortcut for --set train.lr=X.")
@@ -243,10 +240,10 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 
 
 @cli.command("eval")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=str), help="e.g. runs/NAME/best.pt")
+@path_option("--checkpoint", required=True, help="e.g. runs/NAME/best.pt")
 @labelled_cache_options
 @click.option("--split", default=None, help="Split to evaluate (default: the config's test split).")
-@click.option("--out", default=None, type=click.Path(path_type=str), help="Write the results as JSON.")
+@path_option("--out", help="Write the results as JSON.")
 @device_option()
 @click.option("--batch-size", default=64, show_default=True, help="Windows per forward pass.")
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
@@ -283,18 +280,13 @@ def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--source", "source_opts", metavar="SOURCE", multiple=True,
               help="Video file, folder of videos, RTSP/HTTP URL, device (/dev/video0) or id of a "
                    "video in --cache; same as a SOURCE argument (repeatable).")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=str),
-              help="Trained model (run folder's best.pt or last.pt).")
-@click.option("--out", default=None, type=click.Path(path_type=str),
-              help="Output folder (default: <checkpoint's run folder>/detections).")
-@click.option("--cache", default=None, type=click.Path(path_type=str),
-              help="Feature cache to reuse: videos it holds are not decoded again.")
+@path_option("--checkpoint", required=True, help="Trained model (run folder's best.pt or last.pt).")
+@path_option("--out", help="Output folder (default: <checkpoint's run folder>/detections).")
+@path_option("--cache", help="Feature cache to reuse: videos it holds are not decoded again.")
 @click.option("--live", is_flag=True, help="Print start/end events as they are decided.")
-@click.option("--events", default=None, type=click.Path(path_type=str),
-              help="Append every start/end event to this JSONL file as it is decided.")
-@click.option("--render", default=None, type=click.Path(path_type=str),
-              help="Write the video with the decisions drawn on it (OUT.mp4; several sources: "
-                   "<name>.OUT.mp4 each, beside OUT.mp4).")
+@path_option("--events", help="Append every start/end event to this JSONL file as it is decided.")
+@path_option("--render", help="Write the video with the decisions drawn on it (OUT.mp4; several sources: "
+                              "<name>.OUT.mp4 each, beside OUT.mp4).")
 @click.option("--reconnect", default=0, show_default=True, type=click.IntRange(min=0),
               help="Open a dropped URL/device again up to N times in a row (back-off 0.5 s, 1 s, ...).")
 @click.option("--timeout", "timeout_s", default=10.0, show_default=True,
@@ -337,7 +329,7 @@ def detect(source_args, source_opts, checkpoint, out, cache, live, events, rende
 
 
 @cli.command()
-@click.option("--out", default="demo_out", show_default=True, type=click.Path(path_type=str),
+@click.option("--out", default="demo_out", show_default=True, type=PATH,
               help="Folder for the generated videos, cache, model and timelines.")
 @click.option("--videos", "num_videos", default=48, show_default=True,
               type=click.IntRange(min=2), help="Synthetic videos to generate (1/4 held out).")
@@ -367,7 +359,7 @@ def cache_group() -> None:
 
 
 @cache_group.command("verify")
-@click.argument("cache", type=click.Path(path_type=str))
+@click.argument("cache", type=PATH)
 def cache_verify(cache: str) -> None:
     """Check every video file of CACHE and its manifest; exit 1 when anything is damaged."""
     from vidpipe.store.cache import check_cache
@@ -380,7 +372,7 @@ def cache_verify(cache: str) -> None:
 
 
 @cache_group.command("repair")
-@click.argument("cache", type=click.Path(path_type=str))
+@click.argument("cache", type=PATH)
 def cache_repair(cache: str) -> None:
     """Rebuild CACHE's manifest from its files and move damaged files to CACHE/damaged/
     (`vidpipe extract` then extracts those videos again)."""
