@@ -5,8 +5,8 @@ The Python API, the same functions the `vidpipe` command calls:
     import vidpipe
     vidpipe.extract("videos/", "cache/")                      # features -> HDF5 cache
     vidpipe.train("malt_thumos", "cache/", "runs/thumos")      # a shipped config by name, or a path
-    report = vidpipe.evaluate("runs/thumos/best.pt", "cache/")
-    detector = vidpipe.Detector.from_checkpoint("runs/thumos/best.pt")
+    report = vidpipe.evaluate("runs/thumos/last.pt", "cache/")  # best.pt with a validation split
+    detector = vidpipe.Detector.from_checkpoint("runs/thumos/last.pt")
     probabilities = detector.step(rgb_vector, flow_vector)     # one causal step, (C+1,)
     detection = detector.run("clip.mp4", out="out/")           # a whole file or live source
 
