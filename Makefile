@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/detect.py
+	$(BIN)/python bench/streams.py
 
 clean:
 	rm -rf $(VENV) $(REFIMPL) demo_out .pytest_cache
