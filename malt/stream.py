@@ -343,7 +343,7 @@ class MultiStreamDetector:
         for stream, t in zip(streams, positions):
             switch = self._next_switch(t)
             key = self._long_key(switch)
-            if key > t:             # its newest step has not arrived yet (only when S < stride)
+            if key > t:             # its newest step has not arrived yet (stream start, or S < stride)
                 continue
             if stream.pending != key:
                 stream.pending, stream.done = key, 0
@@ -381,8 +381,7 @@ class MultiStreamDetector:
 
         Each op's multiply-adds are counted while encoding the empty long memory, whose
         result (a constant) every stream starts with."""
-        ops, work = self._encoder_ops(), None
-        costs = []
+        ops, costs = self._encoder_ops(), []
         work = _Work(self._state, torch.zeros(1, dtype=torch.long, device=self.device),
                      torch.full((1, len(self._long_offsets)), -1, device=self.device))
         for op in ops:
