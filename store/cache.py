@@ -115,6 +115,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
         raise VidpipeError(f"{manifest}: corrupt manifest (expected an object with a "
                            f"'settings' mapping); {repair}")
+    if data.get("format_version") == 1:
+        raise VidpipeError(f"{manifest}: cache of format 1 (an older vidpipe: files without "
+                           f"settings or checksums); `vidpipe cache repair {root}` upgrades it")
     if data.get("format_version") != FORMAT_VERSION:
         raise VidpipeError(f"{manifest}: cache format {data.get('format_version')!r} is not "
                            f"supported (expected {FORMAT_VERSION}); extract into a new cache")
@@ -321,6 +324,7 @@ class CacheCheck:
     manifest_rebuilt: bool = False
     damaged: list[str] = field(default_factory=list)   # one line per untrustworthy file
     moved: list[str] = field(default_factory=list)     # files repair moved to DAMAGED_DIR
+    upgraded: int = 0            # format-1 files repair gave their settings and checksum
 
     @property
     def ok(self) -> bool:
@@ -331,7 +335,9 @@ class CacheCheck:
         lines = [f"{self.root}: {self.videos} videos, {sound} sound, {len(self.damaged)} damaged"
                  + ("; manifest rebuilt from the files" if self.manifest_rebuilt else "")
                  + (f"; {len(self.moved)} moved to {DAMAGED_DIR}/ (extract redoes them)"
-                    if self.moved else "")]
+                    if self.moved else "")
+                 + (f"; {self.upgraded} format-1 files given their settings and checksum "
+                    "(from now on verified)" if self.upgraded else "")]
         if self.manifest_problem and not self.manifest_rebuilt:
             lines.append(f"  manifest: {self.manifest_problem}")
         lines += [f"  damaged: {line}" for line in self.damaged]
@@ -343,23 +349,27 @@ def check_cache(root: str | Path, repair: bool = False) -> CacheCheck:
 
     With `repair`: a missing or damaged manifest is rebuilt from the settings most of the
     sound files carry, and files that cannot be trusted are moved to DAMAGED_DIR (kept for
-    inspection, invisible to readers; `vidpipe extract` extracts those videos again).
+    inspection, invisible to readers; `vidpipe extract` extracts those videos again). A
+    format-1 cache (an older vidpipe) is upgraded: its files are given the manifest's
+    settings and a checksum of the bytes they hold now.
     """
     root = Path(root)
     if not (root / MANIFEST).is_file() and not (root / VIDEOS_DIR).is_dir():
         raise VidpipeError(f"{root}: not a vidpipe feature cache (no {MANIFEST}, no {VIDEOS_DIR}/)")
     result = CacheCheck(str(root))
+    format1 = None
     try:
         store = FeatureStore.open(root)
     except VidpipeError as exc:
         result.manifest_problem = str(exc)
-        store = FeatureStore(root, _majority_settings(root / VIDEOS_DIR) if repair else None)
-    if repair and result.manifest_problem is not None:
-        with atomic_path(root / MANIFEST) as temp:
-            temp.write_text(_manifest_text(store.settings))
-        result.manifest_rebuilt = True
+        format1 = _format1_settings(root) if repair else None
+        settings = format1 if format1 is not None else (
+            _majority_settings(root / VIDEOS_DIR) if repair else None)
+        store = FeatureStore(root, settings)
     for video_id in store.video_ids():
         result.videos += 1
+        if format1 is not None and _upgrade_format1(store, video_id):
+            result.upgraded += 1
         problem = store.check(video_id)
         if problem is None:
             continue
@@ -368,7 +378,38 @@ def check_cache(root: str | Path, repair: bool = False) -> CacheCheck:
             (root / DAMAGED_DIR).mkdir(exist_ok=True)
             store._path(video_id).replace(root / DAMAGED_DIR / f"{video_id}.h5")
             result.moved.append(video_id)
+    if repair and result.manifest_problem is not None:   # last: a killed repair can rerun
+        with atomic_path(root / MANIFEST) as temp:
+            temp.write_text(_manifest_text(store.settings))
+        result.manifest_rebuilt = True
     return result
+
+
+def _format1_settings(root: Path) -> dict[str, Any] | None:
+    """The settings of a format-1 manifest, else None."""
+    try:
+        data = json.loads((root / MANIFEST).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(data, dict) and data.get("format_version") == 1 \
+            and isinstance(data.get("settings"), dict):
+        return data["settings"]
+    return None
+
+
+def _upgrade_format1(store: FeatureStore, video_id: str) -> bool:
+    """Rewrite a format-1 file (no settings, no checksum) with both, atomically; False when
+    it is not one or its datasets are incomplete (then `check` says why)."""
+    try:
+        with store._open_h5(video_id) as h5:
+            attrs = _attributes(h5)
+            if SETTINGS_ATTR in attrs or CHECKSUM_ATTR in attrs:
+                return False
+            arrays = store._datasets(h5, video_id, DATASETS)
+        store.write(video_id, arrays["rgb"], arrays["flow"], arrays["timestamps"], attrs)
+    except (VidpipeError, ValueError):   # unreadable, a dataset missing, lengths differ
+        return False
+    return True
 
 
 def _majority_settings(videos_dir: Path) -> dict[str, Any]:

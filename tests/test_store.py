@@ -219,3 +219,21 @@ def test_two_processes_creating_one_cache_with_different_settings_exactly_one_wi
         assert "other settings (differs in: chunk)" in loser and loser.count("\n") == 1
         winner = (6, 8)[codes.index(0)]
         assert FeatureStore.open(root).settings == {"chunk": winner}
+
+
+def test_repair_upgrades_a_format_1_cache(tmp_path):
+    """Caches of an older vidpipe (files without settings or checksums) are refused with the
+    way out, and `repair` gives their files both."""
+    store = _cache_with(tmp_path, "a", "b")
+    for video_id in ("a", "b"):
+        with h5py.File(store.videos_dir / f"{video_id}.h5", "r+") as h5:
+            del h5.attrs["cache_settings"], h5.attrs["checksum"]
+    (store.root / MANIFEST).write_text(json.dumps({"format_version": 1, "settings": SETTINGS}))
+    with pytest.raises(VidpipeError, match="format 1.*cache repair"):
+        FeatureStore.open(store.root)
+
+    repaired = check_cache(store.root, repair=True)
+    assert repaired.upgraded == 2 and not repaired.moved and check_cache(store.root).ok
+    upgraded = FeatureStore.open(store.root)
+    np.testing.assert_array_equal(upgraded.read("b").rgb, _arrays(6, 1)[0])
+    assert upgraded.read("a").attrs["video_id"] == "a"
