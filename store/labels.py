@@ -362,7 +362,7 @@ def match_videos(store, names: list[str], source: Path,
             if skip_missing:
                 continue
             raise VidpipeError(f"{source}: video '{name}' is not in the cache {store.root} "
-                               "(extract it first, or pass --skip-missing)")
+                               "(extract it first, or leave it out with `vidpipe labels --skip-missing`)")
         matches[name] = found.pop()
     return matches
 
@@ -431,6 +431,9 @@ def build_labels(store, annotation_path: str | Path | list[str | Path],
             ambiguous=_active_steps(ambiguous, timestamps, step_seconds, 1)[:, 0])
         if name in annotations.splits:
             splits[video_id] = annotations.splits[name]
+    if not videos:   # saving it would replace a good labels file with an empty one
+        raise VidpipeError(f"{source}: no annotated video is in the cache {store.root}"
+                           if annotations.videos else f"{source}: no annotated segment")
     if splits and len(splits) != len(videos):
         unsplit = sorted(set(videos) - set(splits))
         raise VidpipeError(f"{source}: some videos have a split and others not "

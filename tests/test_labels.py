@@ -79,6 +79,22 @@ def test_video_not_in_cache_is_an_error(store, tmp_path):
     assert list(build_labels(store, csv, skip_missing=True).videos) == ["clip_a.mp4"]
 
 
+def test_labels_of_no_video_are_an_error_and_keep_the_labels_file(store, tmp_path, capsys):
+    """Nothing to label (all videos skipped, or a header-only CSV) must not replace a good
+    labels.h5 with an empty one and exit 0."""
+    good, elsewhere, empty = tmp_path / "good.csv", tmp_path / "elsewhere.csv", tmp_path / "empty.csv"
+    good.write_text("video,label,start_s,end_s\nclip_a,Spin,1,2\n")
+    elsewhere.write_text("video,label,start_s,end_s\nnowhere,Spin,1,2\n")
+    empty.write_text("video,label,start_s,end_s\n")
+    main(["labels", str(good), "--cache", str(store.root)])
+    for argv, message in [([str(elsewhere), "--skip-missing"], "elsewhere.csv: no annotated video is in the cache"),
+                          ([str(empty)], "empty.csv: no annotated segment")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["labels", *argv, "--cache", str(store.root)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(LabelSet.load(store.root / "labels.h5").videos) == ["clip_a.mp4"]
+
+
 @pytest.mark.parametrize("row, message", [
     ("clip_a,Spin,2,1", "need 0 <= start < end"),
     ("clip_a,Spin,one,2", "must be numbers"),
