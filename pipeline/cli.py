@@ -36,11 +36,14 @@ class PipelineGroup(click.Group):
 
 
 PATH = click.Path(path_type=str)
+OUT_FILE = click.Path(dir_okay=False, path_type=str)     # an existing folder there is refused
+OUT_FOLDER = click.Path(file_okay=False, path_type=str)  # an existing file there is refused
 
 
 def path_option(*names: str, **options):
-    """An option naming a file or folder (None when not given)."""
-    return click.option(*names, type=PATH, **options)
+    """An option naming a file or folder (None when not given); type=OUT_FILE / OUT_FOLDER
+    for an output, so that a folder where a file goes (or the reverse) is a one-line error."""
+    return click.option(*names, type=options.pop("type", PATH), **options)
 
 
 def device_option(default: str | None = None):
@@ -82,7 +85,8 @@ def cli(quiet: bool, verbose: bool) -> None:
 
 @cli.command()
 @click.argument("videos_dir", type=PATH)
-@path_option("--out", required=True, help="Feature cache folder (created; rerun to resume or update it).")
+@path_option("--out", type=OUT_FOLDER, required=True,
+             help="Feature cache folder (created; rerun to resume or update it).")
 @path_option("--config", help="Feature settings YAML (default: built-in defaults = configs/extract.yaml).")
 @device_option()
 @click.option("--flow", "flow_method", type=click.Choice(["auto", "tvl1", "dis", "raft"]), default=None,
@@ -137,7 +141,7 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
 @click.option("--classes", default=None,
               help="Class order: comma-separated names, or a text file with one per line "
                    "(default: the file's own list, else its labels sorted).")
-@path_option("--out", help="Output labels file (default: CACHE/labels.h5).")
+@path_option("--out", type=OUT_FILE, help="Output labels file (default: CACHE/labels.h5).")
 @click.option("--skip-missing", is_flag=True,
               help="Skip annotated videos that are not in the cache instead of failing.")
 def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: str | None,
@@ -161,7 +165,7 @@ def labels(annotations: tuple[str, ...], cache: str, classes: str | None, out: s
 @click.argument("root", type=PATH)
 @click.option("--format", "layout", type=click.Choice(["lstr"]), default="lstr", show_default=True,
               help="Layout of ROOT: lstr = rgb_*/, flow_*/, target_perframe/ with VID.npy (T, D).")
-@path_option("--out", required=True, help="Cache folder to create (features + labels.h5).")
+@path_option("--out", type=OUT_FOLDER, required=True, help="Cache folder to create (features + labels.h5).")
 @path_option("--data-info", help="LSTR's data_info.json: class columns and each split's videos (default: "
                                  "ROOT/data_info.json if there, else built-in THUMOS'14 / TVSeries).")
 @click.option("--dataset", default=None,
@@ -184,7 +188,7 @@ def import_features(root: str, layout: str, out: str, data_info: str | None, dat
 
 @cli.command("export-features")
 @click.argument("cache", type=PATH)
-@click.argument("out", type=PATH)
+@click.argument("out", type=OUT_FOLDER)
 @click.option("--format", "layout", type=click.Choice(["lstr"]), default="lstr", show_default=True,
               help="lstr = LSTR/TeSTra/MAT: rgb_*/, flow_*/, target_perframe/ with VID.npy, "
                    "and data_info.json.")
@@ -210,7 +214,7 @@ def export_features(cache: str, out: str, layout: str, labels: str | None, rgb_d
 @cli.command()
 @path_option("--config", help="Model + training config (configs/*.yaml); optional with --resume.")
 @labelled_cache_options
-@path_option("--out", required=True, help="Run folder, e.g. runs/NAME.")
+@path_option("--out", type=OUT_FOLDER, required=True, help="Run folder, e.g. runs/NAME.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @path_option("--init-from", help="Start from this checkpoint's weights (new optimiser; the classifier is "
                                  "re-initialised when the class count differs), e.g. to adapt a model to your classes.")
@@ -243,7 +247,7 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 @path_option("--checkpoint", required=True, help="e.g. runs/NAME/best.pt")
 @labelled_cache_options
 @click.option("--split", default=None, help="Split to evaluate (default: the config's test split).")
-@path_option("--out", help="Write the results as JSON.")
+@path_option("--out", type=OUT_FILE, help="Write the results as JSON.")
 @device_option()
 @click.option("--batch-size", default=64, show_default=True, help="Windows per forward pass.")
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
@@ -281,12 +285,13 @@ def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
               help="Video file, folder of videos, RTSP/HTTP URL, device (/dev/video0) or id of a "
                    "video in --cache; same as a SOURCE argument (repeatable).")
 @path_option("--checkpoint", required=True, help="Trained model (run folder's best.pt or last.pt).")
-@path_option("--out", help="Output folder (default: <checkpoint's run folder>/detections).")
+@path_option("--out", type=OUT_FOLDER, help="Output folder (default: <checkpoint's run folder>/detections).")
 @path_option("--cache", help="Feature cache to reuse: videos it holds are not decoded again.")
 @click.option("--live", is_flag=True, help="Print start/end events as they are decided.")
-@path_option("--events", help="Append every start/end event to this JSONL file as it is decided.")
-@path_option("--render", help="Write the video with the decisions drawn on it (OUT.mp4; several sources: "
-                              "<name>.OUT.mp4 each, beside OUT.mp4).")
+@path_option("--events", type=OUT_FILE, help="Append every start/end event to this JSONL file as it is decided.")
+@path_option("--render", type=OUT_FILE,
+             help="Write the video with the decisions drawn on it (OUT.mp4; several sources: "
+                  "<name>.OUT.mp4 each, beside OUT.mp4).")
 @click.option("--reconnect", default=0, show_default=True, type=click.IntRange(min=0),
               help="Open a dropped URL/device again up to N times in a row (back-off 0.5 s, 1 s, ...).")
 @click.option("--timeout", "timeout_s", default=10.0, show_default=True,
@@ -329,7 +334,7 @@ def detect(source_args, source_opts, checkpoint, out, cache, live, events, rende
 
 
 @cli.command()
-@click.option("--out", default="demo_out", show_default=True, type=PATH,
+@click.option("--out", default="demo_out", show_default=True, type=OUT_FOLDER,
               help="Folder for the generated videos, cache, model and timelines.")
 @click.option("--videos", "num_videos", default=48, show_default=True,
               type=click.IntRange(min=2), help="Synthetic videos to generate (1/4 held out).")

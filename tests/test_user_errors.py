@@ -96,3 +96,26 @@ def test_every_option_has_help():
                for param in command.params if isinstance(param, click.Option) and not param.help]
     assert not missing, missing
     assert all(command.help for command in cli.commands.values())
+
+
+def test_an_output_file_where_a_folder_goes_or_the_reverse(run, tmp_path, capsys):
+    """Each used to end in a traceback (NotADirectoryError, IsADirectoryError, FileExistsError)."""
+    cache, folder = run
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    checkpoint = str(folder / "last.pt")
+    for argv, option, problem in [
+        (["extract", str(tmp_path), "--out", str(a_file), "--random-init"], "--out", "is a file"),
+        (["labels", str(a_file), "--cache", str(cache), "--out", str(tmp_path)], "--out", "is a directory"),
+        (["export-features", str(cache), str(a_file)], "OUT", "is a file"),
+        (["train", "--config", "demo", "--cache", str(cache), "--out", str(a_file)], "--out", "is a file"),
+        (["eval", "--checkpoint", checkpoint, "--cache", str(cache), "--out", str(tmp_path)], "--out",
+         "is a directory"),
+        (["detect", str(a_file), "--checkpoint", checkpoint, "--events", str(tmp_path)], "--events",
+         "is a directory"),
+        (["detect", str(a_file), "--checkpoint", checkpoint, "--render", str(tmp_path)], "--render",
+         "is a directory"),
+        (["detect", str(a_file), "--checkpoint", checkpoint, "--out", str(a_file)], "--out", "is a file"),
+    ]:
+        err = cli_error(capsys, argv)
+        assert f"Invalid value for '{option}'" in err and problem in err, argv
