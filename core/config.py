@@ -37,9 +37,9 @@ def load_config(cls: type[T], path: str | Path | None = None,
     Overrides are `dotted.key=value` strings; the value is parsed as YAML
     (`model.sparse_k=290`, `model.sparse_k=null`, `train.amp=false`).
     """
-    source = str(path) if path is not None else "defaults"
     data = read_config_file(path) if path is not None else {}
-    return from_dict(cls, _with_overrides(data, overrides), source)
+    config = from_dict(cls, data, str(path) if path is not None else "defaults")
+    return apply_overrides(config, overrides) if overrides else config   # errors name the --set
 
 
 def read_config_file(path: str | Path) -> dict:

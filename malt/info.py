@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vidpipe.malt.config import Config, ModelConfig, validate_model_config
+from vidpipe.malt.config import ModelConfig, load_run_config, validate_model_config
 from vidpipe.malt.model import MALT, RecurrentDecoder
 from vidpipe.malt.stream import OnlineDetector
 from vidpipe.malt.window import gather_window
-from vidpipe.core.config import load_config
 
 
 @dataclass
@@ -97,6 +96,6 @@ def _giga(count: int) -> str:
 
 def describe_model(config_path=None, overrides=()) -> str:
     """`vidpipe model-info`: load the config (file + dotted overrides); the table as text."""
-    cfg = load_config(Config, config_path, overrides).model
-    validate_model_config(cfg, str(config_path) if config_path else "defaults")
-    return format_info(model_info(cfg))
+    loaded = load_run_config(config_path, overrides)
+    validate_model_config(loaded.config.model, loaded.source)   # names the --set or the file
+    return format_info(model_info(loaded.config.model))

@@ -119,3 +119,14 @@ def test_an_output_file_where_a_folder_goes_or_the_reverse(run, tmp_path, capsys
     ]:
         err = cli_error(capsys, argv)
         assert f"Invalid value for '{option}'" in err and problem in err, argv
+
+
+def test_model_info_and_extract_blame_the_set_not_the_file(capsys):
+    """A bad --set used to be reported as 'defaults: ...' or as the YAML file's fault."""
+    for argv, start in [
+        (["model-info", "--set", "model.num_branches=9"], "error: --set model.num_branches=9: "),
+        (["model-info", "--config", "malt_thumos", "--set", "model.decoder=foo"], "error: --set: 'model.decoder'"),
+        (["extract", str(REPO / "tests"), "--out", "unused", "--set", "nokey=3"],
+         "error: --set: unknown config key 'nokey'"),
+    ]:
+        assert cli_error(capsys, argv).startswith(start), argv
