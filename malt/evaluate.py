@@ -19,6 +19,7 @@ from vidpipe.malt.data import VideoData, load_videos, resolve_labels
 from vidpipe.malt.metrics import detection_report
 from vidpipe.malt.model import MALT
 from vidpipe.malt.window import window_indices
+from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.errors import VidpipeError
 from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
@@ -129,10 +130,8 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     report = evaluate_videos(model, videos, label_set.class_names, batch_size)
     report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch,
                   selection=describe_selection(config), selected_on_test=config.train.select_on_test)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        # NaN (no class with a positive step) is not JSON: written as null.
-        Path(out).write_text(json.dumps(_nan_to_none(report), indent=2))
+    if out is not None:   # NaN (no class with a positive step) is not JSON: written as null.
+        write_text_atomically(out, json.dumps(_nan_to_none(report), indent=2))
     return report
 
 
