@@ -345,11 +345,16 @@ def _weights_file(identity: str, given: str | None, stream: str) -> str | None:
     """The weights file a record needs (by sha256), or None when it needs none."""
     marker = identity.find("sha256:")
     if marker < 0:
+        if given is not None:   # ignoring it would hide a mix-up of checkpoints or files
+            raise VidpipeError(f"{given}: the {stream} features of this model were made without a "
+                               f"weights file ({identity}); leave out --{stream}-weights")
         return None
     wanted = identity[marker + len("sha256:"):].split()[0].rstrip(",")
     if given is None:
         raise VidpipeError(f"the {stream} weights of these features came from a file "
                            f"({identity}); pass that file")
+    if not Path(given).is_file():
+        raise VidpipeError(f"{given}: weights file not found")
     if file_sha256(given) != wanted:
         raise VidpipeError(f"{given}: not the {stream} weights these features were made with "
                            f"(sha256 differs from {wanted[:12]}...)")

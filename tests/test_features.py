@@ -68,6 +68,13 @@ def test_from_record_rebuilds_the_same_extractor(extractor, clip):
     record = {**extractor.settings_record(), "rgb_dim": 2048}
     with pytest.raises(VidpipeError, match="rgb_dim"):
         TwoStreamExtractor.from_record(record, device="cpu")
+    # a weights file for features made without one (detect --rgb-weights) was silently ignored
+    with pytest.raises(VidpipeError, match=r"^x.pth: the rgb features of this model were made without "
+                                           r"a weights file \(random-init seed 0\); leave out --rgb-weights"):
+        TwoStreamExtractor.from_record(extractor.settings_record(), device="cpu", rgb_weights="x.pth")
+    with pytest.raises(VidpipeError, match=r"^missing.pth: weights file not found"):
+        TwoStreamExtractor.from_record({**extractor.settings_record(), "rgb_weights": "file r.pth sha256:ab"},
+                                       device="cpu", rgb_weights="missing.pth")
 
 
 def test_default_config_file_equals_the_defaults():
