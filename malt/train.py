@@ -271,6 +271,9 @@ def _load_videos(run: _Run, cfg: Config) -> _Videos:
             raise VidpipeError(f"data.val_fraction={data.val_fraction:g} leaves no training video "
                                f"of the {len(val_ids)} in split '{data.train_split}'")
     test_ids = labels.split(data.test_split)
+    if run.rank0 and not test_ids:   # a misspelt split would silently give no test figures
+        log.warning("%s: no videos in split '%s' (data.test_split)%s: no test figures", source,
+                    data.test_split, _known_splits(labels))
     if set(val_ids) & set(test_ids) and not cfg.train.select_on_test:
         raise VidpipeError(f"{source}: validation videos are also in the test split "
                            f"'{data.test_split}'; choose a validation split without test videos")

@@ -264,3 +264,13 @@ def test_float_values_written_without_a_dot(cache, tmp_path):
     history = train(config, cache, tmp_path / "run", overrides=["train.lr=3e-3"], progress=False)
     assert history[0]["lr"] <= 3e-3
     assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["train"]["lr"] == 0.003
+
+
+def test_a_test_split_with_no_videos_is_said(cache, tmp_path, caplog):
+    """A misspelt data.test_split used to train to the end without test figures, unsaid."""
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    main(["train", "--config", str(config), "--cache", str(cache), "--out", str(tmp_path / "run"),
+          "--set", "data.test_split=tset"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no videos in split 'tset' (data.test_split) (splits there: test, train): no test figures" in w
+               for w in warnings), warnings
