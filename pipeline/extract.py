@@ -147,10 +147,11 @@ def fingerprint(path: Path) -> str:
     return f"size-head-tail-sha256:{digest.hexdigest()}"
 
 
-def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: FeatureSettings,
+def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: FeatureSettings | None = None,
                    device: str | None = None, workers: int = 0, rank: int | None = None,
                    world_size: int | None = None, progress: bool = True) -> ExtractSummary:
-    """Extract every video under `input_dir` into the cache `out_dir`; see the module doc."""
+    """Extract every video under `input_dir` into the cache `out_dir`; see the module doc.
+    `settings`: `load_settings(...)` (default: configs/extract.yaml's, pretrained backbones)."""
     env = distributed_env(rank, world_size)
     rank, world_size = env.rank, env.world_size
     jobs = find_videos(input_dir)
@@ -158,7 +159,7 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
         raise VidpipeError(f"{input_dir}: no video files found (looked for "
                            f"{', '.join(VIDEO_EXTENSIONS)})")
     jobs = jobs[rank::world_size]
-    extractor = TwoStreamExtractor(settings, process_device(device, env))
+    extractor = TwoStreamExtractor(settings or load_settings(), process_device(device, env))
     store = FeatureStore.open_or_create(out_dir, extractor.settings_record())
     summary = ExtractSummary(str(out_dir), rank, world_size)
 

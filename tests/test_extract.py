@@ -250,3 +250,15 @@ def test_find_videos_skips_hidden_metadata_files(tmp_path):
     for name in ["b.mp4", "._b.mp4", "sub/a.MKV", "sub/.c.mp4", "notes.txt"]:
         (tmp_path / name).write_bytes(b"x")
     assert [job.relative for job in find_videos(tmp_path)] == ["b.mp4", "sub/a.MKV"]
+
+
+def test_the_api_call_of_the_module_doc_takes_default_settings(tmp_path, monkeypatch):
+    """`vidpipe.extract("videos/", "cache/")` (vidpipe/__init__.py) failed: settings was required."""
+    import vidpipe
+    import vidpipe.pipeline.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "load_settings", lambda: tiny_settings())  # no hub weights here
+    (tmp_path / "videos").mkdir()
+    make_video(tmp_path / "videos" / "one.mp4", frames=36, fps=24)
+    summary = vidpipe.extract(tmp_path / "videos", tmp_path / "cache", device="cpu", progress=False)
+    assert summary.extracted == ["one.mp4"] and FeatureStore.open(tmp_path / "cache").settings["rgb_dim"] == 512
