@@ -103,6 +103,8 @@ def _check(settings: DemoSettings) -> None:
             raise VidpipeError(f"demo {name} must be positive, not {value}")
     if settings.seed < 0:
         raise VidpipeError(f"demo seed must be 0 or more, not {settings.seed}")
+    from vidpipe.core.device import resolve_device
+    resolve_device(settings.device)   # a bad --device fails now, not after generating the videos
 
 
 def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> DemoResult:

@@ -88,6 +88,8 @@ def generate_dataset(out_dir: str | Path, spec: SyntheticSpec | None = None,
         rows += [(name, label, f"{start:.4f}", f"{end:.4f}", split)
                  for label, start, end in segments]
         (test if split == "test" else train).append(name)
+    for stale in set(videos_dir.glob("synth_*.mp4")) - {videos_dir / n for n in train + test}:
+        stale.unlink()   # a previous run's extra videos: the folder is extracted as a whole
     annotations = write_csv_atomically(out_dir / ANNOTATIONS_FILE,
                                        ["video", "label", "start_s", "end_s", "split"], rows)
     write_text_atomically(out_dir / CLASSES_FILE, "\n".join(CLASSES) + "\n")

@@ -29,6 +29,10 @@ def test_dataset_files_and_annotations(tmp_path):
         assert own[-1].end_s <= spec.duration_s
     again = generate_dataset(tmp_path / "b", spec, progress=False)
     assert again.annotations.read_text() == data.annotations.read_text()  # seeded
+    # a rerun with fewer videos in the same folder leaves none of the previous run's behind
+    (data.videos_dir / "mine.mp4").write_bytes(b"not the demo's")
+    fewer = generate_dataset(tmp_path / "a", SyntheticSpec(num_videos=2, duration_s=6.0, seed=3), progress=False)
+    assert sorted(p.name for p in fewer.videos_dir.iterdir()) == ["mine.mp4", "synth_000.mp4", "synth_001.mp4"]
 
 
 def test_plan_covers_video_and_cycles_classes():

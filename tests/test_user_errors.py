@@ -130,3 +130,9 @@ def test_model_info_and_extract_blame_the_set_not_the_file(capsys):
          "error: --set: unknown config key 'nokey'"),
     ]:
         assert cli_error(capsys, argv).startswith(start), argv
+
+
+def test_demo_checks_its_device_before_generating_videos(tmp_path, capsys):
+    err = cli_error(capsys, ["demo", "--out", str(tmp_path / "demo"), "--device", "foo"])
+    assert err == "error: device 'foo': not a torch device (cpu, cuda, cuda:1, ...)"
+    assert not (tmp_path / "demo" / "data").exists()
