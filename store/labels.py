@@ -479,6 +479,9 @@ def parse_class_list(classes: str) -> list[str]:
     path = Path(classes)
     if path.is_file():
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if "," not in classes and (path.suffix == ".txt" or "/" in classes):   # meant as a file
+        raise VidpipeError(f"--classes {classes}: file not found (a text file with one class "
+                           "per line, or comma-separated names)")
     return [name.strip() for name in classes.split(",") if name.strip()]
 
 

@@ -8,6 +8,7 @@ from vidpipe.pipeline.cli import main
 from vidpipe.core.errors import VidpipeError
 from vidpipe.store.labels import LabelSet, build_labels, segments_to_targets
 from vidpipe.store.cache import FeatureStore
+from train_helpers import cli_error
 
 STEP = 0.25
 
@@ -93,6 +94,9 @@ def test_labels_of_no_video_are_an_error_and_keep_the_labels_file(store, tmp_pat
             main(["labels", *argv, "--cache", str(store.root)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(LabelSet.load(store.root / "labels.h5").videos) == ["clip_a.mp4"]
+    err = cli_error(capsys, ["labels", str(good), "--cache", str(store.root), "--classes", "clasess.txt"])
+    assert err == ("error: --classes clasess.txt: file not found (a text file with one class per line, "
+                   "or comma-separated names)")   # was: unknown class 'Spin' (known: clasess.txt)
 
 
 @pytest.mark.parametrize("row, message", [
