@@ -64,12 +64,14 @@ def shipped_configs() -> dict[str, Path]:
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A config file's path: an existing file as given, else a shipped config's name
-    (`malt_thumos` or `malt_thumos.yaml`); a one-line error lists the shipped names."""
+    (`malt_thumos`, `malt_thumos.yaml` or `configs/malt_thumos.yaml`); a one-line error
+    lists the shipped names."""
     path = Path(name_or_path)
     if path.is_file():
         return path
     shipped = shipped_configs()
-    name = path.stem if path.suffix == ".yaml" and path.parent == Path(".") else str(path)
+    # `configs/NAME.yaml` as the README writes it names the shipped file from any folder
+    name = path.stem if path.suffix == ".yaml" and path.parent in (Path("."), Path("configs")) else str(path)
     if name in shipped:
         return shipped[name]
     raise VidpipeError(f"{name_or_path}: config file not found (shipped configs: "

@@ -38,3 +38,12 @@ def test_missing_or_broken_file_names_the_file(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(VidpipeError, match="bad.yaml: not valid YAML"):
         load_config(Config, bad)
+
+
+def test_the_readmes_config_paths_work_outside_the_checkout(tmp_path, monkeypatch):
+    """`--config configs/malt_thumos.yaml` (README) said 'config file not found' in any other folder."""
+    shipped = load_config(Config, "malt_thumos")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(Config, "configs/malt_thumos.yaml") == shipped
+    with pytest.raises(VidpipeError, match=r"^other/malt_thumos.yaml: config file not found \(shipped configs: "):
+        load_config(Config, "other/malt_thumos.yaml")
