@@ -90,6 +90,8 @@ def load_settings(config: str | Path | None = None, overrides: tuple[str, ...] |
 
 def find_videos(input_dir: str | Path) -> list[VideoJob]:
     """Video files under `input_dir` (by extension, sorted), with unique cache ids."""
+    if not str(input_dir).strip():   # Path("") is the current folder: an unset shell variable?
+        raise VidpipeError("an empty name is not a video file or folder")
     root = Path(input_dir)
     if root.is_file():
         paths, root = [root], root.parent

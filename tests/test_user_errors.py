@@ -136,3 +136,11 @@ def test_demo_checks_its_device_before_generating_videos(tmp_path, capsys):
     err = cli_error(capsys, ["demo", "--out", str(tmp_path / "demo"), "--device", "foo"])
     assert err == "error: device 'foo': not a torch device (cpu, cuda, cuda:1, ...)"
     assert not (tmp_path / "demo" / "data").exists()
+
+
+def test_an_empty_source_name_is_not_the_current_folder(run, capsys):
+    """`vidpipe detect "$VIDEO"` with VIDEO unset ran on every video under the current folder."""
+    _, folder = run
+    for argv in (["extract", "", "--out", "unused", "--random-init"],
+                 ["detect", "", "--checkpoint", str(folder / "last.pt")]):
+        assert cli_error(capsys, argv) == "error: an empty name is not a video file or folder", argv
