@@ -108,7 +108,18 @@ class _Work(dict):
                 self.state[key][self.slots] = value
 
 
-class MultiStreamDetector:
+class _FromCheckpoint:
+    """`from_checkpoint`, shared by the many-stream and the one-stream detector."""
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs):
+        """The detector of a trained checkpoint (malt.checkpoint.load_model); None: cuda when present."""
+        from vidpipe.malt.checkpoint import load_model
+        model, _ = load_model(path, device)
+        return cls(model, **kwargs)
+
+
+class MultiStreamDetector(_FromCheckpoint):
     """One MALT serving many independent streams; the streams that have a new step run as one batch.
 
     The model is moved to `device` (default: where its parameters are) and put in eval mode.
@@ -132,13 +143,6 @@ class MultiStreamDetector:
         self.ring_size = num_long_tokens(self.cfg) + -(-self.cfg.short_memory_steps // stride)
         self._streams: dict[Hashable, _Stream] = {}
         self.reset()
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs):
-        """The detector of a trained checkpoint (malt.checkpoint.load_model); None: cuda when present."""
-        from vidpipe.malt.checkpoint import load_model
-        model, _ = load_model(path, device)
-        return cls(model, **kwargs)
 
     @property
     def streams(self) -> list[Hashable]:
@@ -473,7 +477,7 @@ class MultiStreamDetector:
         return self.model.classifier(x)[:, 0]
 
 
-class OnlineDetector:
+class OnlineDetector(_FromCheckpoint):
     """Feed one step of features at a time; get that step's class probabilities.
 
     A `MultiStreamDetector` serving one stream: the same code and numbers. The model is moved
@@ -485,13 +489,6 @@ class OnlineDetector:
         self.detector = MultiStreamDetector(model, device, max_streams=1, int8=int8)
         self.detector.add_stream(0)
         self.cfg, self.device = self.detector.cfg, self.detector.device
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs):
-        """The detector of a trained checkpoint (malt.checkpoint.load_model); None: cuda when present."""
-        from vidpipe.malt.checkpoint import load_model
-        model, _ = load_model(path, device)
-        return cls(model, **kwargs)
 
     @property
     def steps_seen(self) -> int:
