@@ -25,6 +25,7 @@ from vidpipe.extractors.rgb import RGBStream, resize_short_side
 from vidpipe.extractors.tsn import RECIPES, TSNFlowStream, TSNRGBStream
 from vidpipe.core.device import resolve_device
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.precision import autocast, resolve_precision
 from vidpipe.core.settings import differing_keys
 
 RESIZE_BYTES = 128 << 20   # float frames resized at once: bounds memory for 4K sources
@@ -53,7 +54,8 @@ class FeatureSettings:
     seed: int = 0
     batch_size: int = 16                 # steps per CNN batch
     decoder: Literal["auto", "decord", "pyav"] = "auto"   # same frames either way
-    amp: bool = True                     # autocast (bf16/fp16) for the CNNs on CUDA
+    precision: str = "fp32"              # the CNNs' products: fp32 | bf16 | fp16 (CUDA) | auto
+                                         # (core.precision); recorded: a bf16 cache is another cache
     recipe: str | None = None            # a named recipe reproducing public features (extractors.tsn)
     flow_jpeg: bool = False              # recipe: JPEG round trip of the 8-bit flow images (DenseFlow's files)
 
@@ -68,6 +70,8 @@ class FeatureSettings:
         if self.crop is not None and not 0 < self.crop <= (self.resize or self.crop):
             problems.append(f"crop must be 1..resize = {self.resize} (got {self.crop})")
         problems += self._recipe_problems()
+        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
+            problems.append(f"precision must be fp32, bf16, fp16 (CUDA) or auto (got {self.precision})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         files = [key for key in ("rgb_weights", "flow_weights", "raft_weights") if getattr(self, key)]
@@ -134,8 +138,7 @@ class TwoStreamExtractor:
         self.flow.backbone.to(memory_format=torch.channels_last)
         # OpenCV flow runs on the CPU outside the GIL: overlap it with the RGB network
         self.flow_thread = ThreadPoolExecutor(1, "opencv-flow") if self.flow_method != "raft" else None
-        use_amp = settings.amp and self.device.type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
+        self.precision = resolve_precision(settings.precision, self.device)   # what runs
 
     def _pick_flow_method(self) -> str:
         """A recipe's flow is TV-L1; auto is RAFT on CUDA and DIS on a CPU (saying so)."""
@@ -175,9 +178,10 @@ class TwoStreamExtractor:
     def settings_record(self) -> dict:
         """The settings that define the features: equal records mean comparable features.
 
-        Batch size, decoder backend, device and precision are left out (same features up to
-        float rounding); the cache records decoder, device, precision and package versions
-        per video instead (`run_record`), so an upgrade does not lock a cache.
+        Batch size, decoder backend and device are left out (same features up to float
+        rounding; precision is in: bf16 moves features by ~1e-2); the cache records decoder,
+        device and package versions per video instead (`run_record`), so an upgrade does not
+        lock a cache.
         """
         s = self.settings
         record = {
@@ -196,6 +200,7 @@ class TwoStreamExtractor:
             "flow_fields": s.flow_fields,
             "random_init": s.random_init,
             "seed": s.seed,
+            "precision": self.precision,
         }
         if self.recipe:
             return {**record, **self.recipe.describe(), "rgb_backbone": "resnet50 (mmaction2 TSN)",
@@ -219,10 +224,8 @@ class TwoStreamExtractor:
         return record
 
     def run_record(self) -> dict:
-        """How this run computed (per video): device, precision, package versions."""
-        return {"device": str(self.device),
-                "precision": str(self.amp_dtype).replace("torch.", "") + " autocast" if self.amp_dtype else "float32",
-                "versions": package_versions()}
+        """How this run computed (per video): device, package versions."""
+        return {"device": str(self.device), "versions": package_versions()}
 
     @classmethod
     def from_record(cls, record: dict, device: str | torch.device | None = None, *,
@@ -233,11 +236,13 @@ class TwoStreamExtractor:
         Hub weights are fetched by name; weights that came from files need those files again
         (checked by sha256). The rebuilt extractor's record must equal `record`.
         """
+        record = {"precision": "fp32", **record}   # records before the key: fp32 (CPU)
         common = dict(
             fps=record["fps"], chunk=record["chunk"], flow_fields=record["flow_fields"],
             rgb_weights=_weights_file(record["rgb_weights"], rgb_weights, "rgb"),
             flow_weights=_weights_file(record["flow_weights"], flow_weights, "flow"),
-            random_init=record["random_init"], seed=record["seed"], batch_size=batch_size)
+            random_init=record["random_init"], seed=record["seed"], batch_size=batch_size,
+            precision=record["precision"])
         if record.get("recipe"):
             rebuilt = FeatureSettings(recipe=record["recipe"], flow_jpeg="jpeg" in record.get("flow_images", ""),
                                       **common)
@@ -277,14 +282,24 @@ class TwoStreamExtractor:
         return self.stream_chunks(source.chunks(), batch_size)
 
     def stream_chunks(self, chunks: Iterable[Chunk], batch_size: int | None = None) -> Iterator[Step]:
-        """`stream` on chunks decoded elsewhere (the batch job's decoding workers)."""
+        """`stream` on chunks decoded elsewhere (the batch job's decoding workers).
+
+        When decoding fails (a truncated file, a dropped stream), the steps of the chunks
+        decoded before the failure are yielded first, then the error is raised: a batch
+        size never decides how much of a damaged video is kept.
+        """
         size = batch_size or self.settings.batch_size
         batch: list[tuple[Chunk, torch.Tensor]] = []
-        for chunk in chunks:
-            batch.append((chunk, self._resized(chunk.frames)))
-            if len(batch) == size:
+        try:
+            for chunk in chunks:
+                batch.append((chunk, self._resized(chunk.frames)))
+                if len(batch) == size:
+                    yield from self._steps(batch)
+                    batch = []
+        except VidpipeError:
+            if batch:
                 yield from self._steps(batch)
-                batch = []
+            raise
         if batch:
             yield from self._steps(batch)
 
@@ -298,8 +313,7 @@ class TwoStreamExtractor:
         A recipe's streams take the decoded frames instead: (B, K, H, W, 3) uint8 on the CPU."""
         centre = frames[:, self.settings.chunk // 2]            # (B, 3, h, w)
         pending_flow = self.flow_thread.submit(self.flow.compute_flow, frames) if self.flow_thread else None
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.precision):
             rgb = self.rgb(centre)
             fields = pending_flow.result() if pending_flow else self.flow.compute_flow(frames)
             flow = self.flow.embed(fields)                      # (B, fields, 2, h, w) -> (B, Df)

@@ -1,0 +1,50 @@
+"""`detect` on files as it runs on live sources: every decodable step kept, timestamps that
+restart continued on the step clock, memory independent of the video's length."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from detect_helpers import tiny_cache, tiny_checkpoint
+from extract_helpers import make_video
+
+from vidpipe.core.errors import VidpipeError
+from vidpipe.extractors.decode import VideoSource
+from vidpipe.pipeline.detect import detect
+from vidpipe.pipeline.timeline import Timeline
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streaming")
+    _, store = tiny_cache(root, num_videos=2, duration_s=3.0)
+    return tiny_checkpoint(root / "run" / "best.pt", store)
+
+
+def decodable_steps(path, fps: float, chunk: int) -> int:
+    """Steps a VideoSource yields before the file's damage stops it."""
+    count = 0
+    try:
+        for _ in VideoSource(path, fps=fps, chunk=chunk):
+            count += 1
+    except VidpipeError:
+        pass
+    return count
+
+
+def test_a_truncated_file_keeps_every_decodable_step_offline_as_live(checkpoint, tmp_path):
+    # 10 s at 24 fps -> 40 steps of 0.25 s; cut at 60%: about 24 decodable steps, which is
+    # not a multiple of the offline batch of 16 steps.
+    whole = make_video(tmp_path / "whole.mkv", frames=240, fps=24, size=(96, 64))
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    expected = decodable_steps(cut, fps=12.0, chunk=3)
+    assert 16 < expected < 40
+    results = {}
+    for live in (False, True):
+        with pytest.raises(VidpipeError, match="truncated"):
+            detect(cut, checkpoint, out=tmp_path / f"live{live}", live=live, picture=False)
+        results[live] = Timeline.load(tmp_path / f"live{live}" / "cut.mkv.timeline.json")
+    offline, live = results[False], results[True]
+    assert len(offline.timestamps) == len(live.timestamps) == expected
+    assert offline.metadata["ended_by"] == "error"
+    np.testing.assert_allclose(offline.probs, live.probs, atol=1e-5)
