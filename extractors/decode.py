@@ -35,6 +35,7 @@ import av
 import numpy as np
 
 from vidpipe.core.errors import VidpipeError, first_line
+from vidpipe.core.paths import is_stream
 
 try:  # decord has no wheels for every platform; PyAV covers the rest
     import decord
@@ -109,11 +110,6 @@ def resample(frames: Iterable[tuple[float, Any]], fps: float,
         while k / fps < end - TIME_EPS:
             yield k / fps, shown[0], shown[1]
             k += 1
-
-
-def is_stream(path_or_url: str) -> bool:
-    """A URL (rtsp://, http://...) or a capture device (/dev/...), not a local file."""
-    return "://" in path_or_url or path_or_url.startswith("/dev/")
 
 
 class StreamLost(VidpipeError):

@@ -31,6 +31,7 @@ from vidpipe.malt.model import MALT
 from vidpipe.core.atomic import atomic_path, remove_stale_temporaries
 from vidpipe.core.device import resolve_device
 from vidpipe.core.errors import VidpipeError, first_line
+from vidpipe.core.paths import require_checkpoint_file
 
 
 @dataclass
@@ -86,9 +87,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device | None = "cpu") -> Checkpoint:
-    path = Path(path)
-    if not path.is_file():
-        raise VidpipeError(f"{path}: checkpoint not found")
+    path = require_checkpoint_file(path)
     device = resolve_device(device)  # a bad --device is the user's mistake, not the file's
     try:
         with warnings.catch_warnings():   # junk files make torch warn, then fail: one line

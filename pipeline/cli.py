@@ -11,6 +11,7 @@ import click
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
 from vidpipe.core.log import configure_cli_logging, remove_cli_logging
 from vidpipe.core.memory import limit_malloc_arenas
+from vidpipe.core.paths import require_checkpoint_file, require_input, require_sources
 
 # `vidpipe --help` lists the commands in the order a user runs them (any command not named
 # here follows, in the order it is defined).
@@ -77,9 +78,11 @@ def cli(quiet: bool, verbose: bool) -> None:
     limit_malloc_arenas()   # before any worker thread starts (core.memory says why)
 
 
-# Commands are added below, one section per stage; imports stay inside each command so
-# that `vidpipe --help` starts fast. Library functions log what they do (vidpipe.core.log);
-# a command prints only its result.
+# Commands are added below, one section per stage; imports of the libraries stay inside each
+# command, after the checks of the paths it was given (vidpipe.core.paths), so that
+# `vidpipe --help` and a mistyped file name are answered at once, not after torch's import
+# (seconds). Library functions log what they do (vidpipe.core.log); a command prints only
+# its result.
 
 # --- extract ------------------------------------------------------------------------------
 
@@ -106,12 +109,15 @@ def cli(quiet: bool, verbose: bool) -> None:
                    "the seed is --set seed=N (default 0).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Threads decoding videos ahead of the model.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default=None,
+              help="The CNNs' products (default fp32): bf16 (CPU or GPU), fp16 (GPU), auto (bf16 where the "
+                   "hardware has it). Recorded in the cache: a bf16 cache is another cache.")
 @set_option("dis_preset=fast --set batch_size=32")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def extract(videos_dir: str, out: str, config: str | None, device: str | None,
             flow_method: str | None, recipe: str | None, rgb_backbone: str | None, flow_backbone: str | None,
             rgb_weights: str | None, flow_weights: str | None, random_init: bool | None,
-            workers: int, overrides: tuple[str, ...], no_progress: bool) -> None:
+            workers: int, precision: str | None, overrides: tuple[str, ...], no_progress: bool) -> None:
     """Extract two-stream features of every video under VIDEOS_DIR into the cache --out.
 
     Videos (mp4, mkv, webm, avi, mov, ...) are resampled to 24 fps; each chunk of 6 frames
@@ -120,11 +126,12 @@ def extract(videos_dir: str, out: str, config: str | None, device: str | None,
     (e.g. `torchrun --nproc-per-node 4 --no-python vidpipe extract ...`) each rank takes
     its share of the videos.
     """
+    require_input(videos_dir)
     from vidpipe.pipeline.extract import extract_folder, load_settings
 
     settings = load_settings(config, overrides, flow_method=flow_method, recipe=recipe, rgb_backbone=rgb_backbone,
                              flow_backbone=flow_backbone, rgb_weights=rgb_weights,
-                             flow_weights=flow_weights, random_init=random_init)
+                             flow_weights=flow_weights, random_init=random_init, precision=precision)
     summary = extract_folder(videos_dir, out, settings, device=device, workers=workers,
                              progress=not no_progress)
     if summary.rank == 0 or not summary.all_ranks:
@@ -253,6 +260,7 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
                  out: str | None, device: str | None, batch_size: int) -> None:
     """Per-frame mAP (THUMOS protocol) and mcAP (TVSeries protocol) of a checkpoint."""
+    require_checkpoint_file(checkpoint)
     from vidpipe.malt.evaluate import evaluate
     from vidpipe.malt.metrics import format_table
 
@@ -316,11 +324,13 @@ def detect(source_args, source_opts, checkpoint, out, cache, live, events, rende
            no_picture, rgb_weights, flow_weights, raft_weights) -> None:
     """Online action detection on videos, streams or folders, several at once -> timeline
     JSON / CSV / PNG per source; exit 1 when a source failed, 130 on Ctrl-C (after writing)."""
-    from vidpipe.pipeline.detect import detect as run_detect, timeline_settings
-
     sources = [*source_args, *source_opts]
     if not sources:
         raise click.UsageError("give at least one SOURCE (argument or --source)")
+    require_checkpoint_file(checkpoint)
+    require_sources(sources, cache_given=cache is not None)
+    from vidpipe.pipeline.detect import detect as run_detect, timeline_settings
+
     weights = {k: v for k, v in (("rgb", rgb_weights), ("flow", flow_weights),
                                  ("raft", raft_weights)) if v}
     detections = run_detect(

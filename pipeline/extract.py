@@ -32,6 +32,7 @@ from vidpipe.core.distributed import distributed_env, process_device
 from vidpipe.core.errors import VidpipeError
 from vidpipe.core.memory import release_free_memory
 from vidpipe.core.log import progress_bar
+from vidpipe.core.paths import require_input
 from vidpipe.store.cache import FeatureStore, video_id_from_path
 
 FINGERPRINT_BYTES = 1 << 20    # hashed from the head and from the tail of each file
@@ -90,9 +91,7 @@ def load_settings(config: str | Path | None = None, overrides: tuple[str, ...] |
 
 def find_videos(input_dir: str | Path) -> list[VideoJob]:
     """Video files under `input_dir` (by extension, sorted), with unique cache ids."""
-    if not str(input_dir).strip():   # Path("") is the current folder: an unset shell variable?
-        raise VidpipeError("an empty name is not a video file or folder")
-    root = Path(input_dir)
+    root = require_input(input_dir)
     if root.is_file():
         paths, root = [root], root.parent
     elif root.is_dir():
@@ -100,10 +99,8 @@ def find_videos(input_dir: str | Path) -> list[VideoJob]:
         named = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
                        and not p.name.startswith(".") and not p.is_dir())
         paths = [p for p in named if _is_regular(p)]
-    elif root.exists() or root.is_symlink():
-        raise VidpipeError(f"{input_dir}: {_not_regular(root)}")
     else:
-        raise VidpipeError(f"{input_dir}: no such folder or file")
+        raise VidpipeError(f"{input_dir}: {_not_regular(root)}")
     jobs = [VideoJob(p, p.relative_to(root).as_posix(), video_id_from_path(p.relative_to(root)))
             for p in paths]
     counts: dict[str, int] = {}
