@@ -112,9 +112,9 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (malt/train.py): Adam, its lr set every iteration by `schedule`
     (malt.train.learning_rate):
-    - lstr_warmup_cosine (LSTR's WarmupCosineLR, the authors' recipe): lr * w(it) * cosine(it),
-      the cosine over the whole run from iteration 0, w rising linearly from warmup_factor
-      to 1 over warmup_epochs;
+    - lstr_warmup_cosine (LSTR's WarmupCosineLR, the authors' recipe): lr * w(n) * cosine(n),
+      the cosine over the whole run, w rising linearly from warmup_factor to 1 over
+      warmup_epochs; iteration i trains at n = i + 1 as in LSTR's trainer (the last at 0);
     - warmup_then_cosine (our earlier schedule): linear from warmup_factor to 1 over
       warmup_epochs, then half a cosine from 1 down to 0 over the remaining epochs.
     """

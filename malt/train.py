@@ -66,24 +66,29 @@ log = logging.getLogger(__name__)
 # -- the learning-rate schedule ------------------------------------------------------------
 
 def learning_rate(cfg: TrainConfig, iteration: int, iters_per_epoch: int) -> float:
-    """The lr of optimiser step `iteration` (0-based, counted over the whole run).
+    """The lr that optimiser step `iteration` (0-based, counted over the whole run) trains at.
 
-    lstr_warmup_cosine: LSTR's WarmupCosineLR (optimizers/lr_scheduler.py), as the authors
-    train: lr * w(it) * 0.5 * (1 + cos(pi * it / max_iters)), max_iters = epochs *
-    iters_per_epoch, w(it) = f * (1 - it / W) + it / W for it < W = int(warmup_epochs *
-    iters_per_epoch), then 1. As in LSTR, `iters_per_epoch` is the first epoch's number of
-    batches (malt.train uses the same count on resume).
+    lstr_warmup_cosine: LSTR's WarmupCosineLR (optimizers/lr_scheduler.py) as LSTR's trainer
+    steps it, i.e. its curve g one step ahead: lr(i) = g(i + 1), with
+    g(n) = lr * w(n) * 0.5 * (1 + cos(pi * n / max_iters)), max_iters = epochs *
+    iters_per_epoch, w(n) = f * (1 - n / W) + n / W for n < W = int(warmup_epochs *
+    iters_per_epoch), then 1. Why one ahead: LSTR builds the scheduler with last_epoch =
+    (START_EPOCH - 1) * iters = 0, PyTorch's constructor steps it once (to 1), and the trainer
+    calls scheduler.step() after each optimizer.step(); so the last iteration trains at
+    g(max_iters) = 0. As in LSTR, `iters_per_epoch` is the first epoch's number of batches
+    (malt.train uses the same count on resume).
     warmup_then_cosine: `lr * lr_factor(it / iters_per_epoch)`.
     """
     if cfg.schedule == "warmup_then_cosine":
         return cfg.lr * lr_factor(iteration / iters_per_epoch, cfg)
+    step = iteration + 1                     # the scheduler's last_epoch during this iteration
     max_iters = cfg.epochs * iters_per_epoch
     warmup_iters = int(cfg.warmup_epochs * iters_per_epoch)
     warmup = 1.0
-    if iteration < warmup_iters:
-        alpha = iteration / warmup_iters
+    if step < warmup_iters:
+        alpha = step / warmup_iters
         warmup = cfg.warmup_factor * (1 - alpha) + alpha
-    return cfg.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * iteration / max_iters))
+    return cfg.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * step / max_iters))
 
 
 def lr_factor(progress: float, cfg: TrainConfig) -> float:

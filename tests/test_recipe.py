@@ -32,13 +32,55 @@ def cache(tmp_path_factory):
 
 
 def lstr_warmup_cosine(base_lr, it, max_iters, warmup_iters, factor):
-    """The formula of issue 9 / LSTR's WarmupCosineLR.get_lr, written out independently."""
-    if it >= warmup_iters:
+    """The lr LSTR's trainer uses at iteration `it` (0-based): WarmupCosineLR.get_lr evaluated
+    one step ahead (see `LstrWarmupCosineLR`), written out independently."""
+    n = it + 1
+    if n >= warmup_iters:
         w = 1.0
     else:
-        alpha = it / warmup_iters
+        alpha = n / warmup_iters
         w = factor * (1 - alpha) + alpha
-    return base_lr * w * 0.5 * (1.0 + math.cos(math.pi * it / max_iters))
+    return base_lr * w * 0.5 * (1.0 + math.cos(math.pi * n / max_iters))
+
+
+class LstrWarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """LSTR's WarmupCosineLR, restated from amazon-science/long-short-term-transformer
+    src/rekognition_online_action_detection/optimizers/lr_scheduler.py: get_lr (lines 133-146)
+    with _get_warmup_factor_at_iter's 'linear' rule (lines 12-25); a PyTorch scheduler, so
+    the constructor and step() behave as in LSTR's run."""
+
+    def __init__(self, optimizer, max_iters, warmup_factor, warmup_iters, last_epoch):
+        self.max_iters, self.warmup_factor, self.warmup_iters = max_iters, warmup_factor, warmup_iters
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        it = self.last_epoch
+        if it >= self.warmup_iters:
+            factor = 1.0
+        else:
+            alpha = it / self.warmup_iters
+            factor = self.warmup_factor * (1 - alpha) + alpha
+        return [base * factor * 0.5 * (1.0 + math.cos(math.pi * it / self.max_iters))
+                for base in self.base_lrs]
+
+
+def lstr_trainer_lrs(cfg, iters_per_epoch):
+    """The lr of every optimizer.step() of a whole LSTR run: the optimizer as LSTR's
+    build_optimizer makes it ('initial_lr' in the group, optimizers.py:16-19), the scheduler
+    as build_scheduler makes it (last_epoch = (START_EPOCH - 1) * iters with START_EPOCH 1,
+    lr_scheduler.py:158 and 192-206), stepped as do_perframe_det_train steps it
+    (optimizer.step(); scheduler.step(), engines/base_trainers/perframe_det_trainer.py:59-60)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([{"params": [weight], "initial_lr": cfg.lr}], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    scheduler = LstrWarmupCosineLR(optimizer, cfg.epochs * iters_per_epoch, cfg.warmup_factor,
+                                   int(cfg.warmup_epochs * iters_per_epoch), last_epoch=0)
+    applied = []
+    for _ in range(cfg.epochs * iters_per_epoch):
+        applied.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return np.array(applied)
 
 
 def lstr_positional_encoding(max_len, d_model):
@@ -55,18 +97,23 @@ def lstr_positional_encoding(max_len, d_model):
 
 @pytest.mark.parametrize("name", ["malt_thumos", "malt_tvseries"])
 @pytest.mark.parametrize("iters_per_epoch", [1, 7, 333])
-def test_paper_schedule_is_lstrs_warmup_cosine_at_every_iteration(name, iters_per_epoch):
+def test_paper_schedule_is_lstrs_scheduler_as_its_trainer_steps_it(name, iters_per_epoch):
+    """Every iteration of a whole run trains at the lr LSTR's scheduler gives it: one step
+    ahead of the formula (iteration i at g(i + 1)), so the last iteration trains at 0."""
     cfg = load_config(Config, name).train
     assert cfg.schedule == "lstr_warmup_cosine"
     max_iters = cfg.epochs * iters_per_epoch
-    warmup_iters = int(cfg.warmup_epochs * iters_per_epoch)
     ours = np.array([learning_rate(cfg, it, iters_per_epoch) for it in range(max_iters)])
-    formula = np.array([lstr_warmup_cosine(cfg.lr, it, max_iters, warmup_iters, cfg.warmup_factor)
-                        for it in range(max_iters)])
-    assert np.abs(ours - formula).max() <= 1e-12
+    lstr = lstr_trainer_lrs(cfg, iters_per_epoch)
+    assert np.abs(ours - lstr).max() <= 1e-15 * cfg.lr
+    assert ours[-1] == lstr[-1] == 0.0
+    formula = np.array([lstr_warmup_cosine(cfg.lr, it, max_iters,
+                                           int(cfg.warmup_epochs * iters_per_epoch),
+                                           cfg.warmup_factor) for it in range(max_iters)])
+    assert np.abs(ours - formula).max() <= 1e-15 * cfg.lr
     # the cosine runs from iteration 0: already below the base lr when the warmup ends
     if iters_per_epoch > 1:
-        assert ours[warmup_iters] < cfg.lr * 0.75
+        assert ours[int(cfg.warmup_epochs * iters_per_epoch)] < cfg.lr * 0.75
 
 
 def test_the_two_schedules_differ_as_the_review_said():
