@@ -23,11 +23,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+__all__ = ["SparseCrossAttention"]
+
 
 class SparseCrossAttention(nn.Module):
     """Multi-head attention of `query` tokens over `memory` tokens, keeping each query's top-k keys."""
 
-    def __init__(self, dim: int, num_heads: int, top_k: Optional[int] = None):
+    def __init__(self, dim: int, num_heads: int, top_k: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -37,10 +39,10 @@ class SparseCrossAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.top_k = top_k
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        self.k_proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        self.v_proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor,
                 allowed: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ Where the paper is silent the structure follows the authors' code and LSTR (docs
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -18,6 +19,10 @@ from torch import nn
 from vidpipe.malt.attention import SparseCrossAttention
 from vidpipe.malt.config import ModelConfig, validate_model_config
 from vidpipe.malt.window import num_long_tokens
+
+__all__ = ["MALT", "MALTOutput", "DecoderStage", "EncoderBranch", "EncoderPass", "FeatureFusion",
+           "FeedForward", "HierarchicalEncoder", "RecurrentDecoder", "TransformerLayer",
+           "TransformerStack", "causal_mask", "layer_kwargs", "sinusoidal_encoding"]
 
 
 class MALTOutput(NamedTuple):
@@ -47,12 +52,12 @@ class FeatureFusion(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc1 = nn.Linear(d_model, ffn_dim, device=device, dtype=dtype)
         self.act = nn.ReLU()
         self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.fc2 = nn.Linear(ffn_dim, d_model, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(self.act(self.fc1(x))))              # (B, T, D)
@@ -67,14 +72,15 @@ class TransformerLayer(nn.Module):
     detector can reuse cached projections through this same code.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0,
+                 top_k: Optional[int] = None, device=None, dtype=None):
         super().__init__()
-        d = cfg.d_model
-        self.self_attn = SparseCrossAttention(d, cfg.num_heads, cfg.sparse_k)
-        self.cross_attn = SparseCrossAttention(d, cfg.num_heads, cfg.sparse_k)
-        self.ffn = FeedForward(d, cfg.ffn_dim, cfg.dropout)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop1, self.drop2, self.drop3 = (nn.Dropout(cfg.dropout) for _ in range(3))
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = SparseCrossAttention(dim, num_heads, top_k, **factory)
+        self.cross_attn = SparseCrossAttention(dim, num_heads, top_k, **factory)
+        self.ffn = FeedForward(dim, ffn_dim, dropout, **factory)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, **factory) for _ in range(3))
+        self.drop1, self.drop2, self.drop3 = (nn.Dropout(dropout) for _ in range(3))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor,
                 memory_allowed: Optional[torch.Tensor] = None,
@@ -100,12 +106,14 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """`num_layers` TransformerLayers over one memory, then a final LayerNorm."""
+    """`num_layers` TransformerLayers over one memory, then a final LayerNorm; the other
+    keyword arguments are TransformerLayer's."""
 
-    def __init__(self, cfg: ModelConfig, num_layers: int):
+    def __init__(self, dim: int, num_layers: int, device=None, dtype=None, **layer_kwargs):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.layers = nn.ModuleList(TransformerLayer(dim, device=device, dtype=dtype, **layer_kwargs)
+                                    for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim, device=device, dtype=dtype)
 
     def forward(self, x, memory, memory_allowed=None, self_allowed=None):
         # x (B, Q, D), memory (B, K, D) -> (B, Q, D)
@@ -114,30 +122,47 @@ class TransformerStack(nn.Module):
         return self.norm(x)
 
 
+@dataclass(frozen=True)
+class EncoderPass:
+    """One TransformerStack run of the hierarchical encoder: `query` tokens attend to `memory`.
+
+    The encoder's structure is the list of its passes (`HierarchicalEncoder.passes`), walked
+    by `HierarchicalEncoder.forward` and by the streaming detector (malt/stream.py) alike.
+    Inputs name earlier passes by their index in that list; query None: the `latent`
+    queries (the branch's own learned ones); memory None: the long memory (masked by its
+    padding). `feature`: the pass's output is the branch's f_n.
+    """
+    stack: TransformerStack
+    query: Optional[int]
+    memory: Optional[int]
+    latent: Optional[nn.Parameter] = None
+    feature: bool = False
+
+
 class EncoderBranch(nn.Module):
     """One branch of the hierarchical encoder.
 
     `compress`: learned latent queries (the branch's own) read the long memory with sparse
     cross-attention. Branch 1 stops there (f_1). A later branch then lets the previous
     branch's output f_{n-1} attend to its compressed tokens (`refine`), so f_n refines f_{n-1}
-    (the authors' code, N = 2, generalised here to any n).
+    (the authors' code, N = 2, generalised here to any n). `layer_kwargs`: TransformerLayer's.
     """
 
-    def __init__(self, cfg: ModelConfig, index: int):
+    def __init__(self, dim: int, num_queries: int, num_layers: int, first: bool,
+                 device=None, dtype=None, **layer_kwargs):
         super().__init__()
-        queries, layers = cfg.branch_queries[index], cfg.branch_layers[index]
-        self.queries = nn.Parameter(torch.zeros(queries, cfg.d_model))          # (Qn, D)
-        self.compress = TransformerStack(cfg, layers if index == 0 else 1)
-        self.refine = TransformerStack(cfg, layers) if index > 0 else None
+        factory = {"device": device, "dtype": dtype}
+        self.queries = nn.Parameter(torch.zeros(num_queries, dim, **factory))          # (Qn, D)
+        self.compress = TransformerStack(dim, num_layers if first else 1, **factory, **layer_kwargs)
+        self.refine = None if first else TransformerStack(dim, num_layers, **factory, **layer_kwargs)
 
-    def forward(self, long_memory: torch.Tensor, long_allowed: torch.Tensor,
-                previous: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # long_memory (B, L, D), long_allowed (B, 1, L), previous f_{n-1} (B, Q1, D)
-        queries = self.queries.expand(long_memory.shape[0], -1, -1)              # (B, Qn, D)
-        compressed = self.compress(queries, long_memory, long_allowed)           # (B, Qn, D)
+    def passes(self, first: int, previous: Optional[int]) -> list[EncoderPass]:
+        """This branch's passes, numbered from `first`; `previous`: the pass giving f_{n-1}."""
+        compress = EncoderPass(self.compress, query=None, memory=None, latent=self.queries,
+                               feature=self.refine is None)
         if self.refine is None:
-            return compressed                                                    # f_1 (B, Q1, D)
-        return self.refine(previous, compressed)                                 # f_n (B, Q1, D)
+            return [compress]                                    # f_1: the compressed tokens
+        return [compress, EncoderPass(self.refine, query=previous, memory=first, feature=True)]
 
 
 class HierarchicalEncoder(nn.Module):
@@ -145,16 +170,35 @@ class HierarchicalEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.branches = nn.ModuleList(EncoderBranch(cfg, n) for n in range(cfg.num_branches))
+        self.branches = nn.ModuleList(
+            EncoderBranch(cfg.d_model, cfg.branch_queries[n], cfg.branch_layers[n], first=n == 0,
+                          **layer_kwargs(cfg)) for n in range(cfg.num_branches))
+
+    def passes(self) -> list[EncoderPass]:
+        """The encoder's structure: every branch's passes, in the order they run."""
+        passes: list[EncoderPass] = []
+        for branch in self.branches:
+            previous = max((i for i, p in enumerate(passes) if p.feature), default=None)
+            passes += branch.passes(len(passes), previous)
+        return passes
 
     def forward(self, long_memory: torch.Tensor, long_valid: torch.Tensor) -> list[torch.Tensor]:
         # long_memory (B, L, D), long_valid (B, L) -> N x (B, Q1, D)
         long_allowed = long_valid[:, None, :]                                    # (B, 1, L)
-        features, previous = [], None
-        for branch in self.branches:
-            previous = branch(long_memory, long_allowed, previous)
-            features.append(previous)
-        return features
+        passes, outputs = self.passes(), []
+        for p in passes:
+            query = p.latent.expand(len(long_memory), -1, -1) if p.query is None else outputs[p.query]
+            memory, allowed = (long_memory, long_allowed) if p.memory is None else (outputs[p.memory], None)
+            outputs.append(p.stack(query, memory, allowed))                      # (B, Qn, D)
+        return [out for p, out in zip(passes, outputs) if p.feature]
+
+
+@dataclass(frozen=True)
+class DecoderStage:
+    """Decoder stage n: its stack lets the previous stage's output (stage 1: the short memory)
+    attend to the encoder output f_n, `features[feature]`, causally over the short steps."""
+    stack: TransformerStack
+    feature: int
 
 
 class RecurrentDecoder(nn.Module):
@@ -168,7 +212,8 @@ class RecurrentDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         num_stacks = 1 if cfg.decoder == "recurrent" else cfg.num_branches
-        self.stacks = nn.ModuleList(TransformerStack(cfg, cfg.decoder_layers) for _ in range(num_stacks))
+        self.stacks = nn.ModuleList(TransformerStack(cfg.d_model, cfg.decoder_layers, **layer_kwargs(cfg))
+                                    for _ in range(num_stacks))
         self.num_stages = cfg.num_branches
 
     def stage_stacks(self) -> list[TransformerStack]:
@@ -177,13 +222,22 @@ class RecurrentDecoder(nn.Module):
             return [self.stacks[0]] * self.num_stages
         return list(self.stacks)
 
+    def stages(self) -> list[DecoderStage]:
+        """The decoder's structure, walked by `forward` and by the streaming detector alike."""
+        return [DecoderStage(stack, n) for n, stack in enumerate(self.stage_stacks())]
+
     def forward(self, short_memory: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         # short_memory (B, S, D), features N x (B, Q1, D) -> (B, S, D)
         causal = causal_mask(short_memory.shape[1], short_memory.device)         # (1, S, S)
         x = short_memory
-        for stack, feature in zip(self.stage_stacks(), features):
-            x = stack(x, feature, None, causal)
+        for stage in self.stages():
+            x = stage.stack(x, features[stage.feature], None, causal)
         return x
+
+
+def layer_kwargs(cfg: ModelConfig) -> dict:
+    """TransformerLayer's keyword arguments from the model's config."""
+    return {"num_heads": cfg.num_heads, "ffn_dim": cfg.ffn_dim, "dropout": cfg.dropout, "top_k": cfg.sparse_k}
 
 
 def sinusoidal_encoding(num_positions: int, d_model: int) -> torch.Tensor:

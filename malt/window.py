@@ -28,6 +28,9 @@ import numpy as np
 
 from vidpipe.malt.config import ModelConfig
 
+__all__ = ["Window", "gather_window", "is_grid_step", "long_grid_phase", "long_memory_newest",
+           "long_memory_steps", "next_long_memory_change", "num_long_tokens", "window_indices"]
+
 
 def num_long_tokens(cfg: ModelConfig) -> int:
     return cfg.long_memory_steps // cfg.long_memory_stride
@@ -38,18 +41,42 @@ def long_grid_phase(cfg: ModelConfig) -> int:
     return cfg.long_memory_stride - 1
 
 
+def is_grid_step(steps: np.ndarray | int, cfg: ModelConfig) -> np.ndarray | bool:
+    """Whether each step is a grid step: the only steps that ever enter a long memory."""
+    return steps % cfg.long_memory_stride == long_grid_phase(cfg)
+
+
+def long_memory_newest(t: int, cfg: ModelConfig) -> int:
+    """The newest step of the long memory of the window ending at step t (the last grid step
+    before its short memory), -1 when that long memory is empty. It names the long memory:
+    two windows with the same newest long step have the same long memory."""
+    stride, phase = cfg.long_memory_stride, long_grid_phase(cfg)
+    short_start = max(0, t - cfg.short_memory_steps + 1)
+    return max((short_start - 1 - phase) // stride * stride + phase, -1)
+
+
+def long_memory_steps(newest: int, cfg: ModelConfig) -> np.ndarray:
+    """(L,) int64 steps of the long memory whose newest step is `newest`, oldest slot first,
+    -1 for padding (slots before step 0)."""
+    offsets = cfg.long_memory_stride * np.arange(num_long_tokens(cfg) - 1, -1, -1, dtype=np.int64)
+    return np.maximum(newest - offsets, -1)
+
+
+def next_long_memory_change(t: int, cfg: ModelConfig) -> int:
+    """The first step after t whose long memory differs from step t's: the step t' at which
+    a grid step leaves the short memory (step t' - S is a grid step)."""
+    stride, short = cfg.long_memory_stride, cfg.short_memory_steps
+    first = max(t + 1, short)
+    return first + (long_grid_phase(cfg) - (first - short)) % stride
+
+
 def window_indices(t: int, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """(long_idx (L,) int64 with -1 for padding, short_idx (S,) int64) of the window ending at t."""
     if t < 0:
         raise ValueError(f"step index must be >= 0, got {t}")
     short_start = max(0, t - cfg.short_memory_steps + 1)
     short_idx = np.arange(short_start, t + 1, dtype=np.int64)
-    stride, phase = cfg.long_memory_stride, long_grid_phase(cfg)
-    newest = (short_start - 1 - phase) // stride * stride + phase   # last grid step < short_start
-    offsets = stride * np.arange(num_long_tokens(cfg) - 1, -1, -1, dtype=np.int64)
-    long_idx = newest - offsets                             # oldest slot first
-    long_idx[long_idx < 0] = -1
-    return long_idx, short_idx
+    return long_memory_steps(long_memory_newest(t, cfg), cfg), short_idx
 
 
 class Window(NamedTuple):
