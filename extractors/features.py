@@ -20,7 +20,8 @@ import torch
 
 from vidpipe.extractors.backbone import file_sha256
 from vidpipe.extractors.decode import Chunk, VideoSource
-from vidpipe.extractors.flow import FLOW_CLIP, FlowStream, OpenCVFlow, RAFTFlow, tvl1_expected_time
+from vidpipe.extractors.flow import FLOW_CLIP, FlowStream, flow_estimator, tvl1_expected_time
+from vidpipe.extractors.flow_methods import FLOW_METHODS, FlowMethodName, flow_method
 from vidpipe.extractors.rgb import RGBStream, resize_short_side
 from vidpipe.extractors.tsn import RECIPES, TSNFlowStream, TSNRGBStream
 from vidpipe.core.device import resolve_device
@@ -42,7 +43,7 @@ class FeatureSettings:
                                          # model's pretrained config (timm data config)
     rgb_backbone: str = "resnet50"       # timm model name (2048-d)
     flow_backbone: str = "resnet50"      # timm model name, built with in_chans = 2 * flow_fields
-    flow_method: Literal["auto", "tvl1", "dis", "raft"] = "auto"   # auto: raft on CUDA, dis on CPU
+    flow_method: FlowMethodName = "auto"  # extractors.flow_methods; auto: raft on CUDA, dis on CPU
     flow_fields: int = 5                 # consecutive frame pairs per chunk (at most chunk - 1)
     dis_preset: Literal["ultrafast", "fast", "medium"] = "medium"
     raft_model: Literal["raft_small", "raft_large"] = "raft_large"
@@ -69,6 +70,10 @@ class FeatureSettings:
             problems.append(f"flow_fields must be 1..chunk-1 = {self.chunk - 1} (got {self.flow_fields})")
         if self.crop is not None and not 0 < self.crop <= (self.resize or self.crop):
             problems.append(f"crop must be 1..resize = {self.resize} (got {self.crop})")
+        try:
+            flow_method(self.flow_method)
+        except VidpipeError as exc:
+            problems.append(str(exc))
         problems += self._recipe_problems()
         if self.precision not in ("fp32", "bf16", "fp16", "auto"):
             problems.append(f"precision must be fp32, bf16, fp16 (CUDA) or auto (got {self.precision})")
@@ -134,10 +139,9 @@ class TwoStreamExtractor:
             log.warning(tvl1_expected_time(short, settings.fps, settings.chunk, settings.flow_fields))
         self.rgb.to(self.device)
         self.flow.to(self.device)
-        self.rgb.backbone.to(memory_format=torch.channels_last)   # faster convolutions on CPU and GPU
-        self.flow.backbone.to(memory_format=torch.channels_last)
         # OpenCV flow runs on the CPU outside the GIL: overlap it with the RGB network
-        self.flow_thread = ThreadPoolExecutor(1, "opencv-flow") if self.flow_method != "raft" else None
+        on_cpu = FLOW_METHODS[self.flow_method].estimator == "opencv"
+        self.flow_thread = ThreadPoolExecutor(1, "opencv-flow") if on_cpu else None
         self.precision = resolve_precision(settings.precision, self.device)   # what runs
 
     def _pick_flow_method(self) -> str:
@@ -153,11 +157,9 @@ class TwoStreamExtractor:
 
     def _build_timm_streams(self) -> None:
         s = self.settings
-        if self.flow_method == "raft":
-            estimator = RAFTFlow(s.raft_model, s.raft_iterations, weights_file=s.raft_weights,
-                                 random_init=s.random_init, seed=s.seed + 2)
-        else:
-            estimator = OpenCVFlow(self.flow_method, s.dis_preset)
+        estimator = flow_estimator(self.flow_method, dis_preset=s.dis_preset, raft_model=s.raft_model,
+                                   raft_iterations=s.raft_iterations, raft_weights=s.raft_weights,
+                                   random_init=s.random_init, seed=s.seed + 2)
         self.rgb = RGBStream(s.rgb_backbone, s.crop, weights_file=s.rgb_weights,
                              random_init=s.random_init, seed=s.seed)
         config = self.rgb.input_config   # sizes not given follow the RGB model's pretrained config

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from vidpipe.core.errors import VidpipeError
-from vidpipe.extractors.backbone import file_sha256, read_checkpoint, seeded, weights_identity
+from vidpipe.extractors.backbone import file_sha256, inference_ready, read_checkpoint, seeded, weights_identity
 from vidpipe.extractors.bninception import BNInception, load_bninception
 from vidpipe.extractors.flow import OpenCVFlow, frame_pairs
 from vidpipe.extractors.rgb import center_crop
@@ -180,14 +180,14 @@ def recipe_network(kind: str, in_chans: int, *, weights_file: str | None, random
                 "bninception": lambda: BNInception(in_chans)}
     loaders = {"resnet50": load_mmaction_resnet50, "bninception": load_bninception}
     if random_init:
-        return seeded(seed, builders[kind]).eval(), weights_identity(True, seed, None, kind)
+        return inference_ready(seeded(seed, builders[kind])), weights_identity(True, seed, None, kind)
     if not weights_file:
         raise VidpipeError(f"{kind}: pretrained weights unavailable (no weights file given; download "
                            f"{download}); pass a weights file with {option}, or choose --random-init")
     path = Path(weights_file).expanduser()
     if not path.is_file():
         raise VidpipeError(f"{path}: weights file not found")
-    model = loaders[kind](path, in_chans)
+    model = inference_ready(loaders[kind](path, in_chans))
     return model, f"file {path.name} sha256:{file_sha256(path)}"
 
 
