@@ -51,6 +51,12 @@ class ModelConfig:
     # Frames with several actions: LSTR's multi-hot rows (each action weighs 1) or rows
     # normalised to sum 1 (each of k actions weighs 1/k).
     multi_label_targets: Literal["lstr", "normalised"] = "lstr"
+    # The authors' code as it runs (configs/*_authors.yaml; docs/malt.md lists the sources):
+    # an extra classifier output for the ambiguous column (no loss; it enters the test
+    # softmax, whose other columns are the probabilities), and their attention init
+    # (xavier_uniform_ over the stacked q/k/v projection, zero biases) instead of torch's.
+    classifier_includes_ambiguous: bool = False
+    init: Literal["torch", "lstr"] = "torch"
 
 
 def _where(source: Source, key: str) -> str:
@@ -106,6 +112,12 @@ class DataConfig:
     val_split: Optional[str] = None
     val_fraction: Optional[float] = None
     num_workers: int = 0
+    # Training windows' long memory: `grid` (malt.window, the inference rule) or `segment`
+    # (LSTR's segment_sampler: linspace over the 2048 steps before the short memory).
+    long_memory_sampler: Literal["grid", "segment"] = "grid"
+    # Target rows with no class and not ambiguous (LSTR targets can have them): `background`,
+    # or `zero_loss` (the row stays all-zero: no loss, still counted in the mean, as LSTR's MCE).
+    empty_target_rows: Literal["background", "zero_loss"] = "background"
 
 
 @dataclass

@@ -54,8 +54,8 @@ def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
         long_idx = torch.as_tensor(np.stack([i[0] for i in indices]), device=device)   # (B, L)
         short_idx = torch.as_tensor(np.stack([i[1] for i in indices]), device=device)  # (B, S)
         logits = model(rgb_t[long_idx], flow_t[long_idx], long_idx >= 0,
-                       rgb_t[short_idx], flow_t[short_idx]).logits                     # (B, S, C+1)
-        return logits.float().softmax(dim=-1)
+                       rgb_t[short_idx], flow_t[short_idx]).logits                     # (B, S, C+1|C+2)
+        return model.probabilities(logits)                                              # (B, S, C+1)
 
     first = min(num_steps, cfg.short_memory_steps) - 1
     # Built from the computed rows only: a step no forward pass covered cannot pass unseen.

@@ -58,8 +58,15 @@ def malt_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], targets: tor
     logits (B, S, C+1); aux_logits: list of (B, Q, C+1); targets (B, S, C+1) as stored (rows
     summing to 1), turned into the loss's rows by `loss_targets(targets, multi_label)`;
     valid (B, S). Encoder token i is supervised by short step i, for i < min(Q, S).
-    `num_valid` defaults to the valid steps of this batch.
+    `num_valid` defaults to the valid steps of this batch. Logits with one column more than
+    the targets end with the authors' ambiguous output (`model.classifier_includes_ambiguous`):
+    it gets no loss, as LSTR's MCE drops the ignore_index column before its log-softmax
+    (criterions.py:52-54 at f910dd9).
     """
+    num_columns = targets.shape[-1]
+    if logits.shape[-1] not in (num_columns, num_columns + 1):
+        raise ValueError(f"logits have {logits.shape[-1]} columns for {num_columns} target columns")
+    logits, aux_logits = logits[..., :num_columns], [a[..., :num_columns] for a in aux_logits]
     targets = loss_targets(targets, multi_label)
     if num_valid is None:
         num_valid = valid.sum()

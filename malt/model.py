@@ -26,7 +26,7 @@ __all__ = ["MALT", "MALTOutput", "DecoderStage", "EncoderBranch", "EncoderPass",
 
 
 class MALTOutput(NamedTuple):
-    logits: torch.Tensor              # (B, S, C+1) one per short-memory step
+    logits: torch.Tensor              # (B, S, C+1) one per short-memory step (+1: MALT.probabilities)
     aux_logits: list[torch.Tensor]    # N x (B, Q, C+1) on encoder outputs f_1..f_N
 
 
@@ -256,6 +256,21 @@ def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]
 
 
+@torch.no_grad()
+def lstr_attention_init(attention: SparseCrossAttention) -> None:
+    """The authors' attention init (MultiheadSparseAttention.__init__,
+    models/transformer/multihead_sparse_attention.py:90-106 at f910dd9): xavier_uniform_ over
+    the stacked (3D, D) q/k/v projection, i.e. bound sqrt(6 / 4D), zero q/k/v and output
+    biases; the output weight keeps nn.Linear's default (their weights_init redraws it alike)."""
+    weight = attention.q_proj.weight
+    stacked = torch.empty(3 * weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+    nn.init.xavier_uniform_(stacked)
+    for proj, rows in zip((attention.q_proj, attention.k_proj, attention.v_proj), stacked.chunk(3)):
+        proj.weight.copy_(rows)
+        nn.init.zeros_(proj.bias)
+    nn.init.zeros_(attention.out_proj.bias)
+
+
 class MALT(nn.Module):
     """The full model; forward on one batch of windows (see the module docstring)."""
 
@@ -283,11 +298,19 @@ class MALT(nn.Module):
         self.pos_drop = nn.Dropout(cfg.dropout)
         self.encoder = HierarchicalEncoder(cfg)
         self.decoder = RecurrentDecoder(cfg)
-        self.classifier = nn.Linear(d, cfg.num_classes)     # shared by decoder and encoder outputs
-        # Linear layers keep PyTorch's default init, as in LSTR and the authors' code: timm's
-        # N(0, 0.02) leaves small models (d_model 32..64) unable to use the long memory at
-        # all (tests/test_learning.py stays at chance with it). Latent queries: N(0, 1) as
-        # the authors' nn.Embedding, or N(0, 0.02) truncated.
+        # Shared by decoder and encoder outputs; C+1 outputs, or C+2 with the authors' extra
+        # ambiguous output last (`classifier_includes_ambiguous`, see `probabilities`).
+        self.classifier = nn.Linear(d, cfg.num_classes + int(cfg.classifier_includes_ambiguous))
+        # init `torch`: every Linear layer keeps PyTorch's default, as the authors' Linear
+        # layers outside attention (their weights_init redraws the same kaiming_uniform_);
+        # timm's N(0, 0.02) leaves small models (d_model 32..64) unable to use the long memory
+        # at all (tests/test_learning.py stays at chance with it). init `lstr`: attention as
+        # the authors' (`lstr_attention_init`). Latent queries: N(0, 1) as the authors'
+        # nn.Embedding, or N(0, 0.02) truncated.
+        if cfg.init == "lstr":
+            for module in self.modules():
+                if isinstance(module, SparseCrossAttention):
+                    lstr_attention_init(module)
         if cfg.pos_encoding == "learned":
             for p in (self.long_pos, self.short_pos):
                 nn.init.trunc_normal_(p, std=0.02)
@@ -311,3 +334,10 @@ class MALT(nn.Module):
                                      + self.short_pos[:num_short])                           # (B, S, D)
         decoded = self.decoder(short_memory, features)                                       # (B, S, D)
         return MALTOutput(self.classifier(decoded), [self.classifier(f) for f in features])
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (..., C+1) from classifier logits (..., C+1 or C+2): the softmax
+        over all outputs, the authors' ambiguous output (when there is one) then dropped, as
+        LSTR's test phase scores (det_score.softmax, perframe_det_trainer.py:63) and its THUMOS
+        post-processing drops column 21 (evaluation/postprocessing.py:31-34)."""
+        return logits.float().softmax(dim=-1)[..., :self.cfg.num_classes]
