@@ -18,7 +18,7 @@ then the decoder.
 
 Flat latency: the next long memory is known `stride` steps before it is needed (its newest
 step left the short memory's future long ago: S >= stride). Its encoding is therefore split
-into `stride` chunks of about equal multiply-adds (`_encoder_ops`, measured once) and one
+into `stride` chunks of about equal multiply-adds (`EncoderSchedule`, measured once) and one
 chunk runs on each of the `stride` steps before the switch, so no step pays the whole
 encoder. A stream whose next memory was not prepared in time (after `feed_history`, or when
 S < stride) encodes the rest at the switch: the outputs never depend on the schedule.
@@ -44,6 +44,17 @@ What runs every step: the decoder over the short memory (the window slides by on
 every position holds a different step than before). Buffers have fixed size, so the cost
 per step does not depend on how long a stream has run.
 
+One structure: the detector walks the model's own description of itself, the encoder's
+passes (`HierarchicalEncoder.passes`) and the decoder's stages (`RecurrentDecoder.stages`),
+the same lists `MALT.forward` walks, and the window is `malt.window`'s (the long memory is
+named by its newest step, `long_memory_newest`). A new encoder branch or decoder stage is a
+change in malt/model.py alone.
+
+The parts, by job: `_Slots` (which stream has which state row), `StreamState` (every
+stream's tensors, named fields, one dtype: `MultiStreamDetector.dtype`), `_Constants` (what
+depends on the weights alone, and the int8 copy), `EncoderSchedule` (the long memory's
+encoding as FLOP-balanced chunks), `_decode_newest` (the decoder, every step).
+
 int8 (`int8=True`, CPU only): every Linear layer, including the detector's fused
 projections, becomes torch's dynamic int8 Linear (weights int8, activations quantised per
 call); the cached W p + b constants stay fp32. Outputs then differ from the fp32 model's by
@@ -63,50 +74,355 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidpipe.core.errors import VidpipeError
-from vidpipe.malt.model import MALT, causal_mask
-from vidpipe.malt.window import long_grid_phase, num_long_tokens
+from vidpipe.malt.config import ModelConfig
+from vidpipe.malt.model import MALT, EncoderPass, causal_mask
+from vidpipe.malt.window import (is_grid_step, long_memory_newest, long_memory_steps,
+                                 next_long_memory_change, num_long_tokens)
 
+__all__ = ["EncoderSchedule", "MultiStreamDetector", "OnlineDetector", "StreamState"]
+
+
+# -- slot bookkeeping: which streams are served, and their row in the state -------------------
 
 @dataclass
 class _Stream:
     slot: int                         # its row in every state tensor
     steps_seen: int = 0
-    encoded: Optional[int] = None     # long memory the decoder's keys/values come from (its newest step)
-    pending: Optional[int] = None     # long memory being encoded ahead of its switch
+    # Long memories are named by their newest step (malt.window.long_memory_newest; -1: empty).
+    encoded: Optional[int] = None     # the one the decoder's keys/values come from
+    pending: Optional[int] = None     # the one being encoded ahead of its switch
     done: int = 0                     # chunks of `pending` completed
     due: int = 0                      # chunks of `pending` that must be complete after this step
 
 
-class _Work(dict):
-    """Tensors (B, ...) handed from one encoder op to the next, for one batch of streams
-    encoding one long memory each. A name not set in this batch was set by an earlier chunk
-    (an earlier step) and is read back from the streams' saved state; `save` keeps what this
-    batch set."""
+class _Slots:
+    """The streams served, by key, each with its own row of the state; at most `max_streams`."""
 
-    def __init__(self, state: dict[str, torch.Tensor], slots: torch.Tensor, long_idx: torch.Tensor):
-        super().__init__()
-        self.state, self.slots, self.long_idx = state, slots, long_idx    # (B,), (B, L)
-        self.loaded: set[str] = set()
+    def __init__(self, max_streams: Optional[int]):
+        if max_streams is not None and max_streams < 1:
+            raise VidpipeError(f"max_streams must be >= 1, got {max_streams}")
+        self.max_streams = max_streams
+        self.streams: dict[Hashable, _Stream] = {}
 
-    def __missing__(self, name: str) -> torch.Tensor:
-        value = self.state["work." + name][self.slots]
-        super().__setitem__(name, value)
-        self.loaded.add(name)
-        return value
+    def add(self, key: Hashable) -> _Stream:
+        if key in self.streams:
+            raise VidpipeError(f"stream {key!r} is already served")
+        used = {s.slot for s in self.streams.values()}
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        if self.max_streams is not None and slot >= self.max_streams:
+            raise VidpipeError(f"stream {key!r}: this detector serves at most {self.max_streams} streams")
+        self.streams[key] = _Stream(slot)
+        return self.streams[key]
 
-    def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        super().__setitem__(name, value)
-        self.loaded.discard(name)
+    def get(self, key: Hashable) -> _Stream:
+        try:
+            return self.streams[key]
+        except KeyError:
+            raise VidpipeError(f"unknown stream {key!r}: add_stream it first") from None
+
+    def remove(self, key: Hashable) -> None:
+        """Its row goes to the next stream that joins."""
+        self.get(key)
+        del self.streams[key]
+
+    def rows_needed(self) -> int:
+        return max([1, self.max_streams or 0] + [s.slot + 1 for s in self.streams.values()])
+
+
+# -- the state: one row per slot, one dtype -----------------------------------------------------
+
+@dataclass
+class EncodingRows:
+    """A long memory's encoding while its chunks run, one row per slot (kept between steps)."""
+    tokens: list[torch.Tensor]   # per encoder pass: (rows, Qp, D) its tokens mid-stack, then its output
+    memory_kv: torch.Tensor      # (rows, decoder layers, 2, Q1, D) decoder cross-attention k/v over f_n
+
+
+@dataclass
+class StreamState:
+    """Every stream's state, one row per slot; fixed size, whatever a stream's length."""
+    long_ring: torch.Tensor      # (rows, 2 x long layers, ring, D) grid steps' W x by grid number % ring
+    short_ring: torch.Tensor     # (rows, S, D) fused steps by step % S
+    short_qkv: torch.Tensor      # (rows, S, 3, D) their W x for the decoder's first self-attention
+    memory_kv: torch.Tensor      # (rows, decoder layers, 2, Q1, D) the decoder's k/v in use
+    next: EncodingRows           # the next long memory's encoding
+
+    @classmethod
+    def zeros(cls, row_shapes: dict, device: torch.device, dtype: torch.dtype) -> "StreamState":
+        """Zero rows of the shapes in `row_shapes` (one per field, `next` as a dict of its own)."""
+        def zeros(shape):
+            return torch.zeros(0, *shape, device=device, dtype=dtype)
+        shapes = dict(row_shapes)
+        upcoming = shapes.pop("next")
+        return cls(**{name: zeros(shape) for name, shape in shapes.items()},
+                   next=EncodingRows([zeros(s) for s in upcoming["tokens"]], zeros(upcoming["memory_kv"])))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.long_ring, self.short_ring, self.short_qkv, self.memory_kv,
+                *self.next.tokens, self.next.memory_kv]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def grow(self, rows: int) -> None:
+        """At least `rows` rows; new rows are zeros."""
+        def grown(t):
+            return torch.cat([t, t.new_zeros(rows - len(t), *t.shape[1:])]) if rows > len(t) else t
+        self.long_ring, self.short_ring = grown(self.long_ring), grown(self.short_ring)
+        self.short_qkv, self.memory_kv = grown(self.short_qkv), grown(self.memory_kv)
+        self.next.tokens = [grown(t) for t in self.next.tokens]
+        self.next.memory_kv = grown(self.next.memory_kv)
+
+
+# -- what depends on the weights alone -----------------------------------------------------------
+
+@dataclass
+class _Constants:
+    """Computed once per `reset` from the weights (exact identities, the model is frozen)."""
+    model: nn.Module                  # the model served (int8: a quantised copy)
+    passes: list[EncoderPass]         # the encoder's structure (model.encoder.passes())
+    long_proj: nn.Module              # D -> 2 x long layers x D: a grid step's W x for each k and v
+    long_pos_kv: torch.Tensor         # (2 x long layers, L, D) W p + b per long slot
+    latent_start: list[Optional[tuple[torch.Tensor, torch.Tensor]]]   # per pass with latent
+                                      # queries: (x (1, Qp, D), q (1, Qp, D)) after its 1st self-attention
+    short_proj: nn.Module             # D -> 3 x D: the decoder's first self-attention q/k/v W x
+    short_pos_qkv: torch.Tensor       # (S, 3, D) W p + b per short position
+    causal: torch.Tensor              # (1, S, S)
+
+    @classmethod
+    def of(cls, model: MALT, int8: bool) -> "_Constants":
+        passes = model.encoder.passes()
+        long_layers = [layer for p in passes if p.memory is None for layer in p.stack.layers]
+        long_projs = [proj for layer in long_layers for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
+        first_sa = model.decoder.stages()[0].stack.layers[0].self_attn
+        short_projs = [first_sa.q_proj, first_sa.k_proj, first_sa.v_proj]
+        served, long_proj, short_proj = model, _stacked_linear(long_projs), _stacked_linear(short_projs)
+        if int8:
+            served, long_proj, short_proj = _quantized(model, long_proj, short_proj)
+        return cls(served, served.encoder.passes(), long_proj,
+                   torch.stack([proj(model.long_pos) for proj in long_projs]), _latent_starts(passes),
+                   short_proj, torch.stack([p(model.short_pos) for p in short_projs], dim=1),
+                   causal_mask(model.cfg.short_memory_steps, model.long_pos.device))
+
+
+def _latent_starts(passes: list[EncoderPass]) -> list[Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    # A pass whose query is the learned latent queries starts from constants: its first
+    # layer's self-attention output and that layer's cross-attention query projection.
+    starts = []
+    for p in passes:
+        if p.query is None:
+            layer, latent = p.stack.layers[0], p.latent[None]                      # (1, Qp, D)
+            sa = layer.self_attn
+            x = layer.self_block(latent, sa.q_proj(latent), sa.k_proj(latent), sa.v_proj(latent))
+            starts.append((x, layer.cross_attn.q_proj(x)))
+        else:
+            starts.append(None)
+    return starts
+
+
+# -- the long memory's encoding, spread over the steps before it is needed -------------------
+
+class _EncodingBatch:
+    """The encoding in progress of a batch of streams (state rows `slots` (B,)), each of one
+    long memory (`long_steps` (B, L), -1 for padding). Reads a pass's tokens from the state
+    once; `save` writes back what this batch computed."""
+
+    def __init__(self, rows: EncodingRows, slots: torch.Tensor, long_steps: torch.Tensor):
+        self.rows, self.slots, self.long_steps = rows, slots, long_steps
+        self.computed: dict[int, torch.Tensor] = {}         # pass index -> (B, Qp, D)
+        self.memory_kv: dict[int, torch.Tensor] = {}        # decoder layer -> (B, 2, Q1, D)
+
+    def tokens(self, index: int) -> torch.Tensor:
+        if index not in self.computed:
+            self.computed[index] = self.rows.tokens[index][self.slots]
+        return self.computed[index]
 
     def save(self) -> None:
-        for name, value in self.items():
-            if name not in self.loaded:
-                key = "work." + name
-                if key not in self.state:
-                    capacity = len(next(iter(self.state.values())))
-                    self.state[key] = value.new_zeros(capacity, *value.shape[1:])
-                self.state[key][self.slots] = value
+        for index, value in self.computed.items():
+            self.rows.tokens[index][self.slots] = value
+        for layer, value in self.memory_kv.items():
+            self.rows.memory_kv[self.slots, layer] = value
 
+
+class EncoderSchedule:
+    """The encoding of a long memory (f_1..f_N, then the decoder's cross-attention keys/values
+    over them) as small ops on a batch of streams, walking the model's own structure
+    (`HierarchicalEncoder.passes`, `RecurrentDecoder.stages`), cut into `stride` chunks of
+    about equal multiply-adds (`chunk_flops`, counted on the empty long memory, whose
+    encoding `empty_memory_kv` every stream starts with)."""
+
+    def __init__(self, constants: _Constants, state: StreamState, cfg: ModelConfig, ring_size: int):
+        self.constants, self.state, self.cfg, self.ring_size = constants, state, cfg, ring_size
+        ops = self._ops()
+        batch = _EncodingBatch(state.next, torch.zeros(1, dtype=torch.long, device=state.next.memory_kv.device),
+                               torch.as_tensor(long_memory_steps(-1, cfg), device=state.next.memory_kv.device)[None])
+        costs = []
+        for op in ops:
+            with FlopCounterMode(display=False) as counter:
+                op(batch)
+            costs.append(counter.get_total_flops())
+        self.empty_memory_kv = torch.stack([batch.memory_kv[i][0] for i in range(len(batch.memory_kv))])
+        self.chunks: list[list[Callable[[_EncodingBatch], None]]] = [[] for _ in range(cfg.long_memory_stride)]
+        self.chunk_flops = [0] * cfg.long_memory_stride
+        for op, cost, chunk in zip(ops, costs, _balanced_split(costs, len(self.chunks))):
+            self.chunks[chunk].append(op)
+            self.chunk_flops[chunk] += cost
+
+    def update(self, streams: list[_Stream], positions: np.ndarray) -> None:
+        """Before stepping `streams` to `positions` (B,): each one's current long memory is
+        encoded (normally it already is), then a share of its next one's encoding runs."""
+        chunks, cfg = len(self.chunks), self.cfg
+        switching = []
+        for stream, t in zip(streams, positions):
+            newest = long_memory_newest(t, cfg)
+            if stream.encoded != newest:
+                if stream.pending != newest:
+                    stream.pending, stream.done = newest, 0
+                stream.due = chunks
+                switching.append(stream)
+        self._run(switching)
+        for stream in switching:
+            self.state.memory_kv[stream.slot] = self.state.next.memory_kv[stream.slot]
+            stream.encoded, stream.pending, stream.done = stream.pending, None, 0
+        ahead = []
+        for stream, t in zip(streams, positions):
+            switch = next_long_memory_change(t, cfg)
+            newest = long_memory_newest(switch, cfg)
+            if newest > t:          # its newest step has not arrived yet (stream start, or S < stride)
+                continue
+            if stream.pending != newest:
+                stream.pending, stream.done = newest, 0
+            stream.due = stream.done + -(-(chunks - stream.done) // (switch - t))
+            ahead.append(stream)
+        self._run(ahead)
+
+    def _run(self, streams: list[_Stream]) -> None:
+        # Chunk c runs once, as one batch, for every stream that still has to run it now.
+        device = self.state.memory_kv.device
+        for c, ops in enumerate(self.chunks):
+            batch = [s for s in streams if s.done <= c < s.due]
+            if not batch:
+                continue
+            long_steps = np.stack([long_memory_steps(s.pending, self.cfg) for s in batch])   # (B, L)
+            work = _EncodingBatch(self.state.next, torch.as_tensor([s.slot for s in batch], device=device),
+                                  torch.as_tensor(long_steps, device=device))
+            for op in ops:
+                op(work)
+            work.save()
+        for stream in streams:
+            stream.done = max(stream.done, stream.due)
+
+    def _ops(self) -> list[Callable[[_EncodingBatch], None]]:
+        """Every pass of the encoder, layer by layer and sub-block by sub-block; after the pass
+        that gives f_n, the keys/values of each decoder layer that attends to f_n."""
+        model, starts = self.constants.model, self.constants.latent_start
+        decoder_layers = [(stage.feature, layer) for stage in model.decoder.stages() for layer in stage.stack.layers]
+        ops, long_layer, feature = [], 0, 0
+        for index, p in enumerate(self.constants.passes):
+            for depth, layer in enumerate(p.stack.layers):
+                start = starts[index] if depth == 0 else None
+                if start is None:
+                    ops.append(_self_op(layer, p.query if depth == 0 else index, index))
+                ops.append(self._cross_op(layer, index, p.memory, long_layer, start))
+                ops.append(_ffn_op(layer, index))
+                long_layer += p.memory is None
+            ops.append(_norm_op(p.stack.norm, index))
+            if p.feature:
+                ops += [_memory_kv_op(layer, index, j) for j, (f, layer) in enumerate(decoder_layers) if f == feature]
+                feature += 1
+        return ops
+
+    def _cross_op(self, layer, index: int, memory: Optional[int], long_layer: int, start):
+        def run(batch: _EncodingBatch) -> None:
+            if memory is None:
+                k, v = self._long_kv(batch, long_layer)                                   # (B, L, D) x 2
+                allowed = (batch.long_steps >= 0)[:, None]                                # (B, 1, L)
+            else:
+                m, ca, allowed = batch.tokens(memory), layer.cross_attn, None
+                k, v = ca.k_proj(m), ca.v_proj(m)
+            if start is None:
+                batch.computed[index] = layer.cross_block(batch.tokens(index), k, v, allowed)
+            else:               # first layer on latent queries: constant input and query projection
+                x0, q0 = (t.expand(len(batch.slots), -1, -1) for t in start)
+                batch.computed[index] = layer.cross_block(x0, k, v, allowed, q=q0)
+        return run
+
+    def _long_kv(self, batch: _EncodingBatch, long_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Layer `long_layer`'s keys/values over the long memory: the grid steps' W x, + W p + b.
+        ring_rows = batch.long_steps // self.cfg.long_memory_stride % self.ring_size     # (B, L)
+        rows = self.state.long_ring[batch.slots[:, None], 2 * long_layer: 2 * long_layer + 2, ring_rows]
+        pos_kv = self.constants.long_pos_kv
+        return rows[:, :, 0] + pos_kv[2 * long_layer], rows[:, :, 1] + pos_kv[2 * long_layer + 1]
+
+
+def _self_op(layer, source: int, index: int):
+    def run(batch: _EncodingBatch) -> None:
+        sa, h = layer.self_attn, batch.tokens(source)
+        batch.computed[index] = layer.self_block(h, sa.q_proj(h), sa.k_proj(h), sa.v_proj(h))
+    return run
+
+
+def _ffn_op(layer, index: int):
+    def run(batch: _EncodingBatch) -> None:
+        batch.computed[index] = layer.ffn_block(batch.tokens(index))
+    return run
+
+
+def _norm_op(norm: nn.Module, index: int):
+    def run(batch: _EncodingBatch) -> None:
+        batch.computed[index] = norm(batch.tokens(index))
+    return run
+
+
+def _memory_kv_op(layer, index: int, decoder_layer: int):
+    def run(batch: _EncodingBatch) -> None:
+        f = batch.tokens(index)                                                           # (B, Q1, D)
+        batch.memory_kv[decoder_layer] = torch.stack([layer.cross_attn.k_proj(f), layer.cross_attn.v_proj(f)], 1)
+    return run
+
+
+# -- the decoder, every step ---------------------------------------------------------------------
+
+def _decode_newest(constants: _Constants, state: StreamState, slots: torch.Tensor,
+                   positions: np.ndarray) -> torch.Tensor:
+    """Logits (B, C+1) of the newest step of the streams in state rows `slots` (B,) at
+    `positions` (B,): the model's decoder stages over each short memory."""
+    model, short = constants.model, len(constants.short_pos_qkv)
+    device = slots.device
+    count = np.minimum(positions + 1, short)                # steps in each short memory
+    # Position i holds step t - count + 1 + i; in a young stream positions past its newest
+    # step hold leftovers, hidden from it by the causal mask.
+    ring_rows = (positions - count + 1)[:, None] + np.arange(short)                # (B, S)
+    index = (slots[:, None], torch.as_tensor(ring_rows % short, device=device))
+    x = state.short_ring[index] + model.short_pos                                  # (B, S, D)
+    qkv = state.short_qkv[index] + constants.short_pos_qkv                         # (B, S, 3, D)
+    memory_kv = state.memory_kv[slots]                                             # (B, layers, 2, Q1, D)
+    newest = torch.as_tensor(count - 1, device=device)                             # (B,)
+    rows = torch.arange(len(slots), device=device)
+    layers = [(stage, depth, layer) for stage in model.decoder.stages()
+              for depth, layer in enumerate(stage.stack.layers)]
+    for j, (stage, depth, layer) in enumerate(layers):
+        last = j == len(layers) - 1         # only the newest step is output: causal masking
+        if j == 0:                          # makes running the last layer for it alone exact
+            q, k, v = qkv.unbind(2)                                                # (B, S, D) each
+            q = q[rows, newest][:, None] if last else q
+        else:
+            sa = layer.self_attn
+            k, v = sa.k_proj(x), sa.v_proj(x)
+            q = sa.q_proj(x[rows, newest][:, None] if last else x)
+        if last:
+            x, mask = x[rows, newest][:, None], constants.causal[0, newest][:, None]   # (B, 1, D), (B, 1, S)
+        else:
+            mask = constants.causal
+        x = layer.self_block(x, q, k, v, mask)
+        x = layer.cross_block(x, *memory_kv[:, j].unbind(1))
+        x = layer.ffn_block(x)
+        if depth == len(stage.stack.layers) - 1:
+            x = stage.stack.norm(x)
+    return model.classifier(x)[:, 0]
+
+
+# -- the detectors -------------------------------------------------------------------------------
 
 class _FromCheckpoint:
     """`from_checkpoint`, shared by the many-stream and the one-stream detector."""
@@ -133,60 +449,74 @@ class MultiStreamDetector(_FromCheckpoint):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if int8 and self.device.type != "cpu":
             raise VidpipeError(f"int8 streaming runs on the CPU only, not on {self.device}")
-        if max_streams is not None and max_streams < 1:
-            raise VidpipeError(f"max_streams must be >= 1, got {max_streams}")
         self.source_model = model.to(self.device).eval()
-        self.cfg, self.int8, self.max_streams = model.cfg, int8, max_streams
+        self.cfg, self.int8 = model.cfg, int8
+        self.dtype = torch.float32                    # of the state and the constants
+        self._slots = _Slots(max_streams)
         # Grid steps kept: the L in the long memory plus those still in the short memory
         # (at most ceil(S / stride)), which enter the long memory later.
-        stride = self.cfg.long_memory_stride
-        self.ring_size = num_long_tokens(self.cfg) + -(-self.cfg.short_memory_steps // stride)
-        self._streams: dict[Hashable, _Stream] = {}
+        self.ring_size = num_long_tokens(self.cfg) + -(-self.cfg.short_memory_steps // self.cfg.long_memory_stride)
         self.reset()
 
     @property
     def streams(self) -> list[Hashable]:
-        return list(self._streams)
+        return list(self._slots.streams)
+
+    @property
+    def max_streams(self) -> Optional[int]:
+        return self._slots.max_streams
+
+    @property
+    def model(self) -> nn.Module:
+        """The model served: the source model, or its int8 copy."""
+        return self.constants.model
 
     def position(self, key: Hashable) -> int:
         """Steps the stream `key` has consumed."""
-        return self._stream(key).steps_seen
+        return self._slots.get(key).steps_seen
 
     # -- streams joining and leaving ---------------------------------------------------------
 
     @torch.inference_mode()
     def add_stream(self, key: Hashable) -> None:
         """A new stream at position 0 (empty memories), stepping from the next `step` on."""
-        if key in self._streams:
-            raise VidpipeError(f"stream {key!r} is already served")
-        used = {s.slot for s in self._streams.values()}
-        slot = next(i for i in range(len(used) + 1) if i not in used)
-        if slot >= self._capacity:
-            if self.max_streams is not None and slot >= self.max_streams:
-                raise VidpipeError(f"stream {key!r}: this detector serves at most {self.max_streams} streams")
-            self._grow(max(2 * self._capacity, slot + 1))
-        self._streams[key] = _Stream(slot)
-        self._start(self._streams[key])
+        stream = self._slots.add(key)
+        if stream.slot >= len(self.state.memory_kv):
+            self.state.grow(max(2 * len(self.state.memory_kv), stream.slot + 1))
+        self._start(stream)
 
     def remove_stream(self, key: Hashable) -> None:
         """Stop serving `key`; its state rows go to the next stream that joins."""
-        self._stream(key)
-        del self._streams[key]
+        self._slots.remove(key)
 
     @torch.inference_mode()
     def reset(self) -> None:
         """Recompute the weight-dependent constants; every stream restarts at position 0."""
-        self.model = self.source_model
-        self._capacity = 0
-        self._state: dict[str, torch.Tensor] = {}
-        self._precompute_constants()
-        if self.int8:
-            self.model, self._long_proj, self._short_proj = _quantized(
-                self.source_model, self._long_proj, self._short_proj)
-        self._grow(max([1, self.max_streams or 0] + [s.slot + 1 for s in self._streams.values()]))
-        self._encoder_chunks = self._split_encoder()
-        for stream in self._streams.values():
+        self.constants = _Constants.of(self.source_model, self.int8)
+        self.state = StreamState.zeros(self._row_shapes(), self.device, self.dtype)
+        self.state.grow(self._slots.rows_needed())
+        self.schedule = EncoderSchedule(self.constants, self.state, self.cfg, self.ring_size)
+        for stream in self._slots.streams.values():
             self._start(stream)
+
+    def _row_shapes(self) -> dict:
+        cfg, d, passes = self.cfg, self.cfg.d_model, self.constants.passes
+        long_layers = sum(len(p.stack.layers) for p in passes if p.memory is None)
+        decoder_layers = sum(len(stage.stack.layers) for stage in self.constants.model.decoder.stages())
+        tokens: list[int] = []
+        for p in passes:                 # a pass has as many tokens as its query
+            tokens.append(len(p.latent) if p.query is None else tokens[p.query])
+        num_features = tokens[max(i for i, p in enumerate(passes) if p.feature)]
+        return {"long_ring": (2 * long_layers, self.ring_size, d),
+                "short_ring": (cfg.short_memory_steps, d),
+                "short_qkv": (cfg.short_memory_steps, 3, d),
+                "memory_kv": (decoder_layers, 2, num_features, d),
+                "next": {"tokens": [(q, d) for q in tokens], "memory_kv": (decoder_layers, 2, num_features, d)}}
+
+    def _start(self, stream: _Stream) -> None:
+        # Position 0: the long memory is empty, whose encoding is a constant.
+        stream.steps_seen, stream.encoded, stream.pending, stream.done = 0, -1, None, 0
+        self.state.memory_kv[stream.slot] = self.schedule.empty_memory_kv
 
     # -- stepping --------------------------------------------------------------------------
 
@@ -197,7 +527,7 @@ class MultiStreamDetector(_FromCheckpoint):
         if not inputs:
             return {}
         keys = list(inputs)
-        streams = [self._stream(key) for key in keys]
+        streams = [self._slots.get(key) for key in keys]
         vectors = [[self._as_tensor(x) for x in inputs[key]] for key in keys]
         for rgb_vec, flow_vec in vectors:
             self._check_dims(rgb_vec, flow_vec)
@@ -205,8 +535,9 @@ class MultiStreamDetector(_FromCheckpoint):
         flow = torch.stack([f for _, f in vectors])[:, None]                    # (B, 1, Df)
         positions = np.array([s.steps_seen for s in streams])
         self._push(streams, positions, rgb, flow)
-        self._update_encodings(streams, positions)
-        logits = self._decode(streams, positions)                                # (B, C+1)
+        self.schedule.update(streams, positions)
+        slots = torch.as_tensor([s.slot for s in streams], device=self.device)
+        logits = _decode_newest(self.constants, self.state, slots, positions)    # (B, C+1)
         probs = logits.softmax(-1).float().cpu().numpy()
         return dict(zip(keys, probs))
 
@@ -217,7 +548,7 @@ class MultiStreamDetector(_FromCheckpoint):
         hold the same rows, up to the rounding of batched matrix products); its next step
         encodes its long memory whole. A fast way to resume a stream or to measure a long one.
         """
-        stream = self._stream(key)
+        stream = self._slots.get(key)
         # Older steps would be overwritten anyway (the ring spans ring_size * stride >= S steps).
         keep = min(len(rgb), self.ring_size * self.cfg.long_memory_stride)
         stream.steps_seen += len(rgb) - keep
@@ -225,31 +556,31 @@ class MultiStreamDetector(_FromCheckpoint):
         self._push([stream], np.array([stream.steps_seen]),
                    self._as_tensor(rgb[len(rgb) - keep:])[None], self._as_tensor(flow[len(flow) - keep:])[None])
 
-    # -- state -----------------------------------------------------------------------------
+    # -- new steps in -----------------------------------------------------------------------
 
-    def _stream(self, key: Hashable) -> _Stream:
-        try:
-            return self._streams[key]
-        except KeyError:
-            raise VidpipeError(f"unknown stream {key!r}: add_stream it first") from None
-
-    def _start(self, stream: _Stream) -> None:
-        # Position 0: the long memory is empty, whose encoding is a constant.
-        stream.steps_seen, stream.encoded, stream.pending, stream.done = 0, -1, None, 0
-        for name, value in self._empty_encoding.items():
-            self._state[name][stream.slot] = value
-
-    def _grow(self, capacity: int) -> None:
-        cfg, d = self.cfg, self.cfg.d_model
-        shapes = {"long_ring": (len(self._long_pos_kv), self.ring_size, d),   # W x of grid steps, by grid number
-                  "short_ring": (cfg.short_memory_steps, d),                  # fused steps, by step % S
-                  "short_qkv": (cfg.short_memory_steps, 3, d)}                # their decoder q/k/v W x
-        for name, shape in shapes.items():
-            self._state.setdefault(name, torch.zeros(0, *shape, device=self.device))
-        for name, tensor in self._state.items():
-            extra = tensor.new_zeros(capacity - self._capacity, *tensor.shape[1:])
-            self._state[name] = torch.cat([tensor, extra])
-        self._capacity = capacity
+    def _push(self, streams: list[_Stream], positions: np.ndarray, rgb: torch.Tensor,
+              flow: torch.Tensor) -> None:
+        # rgb (B, T, Dr), flow (B, T, Df): T new steps of each stream from `positions` (B,) on.
+        # Fuse and project each step once; grid steps by grid number, every step by step % S.
+        self._check_dims(rgb, flow)
+        model, state, (batch, count) = self.model, self.state, rgb.shape[:2]
+        stride, short = self.cfg.long_memory_stride, self.cfg.short_memory_steps
+        as_index = lambda a: torch.as_tensor(a, device=self.device)            # noqa: E731
+        slots = np.array([s.slot for s in streams])[:, None].repeat(count, 1)           # (B, T)
+        steps = positions[:, None] + np.arange(count)                                    # (B, T)
+        grid = is_grid_step(steps, self.cfg)                     # only these ever enter M_L
+        if grid.any():
+            fused = model.long_fusion(rgb[as_index(grid)], flow[as_index(grid)])         # (G, D)
+            ring_rows = as_index(steps[grid] // stride % self.ring_size)
+            state.long_ring[as_index(slots[grid]), :, ring_rows] = (
+                self.constants.long_proj(fused).view(len(fused), -1, self.cfg.d_model))  # (G, 2n, D)
+        recent = min(count, short)                  # only these can be in the short memory
+        fused = model.short_fusion(rgb[:, count - recent:], flow[:, count - recent:])   # (B, T', D)
+        slots, ring_rows = as_index(slots[:, count - recent:]), as_index(steps[:, count - recent:] % short)
+        state.short_ring[slots, ring_rows] = fused
+        state.short_qkv[slots, ring_rows] = self.constants.short_proj(fused).view(batch, recent, 3, -1)
+        for stream in streams:
+            stream.steps_seen += count
 
     def _as_tensor(self, x) -> torch.Tensor:
         x = x if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -261,221 +592,6 @@ class MultiStreamDetector(_FromCheckpoint):
                                f"model expects {self.cfg.rgb_dim} + {self.cfg.flow_dim}: features "
                                f"from a different extractor than the model was trained on?")
 
-    def _precompute_constants(self) -> None:
-        model = self.model
-        # The cross-attention of every encoder layer that reads the long memory, in encoder order.
-        self._long_attns = [layer.cross_attn for branch in model.encoder.branches
-                            for layer in branch.compress.layers]
-        projs = [proj for a in self._long_attns for proj in (a.k_proj, a.v_proj)]
-        self._long_proj = _stacked_linear(projs)                                 # D -> 2n x D
-        self._long_pos_kv = torch.stack([proj(model.long_pos) for proj in projs])   # (2n, L, D)
-        # Constant first-layer state of each branch (learned queries in, nothing else).
-        self._branch_start = []
-        for branch in model.encoder.branches:
-            layer = branch.compress.layers[0]
-            sa, queries = layer.self_attn, branch.queries[None]                   # (1, Qn, D)
-            x = layer.self_block(queries, sa.q_proj(queries), sa.k_proj(queries), sa.v_proj(queries))
-            self._branch_start.append((x, layer.cross_attn.q_proj(x)))
-        # Decoder stage 1, layer 1 self-attention on the short memory.
-        first_sa = model.decoder.stage_stacks()[0].layers[0].self_attn
-        projs = [first_sa.q_proj, first_sa.k_proj, first_sa.v_proj]
-        self._short_proj = _stacked_linear(projs)                                # D -> 3 x D
-        self._short_pos_qkv = torch.stack([p(model.short_pos) for p in projs], dim=1)   # (S, 3, D)
-        self._causal = causal_mask(self.cfg.short_memory_steps, self.device)     # (1, S, S)
-        stride, num_long = self.cfg.long_memory_stride, num_long_tokens(self.cfg)
-        self._long_offsets = stride * np.arange(num_long - 1, -1, -1, dtype=np.int64)   # (L,)
-
-    # -- new steps in -----------------------------------------------------------------------
-
-    def _push(self, streams: list[_Stream], positions: np.ndarray, rgb: torch.Tensor,
-              flow: torch.Tensor) -> None:
-        # rgb (B, T, Dr), flow (B, T, Df): T new steps of each stream from `positions` (B,) on.
-        # Fuse and project each step once; grid steps by grid number, every step by step % S.
-        self._check_dims(rgb, flow)
-        model, (batch, count) = self.model, rgb.shape[:2]
-        stride, short = self.cfg.long_memory_stride, self.cfg.short_memory_steps
-        as_index = lambda a: torch.as_tensor(a, device=self.device)            # noqa: E731
-        slots = np.array([s.slot for s in streams])[:, None].repeat(count, 1)           # (B, T)
-        steps = positions[:, None] + np.arange(count)                                    # (B, T)
-        grid = steps % stride == long_grid_phase(self.cfg)       # only these ever enter M_L
-        if grid.any():
-            fused = model.long_fusion(rgb[as_index(grid)], flow[as_index(grid)])         # (G, D)
-            ring_rows = as_index(steps[grid] // stride % self.ring_size)
-            self._state["long_ring"][as_index(slots[grid]), :, ring_rows] = (
-                self._long_proj(fused).view(len(fused), -1, self.cfg.d_model))          # (G, 2n, D)
-        recent = min(count, short)                  # only these can be in the short memory
-        fused = model.short_fusion(rgb[:, count - recent:], flow[:, count - recent:])   # (B, T', D)
-        slots, ring_rows = as_index(slots[:, count - recent:]), as_index(steps[:, count - recent:] % short)
-        self._state["short_ring"][slots, ring_rows] = fused
-        self._state["short_qkv"][slots, ring_rows] = self._short_proj(fused).view(batch, recent, 3, -1)
-        for stream in streams:
-            stream.steps_seen += count
-
-    # -- the long memory's encoding, spread over the steps before it is needed -----------------
-
-    def _long_key(self, t: int) -> int:
-        """The long memory of the window ending at step t, named by its newest step (-1: empty):
-        the last grid step before the short memory (malt.window)."""
-        stride, phase = self.cfg.long_memory_stride, long_grid_phase(self.cfg)
-        short_start = max(0, t - self.cfg.short_memory_steps + 1)
-        newest = (short_start - 1 - phase) // stride * stride + phase
-        return max(newest, -1)
-
-    def _next_switch(self, t: int) -> int:
-        """The first step after t whose long memory differs from step t's: when a grid step
-        leaves the short memory (step t' - S is a grid step)."""
-        stride, short = self.cfg.long_memory_stride, self.cfg.short_memory_steps
-        first = max(t + 1, short)
-        return first + (long_grid_phase(self.cfg) - (first - short)) % stride
-
-    def _update_encodings(self, streams: list[_Stream], positions: np.ndarray) -> None:
-        chunks = len(self._encoder_chunks)
-        # 1. Each stream's current long memory must be encoded now (normally it already is,
-        # but for the swap), then 2. a share of the next one's encoding runs.
-        switching = []
-        for stream, t in zip(streams, positions):
-            key = self._long_key(t)
-            if stream.encoded != key:
-                if stream.pending != key:
-                    stream.pending, stream.done = key, 0
-                stream.due = chunks
-                switching.append(stream)
-        self._run_chunks(switching)
-        for stream in switching:
-            self._swap_in(stream)
-        ahead = []
-        for stream, t in zip(streams, positions):
-            switch = self._next_switch(t)
-            key = self._long_key(switch)
-            if key > t:             # its newest step has not arrived yet (stream start, or S < stride)
-                continue
-            if stream.pending != key:
-                stream.pending, stream.done = key, 0
-            stream.due = stream.done + -(-(chunks - stream.done) // (switch - t))
-            ahead.append(stream)
-        self._run_chunks(ahead)
-
-    def _run_chunks(self, streams: list[_Stream]) -> None:
-        # Chunk c runs once, as one batch, for every stream that still has to run it now.
-        for c, ops in enumerate(self._encoder_chunks):
-            batch = [s for s in streams if s.done <= c < s.due]
-            if not batch:
-                continue
-            long_idx = np.stack([s.pending - self._long_offsets for s in batch])        # (B, L)
-            work = _Work(self._state, torch.as_tensor([s.slot for s in batch], device=self.device),
-                         torch.as_tensor(np.maximum(long_idx, -1), device=self.device))
-            for _, op in ops:
-                op(work)
-            work.save()
-        for stream in streams:
-            stream.done = max(stream.done, stream.due)
-
-    def _swap_in(self, stream: _Stream) -> None:
-        slot = stream.slot
-        for stage, depth in self._decoder_layers():
-            self._state[f"kv{stage}.{depth}"][slot] = self._state[f"work.next_kv{stage}.{depth}"][slot]
-        stream.encoded, stream.pending, stream.done = stream.pending, None, 0
-
-    def _decoder_layers(self) -> list[tuple[int, int]]:
-        return [(stage, depth) for stage, stack in enumerate(self.model.decoder.stage_stacks())
-                for depth in range(len(stack.layers))]
-
-    def _split_encoder(self) -> list[list[tuple[int, Callable[[_Work], None]]]]:
-        """The encoder ops in `stride` consecutive chunks of about equal multiply-adds.
-
-        Each op's multiply-adds are counted while encoding the empty long memory, whose
-        result (a constant) every stream starts with."""
-        ops, costs = self._encoder_ops(), []
-        work = _Work(self._state, torch.zeros(1, dtype=torch.long, device=self.device),
-                     torch.full((1, len(self._long_offsets)), -1, device=self.device))
-        for op in ops:
-            with FlopCounterMode(display=False) as counter:
-                op(work)
-            costs.append(counter.get_total_flops())
-        self._empty_encoding = {f"kv{stage}.{depth}": work[f"next_kv{stage}.{depth}"][0]
-                                for stage, depth in self._decoder_layers()}
-        for name, value in self._empty_encoding.items():
-            self._state[name] = value.new_zeros(self._capacity, *value.shape)
-        chunks = [[] for _ in range(self.cfg.long_memory_stride)]
-        for op, cost, chunk in zip(ops, costs, _balanced_split(costs, len(chunks))):
-            chunks[chunk].append((cost, op))
-        return chunks
-
-    def _encoder_ops(self) -> list[Callable[[_Work], None]]:
-        """The encoding of one long memory as a sequence of small ops on a batch of streams:
-        f_1..f_N (the hierarchical encoder, `malt.model.EncoderBranch`) and, per decoder
-        stage and layer, the cross-attention keys/values over f_n (`next_kv{stage}.{layer}`)."""
-        stacks, ops, long_layer = self.model.decoder.stage_stacks(), [], 0
-        for n, (branch, (x0, q0)) in enumerate(zip(self.model.encoder.branches, self._branch_start)):
-            x = f"x{n}"
-            for depth, layer in enumerate(branch.compress.layers):
-                if depth > 0:
-                    ops.append(_self_op(layer, x))
-                ops.append(self._long_cross_op(layer, x, long_layer, (x0, q0) if depth == 0 else None))
-                ops.append(_ffn_op(layer, x))
-                long_layer += 1
-            ops.append(_norm_op(branch.compress.norm, x, f"c{n}" if branch.refine else "f"))
-            if branch.refine is not None:          # f_n: f_{n-1} attends to the compressed tokens
-                for layer in branch.refine.layers:
-                    ops += [_self_op(layer, "f"), _refine_cross_op(layer, "f", f"c{n}"), _ffn_op(layer, "f")]
-                ops.append(_norm_op(branch.refine.norm, "f", "f"))
-            ops += [_memory_kv_op(layer, f"next_kv{n}.{depth}") for depth, layer in enumerate(stacks[n].layers)]
-        return ops
-
-    def _long_cross_op(self, layer, x: str, long_layer: int, start) -> Callable[[_Work], None]:
-        def run(work: _Work) -> None:
-            # This layer's keys/values over the long memory: gather the grid steps' W x, add W p + b.
-            ring_rows = work.long_idx // self.cfg.long_memory_stride % self.ring_size     # (B, L)
-            slots, ring = work.slots[:, None], self._state["long_ring"]
-            k = ring[slots, 2 * long_layer, ring_rows] + self._long_pos_kv[2 * long_layer]       # (B, L, D)
-            v = ring[slots, 2 * long_layer + 1, ring_rows] + self._long_pos_kv[2 * long_layer + 1]
-            allowed = (work.long_idx >= 0)[:, None]                               # (B, 1, L)
-            batch = len(work.slots)
-            if start is None:
-                work[x] = layer.cross_block(work[x], k, v, allowed)
-            else:                   # first layer: constant input and query projection
-                x0, q0 = (t.expand(batch, -1, -1) for t in start)
-                work[x] = layer.cross_block(x0, k, v, allowed, q=q0)
-        return run
-
-    # -- the decoder, every step ---------------------------------------------------------------
-
-    def _decode(self, streams: list[_Stream], positions: np.ndarray) -> torch.Tensor:
-        # -> logits (B, C+1) of each stream's newest step (positions (B,) = its index).
-        short = self.cfg.short_memory_steps
-        count = np.minimum(positions + 1, short)                # steps in each short memory
-        # Position i holds step t - count + 1 + i; in a young stream positions past its newest
-        # step hold leftovers, hidden from it by the causal mask.
-        ring_rows = (positions - count + 1)[:, None] + np.arange(short)            # (B, S)
-        slots = torch.as_tensor([s.slot for s in streams], device=self.device)
-        index = (slots[:, None], torch.as_tensor(ring_rows % short, device=self.device))
-        x = self._state["short_ring"][index] + self.model.short_pos                # (B, S, D)
-        qkv = self._state["short_qkv"][index] + self._short_pos_qkv                # (B, S, 3, D)
-        newest = torch.as_tensor(count - 1, device=self.device)                    # (B,)
-        rows = torch.arange(len(streams), device=self.device)
-        stacks = self.model.decoder.stage_stacks()
-        for stage, depth in self._decoder_layers():
-            layer = stacks[stage].layers[depth]
-            memory_k, memory_v = self._state[f"kv{stage}.{depth}"][slots].unbind(1)   # (B, Q1, D) x 2
-            last = stage == len(stacks) - 1 and depth == len(stacks[stage].layers) - 1
-            if stage == 0 and depth == 0:
-                q, k, v = qkv.unbind(2)                                            # (B, S, D) each
-                q = q[rows, newest][:, None] if last else q
-            else:
-                sa = layer.self_attn
-                k, v = sa.k_proj(x), sa.v_proj(x)
-                q = sa.q_proj(x[rows, newest][:, None] if last else x)
-            if last:        # only the newest step is output; causal masking makes this exact
-                x, mask = x[rows, newest][:, None], self._causal[0, newest][:, None]   # (B, 1, D), (B, 1, S)
-            else:
-                mask = self._causal
-            x = layer.self_block(x, q, k, v, mask)
-            x = layer.cross_block(x, memory_k, memory_v)
-            x = layer.ffn_block(x)
-            if depth == len(stacks[stage].layers) - 1:
-                x = stacks[stage].norm(x)
-        return self.model.classifier(x)[:, 0]
-
 
 class OnlineDetector(_FromCheckpoint):
     """Feed one step of features at a time; get that step's class probabilities.
@@ -486,62 +602,29 @@ class OnlineDetector(_FromCheckpoint):
     """
 
     def __init__(self, model: MALT, device: Optional[str | torch.device] = None, int8: bool = False):
-        self.detector = MultiStreamDetector(model, device, max_streams=1, int8=int8)
-        self.detector.add_stream(0)
-        self.cfg, self.device = self.detector.cfg, self.detector.device
+        self.multistream = MultiStreamDetector(model, device, max_streams=1, int8=int8)
+        self.multistream.add_stream(0)
+        self.cfg, self.device = self.multistream.cfg, self.multistream.device
 
     @property
     def steps_seen(self) -> int:
-        return self.detector.position(0)
+        return self.multistream.position(0)
 
     def reset(self) -> None:
         """Forget the stream; recompute the weight-dependent constants."""
-        self.detector.reset()
+        self.multistream.reset()
 
     def step(self, rgb_vec, flow_vec) -> np.ndarray:
         """Consume the next step's rgb (Dr,) and flow (Df,) vectors -> probabilities (C+1,)."""
-        return self.detector.step({0: (rgb_vec, flow_vec)})[0]
+        return self.multistream.step({0: (rgb_vec, flow_vec)})[0]
 
     def feed_history(self, rgb: np.ndarray, flow: np.ndarray) -> None:
         """Consume T past steps rgb (T, Dr), flow (T, Df) without computing their outputs
         (MultiStreamDetector.feed_history)."""
-        self.detector.feed_history(0, rgb, flow)
+        self.multistream.feed_history(0, rgb, flow)
 
 
-# -- encoder ops: one sub-block of a TransformerLayer on the named work tensors ---------------
-
-def _self_op(layer, x: str):
-    def run(work: _Work) -> None:
-        sa, h = layer.self_attn, work[x]
-        work[x] = layer.self_block(h, sa.q_proj(h), sa.k_proj(h), sa.v_proj(h))
-    return run
-
-
-def _refine_cross_op(layer, x: str, memory: str):
-    def run(work: _Work) -> None:
-        ca, m = layer.cross_attn, work[memory]
-        work[x] = layer.cross_block(work[x], ca.k_proj(m), ca.v_proj(m))
-    return run
-
-
-def _ffn_op(layer, x: str):
-    def run(work: _Work) -> None:
-        work[x] = layer.ffn_block(work[x])
-    return run
-
-
-def _norm_op(norm: nn.Module, x: str, out: str):
-    def run(work: _Work) -> None:
-        work[out] = norm(work[x])
-    return run
-
-
-def _memory_kv_op(layer, out: str):
-    def run(work: _Work) -> None:
-        # The decoder layer's cross-attention keys and values over f_n: (B, 2, Q1, D)
-        work[out] = torch.stack([layer.cross_attn.k_proj(work["f"]), layer.cross_attn.v_proj(work["f"])], 1)
-    return run
-
+# -- helpers -----------------------------------------------------------------------------------------
 
 def _balanced_split(costs: list[int], parts: int) -> list[int]:
     """The part (0..parts-1) of each item when `costs` is cut into `parts` consecutive,

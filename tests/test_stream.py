@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidpipe.malt.stream import MultiStreamDetector, OnlineDetector
-from vidpipe.malt.window import gather_window
+from vidpipe.malt.window import gather_window, next_long_memory_change
 from vidpipe.core.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_model
 
@@ -78,7 +78,7 @@ def test_cost_per_step_does_not_grow_with_stream_length():
         return counter.get_total_flops()
 
     def buffers():
-        return {name: tensor.shape for name, tensor in detector.detector._state.items()}
+        return detector.multistream.state.nbytes()
 
     # The encoder's work repeats every `stride` (4) steps: compare whole cycles at equal phase.
     detector.feed_history(rgb[:41], flow[:41])
@@ -103,7 +103,7 @@ def test_encoder_work_is_spread_evenly_over_the_steps():
         with FlopCounterMode(display=False) as counter:
             detector.step(rgb[t], flow[t])
         cycle.append(counter.get_total_flops())
-    encoder = sum(cost for chunk in detector.detector._encoder_chunks for cost, _ in chunk)
+    encoder = sum(detector.multistream.schedule.chunk_flops)
     assert encoder > 0.5 * min(cycle)          # a refresh done in one step would cost 1.5x+
     assert max(cycle) <= 1.15 * np.mean(cycle)
 
@@ -167,7 +167,7 @@ def test_each_long_memory_is_encoded_once_ahead_and_only_grid_steps_are_projecte
     stride = cfg.long_memory_stride
     # Once for every long memory the stream reaches (a grid step leaves the short memory),
     # on a step before the one that needs it; the empty memory of the start is a constant.
-    switches = [detector.detector._next_switch(t) for t in encoder_runs]
+    switches = [next_long_memory_change(t, cfg) for t in encoder_runs]
     assert switches == list(range(first_change, num_steps + stride, stride))
     assert all(run < switch for run, switch in zip(encoder_runs, switches))
     # One fused row per grid step (s % stride == stride - 1), nothing else.
@@ -262,7 +262,7 @@ def test_int8_quantises_every_linear_and_stays_close_to_fp32():
     model = tiny_model(d_model=64, ffn_dim=64)
     rgb, flow = random_video(40, model.cfg, seed=9)
     detector = OnlineDetector(model, int8=True)
-    linears = [m for m in detector.detector.model.modules() if type(m).__name__ == "Linear"]
+    linears = [m for m in detector.multistream.model.modules() if type(m).__name__ == "Linear"]
     assert linears and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
     assert isinstance(model.classifier, torch.nn.Linear)          # the model served is a copy
     int8 = stream_probs(detector, rgb, flow)
