@@ -5,8 +5,9 @@ as 2 * fields channels, each clipped to [-20, 20] pixels and scaled like TSN's f
 ([0, 255], mean 128, std 128), centre-cropped, through a timm backbone with `in_chans` =
 2 * fields whose first conv timm adapts from RGB weights (TSN cross-modality init).
 
-Flow methods: OpenCV TV-L1 (the field's standard) and DIS (fast) run on the CPU; RAFT
-(torchvision) runs on the model's device, the GPU when there is one.
+Flow methods (registered in `extractors.flow_methods`): OpenCV TV-L1 (the field's standard)
+and DIS (fast) run on the CPU; RAFT (torchvision) runs on the model's device, the GPU when
+there is one. `flow_estimator` builds the estimator of a method.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidpipe.extractors.backbone import create_timm_backbone, load_weights_file, seeded, torch_hub_access, weights_identity
+from vidpipe.extractors.flow_methods import flow_method
 from vidpipe.extractors.rgb import center_crop
+from vidpipe.core.errors import VidpipeError
 
 FLOW_CLIP = 20.0          # pixels; TSN's bound before quantising flow to 8-bit images
 DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -41,6 +44,9 @@ class OpenCVFlow(nn.Module):
 
     def __init__(self, method: str, dis_preset: str = "medium"):
         super().__init__()
+        flow_method(method, "opencv")   # an unknown name is refused, never silently DIS
+        if dis_preset not in DIS_PRESETS:
+            raise VidpipeError(f"dis_preset '{dis_preset}': choose one of {', '.join(DIS_PRESETS)}")
         self.method = method
         if method == "tvl1":  # OpenCV's defaults, as the denseflow tool used for TSN features
             self.estimator = cv2.optflow.DualTVL1OpticalFlow_create()
@@ -112,6 +118,19 @@ class RAFTFlow(nn.Module):
         with torch.autocast(first.device.type, enabled=False):  # flow needs full precision
             flow = self.raft(images[0].float(), images[1].float(), num_flow_updates=self.iterations)[-1]
         return flow[..., :height, :width]
+
+
+def flow_estimator(method: str, *, dis_preset: str = "medium", raft_model: str = "raft_large",
+                   raft_iterations: int = 12, raft_weights: str | None = None,
+                   random_init: bool = False, seed: int = 0) -> nn.Module:
+    """The estimator of a registered flow method ('auto' must be resolved to one first)."""
+    kind = flow_method(method).estimator
+    if kind == "opencv":
+        return OpenCVFlow(method, dis_preset)
+    if kind == "raft":
+        return RAFTFlow(raft_model, raft_iterations, weights_file=raft_weights,
+                        random_init=random_init, seed=seed)
+    raise ValueError(f"flow method '{method}' picks an estimator by device; resolve it first")
 
 
 def frame_pairs(chunk: int, fields: int) -> tuple[list[int], list[int]]:

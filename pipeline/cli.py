@@ -11,6 +11,7 @@ import click
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
 from vidpipe.core.log import configure_cli_logging, remove_cli_logging
 from vidpipe.core.memory import limit_malloc_arenas
+from vidpipe.extractors.flow_methods import FLOW_METHODS, flow_help
 from vidpipe.core.paths import require_checkpoint_file, require_input, require_sources
 
 # `vidpipe --help` lists the commands in the order a user runs them (any command not named
@@ -92,9 +93,8 @@ def cli(quiet: bool, verbose: bool) -> None:
              help="Feature cache folder (created; rerun to resume or update it).")
 @path_option("--config", help="Feature settings YAML (default: built-in defaults = configs/extract.yaml).")
 @device_option()
-@click.option("--flow", "flow_method", type=click.Choice(["auto", "tvl1", "dis", "raft"]), default=None,
-              help="Optical flow: tvl1 (standard, slow), dis (fast CPU), raft (GPU); "
-                   "auto = raft on CUDA, dis on CPU.")
+@click.option("--flow", "flow_method", type=click.Choice(list(FLOW_METHODS)), default=None,
+              help=flow_help())
 @click.option("--recipe", type=click.Choice(["tsn-kinetics", "tsn-kinetics-r50"]), default=None,
               help="Reproduce the public TSN Kinetics features (docs/extract.md): RGB and flow weights "
                    "files from mmaction2 / TSN via --rgb-weights and --flow-weights.")
@@ -230,10 +230,14 @@ def export_features(cache: str, out: str, layout: str, labels: str | None, rgb_d
 @click.option("--lr", default=None, type=float, help="Shortcut for --set train.lr=X.")
 @click.option("--batch-size", default=None, type=int, help="Shortcut for --set train.batch_size=N (global).")
 @click.option("--seed", default=None, type=int, help="Shortcut for --set train.seed=N.")
+@click.option("--log-every", "log_every_s", default=30.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Off a terminal (a log file, CI), a progress line with an ETA this often "
+                   "during an epoch.")
 @device_option()
 def train(config: str | None, cache: str, labels: str | None, out: str, resume: bool,
           init_from: str | None, overrides: tuple[str, ...], epochs: int | None, lr: float | None,
-          batch_size: int | None, seed: int | None, device: str | None) -> None:
+          batch_size: int | None, seed: int | None, log_every_s: float, device: str | None) -> None:
     """Train MALT on the train split of CACHE; the same command under torchrun uses DDP."""
     from vidpipe.malt.train import train as train_model
 
@@ -243,7 +247,7 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
                  (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
                  if value is not None]
     history = train_model(config, cache, out, labels=labels, overrides=[*overrides, *shortcuts],
-                          resume=resume, device=device, init_from=init_from)
+                          resume=resume, device=device, init_from=init_from, log_every_s=log_every_s)
     if history:
         click.echo(f"{out}: {len(history)} epochs; last: "
                    + ", ".join(f"{k}={v:.4g}" for k, v in history[-1].items()
