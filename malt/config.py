@@ -138,7 +138,8 @@ class TrainConfig:
     warmup_epochs: float = 10
     warmup_factor: float = 0.3
     seed: int = 0
-    amp: bool = False                # fp16 autocast, CUDA only; LSTR and the authors train in fp32
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"   # autocast (core.precision); fp16
+                                     # with a GradScaler (CUDA); LSTR and the authors train in fp32
     eval_every: int = 1              # epochs between evaluations (validation and test splits)
     select_metric: Literal["mAP", "mcAP"] = "mAP"   # which result makes best.pt (TVSeries: mcAP)
     # Choose best.pt on the test split (inflates any number reported on it): only on request.
@@ -257,6 +258,9 @@ def saved_config(data: dict, source: str = "checkpoint") -> Config:
     was trained with (BEFORE_SWITCHES), not today's defaults."""
     data = {section: dict(values) if isinstance(values, dict) else values
             for section, values in (data or {}).items()}
+    train = data.get("train")
+    if isinstance(train, dict) and "amp" in train:   # saved before train.precision replaced it
+        train.setdefault("precision", "fp16" if train.pop("amp") else "fp32")
     model = data.get("model")
     if isinstance(model, dict) and "pos_encoding" not in model:
         for section, values in BEFORE_SWITCHES.items():

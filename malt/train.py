@@ -50,6 +50,7 @@ from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.config import apply_overrides, to_dict
 from vidpipe.core.distributed import ProcessGroupEnv, distributed_env, process_device
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.precision import autocast, resolve_precision
 from vidpipe.core.log import progress_bar
 from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
@@ -180,6 +181,7 @@ class _State:
     network: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    precision: str                 # what runs (core.precision.resolve_precision)
     step: int = 0
     start_epoch: int = 0
     best: float | None = None
@@ -349,9 +351,9 @@ def _build_state(run: _Run, cfg: Config, checkpoint: Checkpoint | None,
     torch.manual_seed(cfg.train.seed)          # the same initial weights in every process
     model = MALT(cfg.model).to(run.device)
     optimizer = build_optimizer(model, cfg.train)
-    amp = cfg.train.amp and run.device.type == "cuda"
-    scaler = torch.amp.GradScaler(run.device.type, enabled=amp)
-    state = _State(model, model, optimizer, scaler)
+    precision = resolve_precision(cfg.train.precision, run.device)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=precision == "fp16")   # fp16 only
+    state = _State(model, model, optimizer, scaler, precision)
     if checkpoint is not None:
         model.load_state_dict(checkpoint.model_state)
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -467,7 +469,7 @@ def _train_step(run: _Run, cfg: Config, state: _State, batch: dict, lr: float):
     num_valid = batch["valid"].sum()
     if run.env.world_size > 1:
         dist.all_reduce(num_valid)
-    with torch.autocast(run.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
+    with autocast(run.device, state.precision):
         output = state.network(batch["rgb_long"], batch["flow_long"], batch["long_valid"],
                                batch["rgb_short"], batch["flow_short"])
     # DDP averages gradients over processes: dividing by (global valid steps / world)

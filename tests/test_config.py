@@ -23,7 +23,8 @@ def test_yaml_and_overrides_fill_typed_fields(tmp_path):
     ("model.sparse_kk=3", "unknown config key 'model.sparse_kk'"),
     ("model.decoder=parallel", "'model.decoder' must be one of"),
     ("train.epochs=many", "'train.epochs' must be an integer"),
-    ("train.amp=3", "'train.amp' must be true or false"),
+    ("train.select_on_test=3", "'train.select_on_test' must be true or false"),
+    ("train.precision=fp8", "'train.precision' must be one of"),
     ("nokey", "expected KEY=VALUE"),
 ])
 def test_bad_overrides_name_the_key(override, message):

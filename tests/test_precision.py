@@ -1,4 +1,5 @@
 """The one precision setting: `auto` by capability (faked), the refusals, what autocast does."""
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,25 @@ def test_cpu_flags_read_the_flags_line(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
     assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "absent") == set()
+
+
+# -- training ----------------------------------------------------------------------------------
+def test_training_runs_in_bf16_on_a_cpu_and_differs_from_fp32(tmp_path):
+    from train_helpers import random_cache, write_config
+    from vidpipe.malt.train import train
+
+    cache = random_cache(tmp_path / "cache", num_train=2, num_test=1, steps=24)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = write_config(tmp_path / f"{precision}.yaml", train={"epochs": 1, "precision": precision})
+        history = train(config, cache, tmp_path / precision, progress=False)
+        losses[precision] = history[-1]["train_loss"]
+    assert np.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])
+
+
+def test_a_config_saved_with_train_amp_reads_as_its_precision():
+    from vidpipe.malt.config import saved_config
+
+    assert saved_config({"train": {"amp": True}}).train.precision == "fp16"
+    assert saved_config({"train": {"amp": False}}).train.precision == "fp32"
