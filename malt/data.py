@@ -7,6 +7,8 @@ detector use, so training sees exactly the windows inference sees).
 Training windows follow the authors' code (after LSTR): each epoch, every video is cut into
 non-overlapping short-memory windows starting at a random offset in [0, S), so that over the
 epochs every step is seen at every short-memory position. Only full windows are used.
+Their long memory is the inference rule's (`data.long_memory_sampler: grid`) or LSTR's
+training sampler (`segment`, `segment_long_memory`).
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ import torch
 from torch.utils.data import Dataset
 
 from vidpipe.malt.config import ModelConfig
-from vidpipe.malt.window import gather_window, window_indices
+from vidpipe.malt.window import gather_window, num_long_tokens, window_indices
 from vidpipe.core.errors import VidpipeError
 from vidpipe.store.labels import LABELS_FILE, LabelSet, build_labels
 from vidpipe.store.cache import FeatureStore
+
+__all__ = ["TrainWindows", "VideoData", "feature_dims", "feature_statistics", "held_out_videos",
+           "load_videos", "resolve_labels"]
 
 
 @dataclass
@@ -52,8 +57,18 @@ def resolve_labels(store: FeatureStore, labels: str | Path | None) -> tuple[Labe
 
 
 def load_videos(store: FeatureStore, labels: LabelSet, video_ids: list[str],
-                labels_source: str = "labels") -> dict[str, VideoData]:
-    """Features and labels of `video_ids`, in memory (the whole split is read once)."""
+                labels_source: str = "labels",
+                empty_target_rows: str = "background") -> dict[str, VideoData]:
+    """Features and labels of `video_ids`, in memory (the whole split is read once).
+
+    `empty_target_rows` (`data.empty_target_rows`): a step that is neither ambiguous nor of
+    any class (an all-zero row, as LSTR target files can have) becomes background, or stays
+    all-zero (`zero_loss`: the loss gives it 0 and still counts it in the mean, as LSTR's MCE,
+    criterions.py:63-67 at f910dd9). Per-frame AP is the same either way (background is out
+    of the mean).
+    """
+    if empty_target_rows not in ("background", "zero_loss"):
+        raise ValueError(f"empty_target_rows must be 'background' or 'zero_loss', got {empty_target_rows!r}")
     videos = {}
     for video_id in video_ids:
         if video_id not in store:
@@ -63,8 +78,10 @@ def load_videos(store: FeatureStore, labels: LabelSet, video_ids: list[str],
         if len(video_labels.targets) != len(features):
             raise VidpipeError(f"{labels_source}: video '{video_id}' has {len(video_labels.targets)} "
                                f"labelled steps but {len(features)} feature steps in {store.root}")
-        videos[video_id] = VideoData(features.rgb, features.flow,
-                                     video_labels.targets.astype(np.float32),
+        targets = video_labels.targets.astype(np.float32)         # a copy
+        if empty_target_rows == "background":
+            targets[targets.sum(axis=1) == 0, 0] = 1
+        videos[video_id] = VideoData(features.rgb, features.flow, targets,
                                      video_labels.ambiguous.astype(bool))
     return videos
 
@@ -90,13 +107,18 @@ class TrainWindows(Dataset):
     """Non-overlapping full windows with a random offset per video and epoch (`set_epoch`).
 
     The offsets depend only on (seed, epoch), so every DDP process builds the same list and a
-    resumed run sees the windows an uninterrupted run would.
+    resumed run sees the windows an uninterrupted run would. `long_memory_sampler`: `grid`
+    (the inference rule, malt.window) or `segment` (`segment_long_memory`).
     """
 
-    def __init__(self, videos: dict[str, VideoData], cfg: ModelConfig, seed: int = 0):
+    def __init__(self, videos: dict[str, VideoData], cfg: ModelConfig, seed: int = 0,
+                 long_memory_sampler: str = "grid"):
+        if long_memory_sampler not in ("grid", "segment"):
+            raise ValueError(f"long_memory_sampler must be 'grid' or 'segment', got {long_memory_sampler!r}")
         self.videos = videos
         self.cfg = cfg
         self.seed = seed
+        self.long_memory_sampler = long_memory_sampler
         self.windows: list[tuple[str, int]] = []   # (video id, last step t)
         self.set_epoch(0)
 
@@ -117,6 +139,12 @@ class TrainWindows(Dataset):
         video = self.videos[video_id]
         window = gather_window(video.rgb, video.flow, t, self.cfg)
         _, short_idx = window_indices(t, self.cfg)
+        if self.long_memory_sampler == "segment":
+            long_idx, long_valid = segment_long_memory(int(short_idx[0]), self.cfg)
+            keep = long_valid[:, None]
+            window = window._replace(rgb_long=np.where(keep, video.rgb[long_idx], 0).astype(video.rgb.dtype),
+                                     flow_long=np.where(keep, video.flow[long_idx], 0).astype(video.flow.dtype),
+                                     long_valid=long_valid)
         sample = {name: torch.from_numpy(np.ascontiguousarray(array))
                   for name, array in window._asdict().items()}   # rgb_long (L, Dr) ... flow_short (S, Df)
         sample["targets"] = torch.from_numpy(video.targets[short_idx])     # (S, C+1)
@@ -126,6 +154,25 @@ class TrainWindows(Dataset):
 
     def video_of(self, index: int) -> str:
         return self.windows[index][0]
+
+
+def segment_long_memory(short_start: int, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """LSTR's training long memory for a short memory starting at step `short_start`:
+    (long_idx (L,), long_valid (L,) bool).
+
+    L = long_memory_steps / stride slots spread evenly (linspace, truncated to integers) over
+    the span max(0, s - long_memory_steps) .. s - 1, so a short history is repeated rather
+    than padded; slots holding step 0 are masked except the last of them (with no history at
+    all, s = 0, every slot holds step 0 and only the newest is seen). Source:
+    LSTRDataLayer.segment_sampler and __getitem__, datasets/perframe_data_layers.py:49-51,
+    79-84 and 94-98 (LSTR; the same lines at the authors' f910dd9).
+    """
+    start, end = max(0, short_start - cfg.long_memory_steps), short_start - 1
+    long_idx = np.sort(np.linspace(start, end, num_long_tokens(cfg))).astype(np.int64).clip(0)
+    long_valid = np.ones(len(long_idx), bool)
+    last_zero = int(np.searchsorted(long_idx, 0, side="right")) - 1
+    long_valid[:max(last_zero, 0)] = False
+    return long_idx, long_valid
 
 
 def held_out_videos(video_ids: list[str], fraction: float, seed: int) -> list[str]:

@@ -288,7 +288,7 @@ def _load_videos(run: _Run, cfg: Config) -> _Videos:
         run.say(f"note: {source} records no split; the test figures are on the training videos")
 
     def load(ids: list[str]) -> dict[str, VideoData]:
-        return load_videos(run.store, labels, ids, source)
+        return load_videos(run.store, labels, ids, source, data.empty_target_rows)
 
     return _Videos(train=load(train_ids), val=load(val_ids if run.rank0 else []),
                    test=load(test_ids if run.rank0 else []), selection=describe_selection(cfg))
@@ -410,7 +410,8 @@ def _train_epochs(run: _Run, cfg: Config, state: _State, videos: _Videos) -> lis
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    windows = TrainWindows(videos.train, cfg.model, seed=cfg.train.seed)
+    windows = TrainWindows(videos.train, cfg.model, seed=cfg.train.seed,
+                           long_memory_sampler=cfg.data.long_memory_sampler)
     iters_per_epoch = iterations_per_epoch(windows, cfg.train.batch_size, run.env.world_size)
     if state.start_epoch >= cfg.train.epochs:
         run.say(f"{run.out}: the run has done its {cfg.train.epochs} epoch(s), nothing to do "

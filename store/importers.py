@@ -166,8 +166,10 @@ def labels_from_target(target: np.ndarray, spec: DatasetSpec) -> VideoLabels:
 
     A step is ambiguous where its ambiguous column is 1, the rows LSTR's loss and THUMOS
     metric skip. Steps with several actions get soft targets summing to 1, as the LabelSet
-    stores them; a step with no class at all (ambiguous only) is background, as the centre
-    rule of store/labels.py makes it.
+    stores them; an ambiguous step with no class is background, as the centre rule of
+    store/labels.py makes it. A step that is neither ambiguous nor of any class keeps its
+    all-zero row: training makes it background or gives it LSTR's zero loss
+    (`data.empty_target_rows`, malt.data.load_videos).
     """
     target = np.array(target, np.float32)          # a copy: the caller's array is left alone
     if spec.ambiguous_column is None:
@@ -175,8 +177,9 @@ def labels_from_target(target: np.ndarray, spec: DatasetSpec) -> VideoLabels:
     else:
         ambiguous = target[:, spec.ambiguous_column] == 1
         target = np.delete(target, spec.ambiguous_column, axis=1)
-    target[target.sum(axis=1) == 0, 0] = 1
-    return VideoLabels(targets=target / target.sum(axis=1, keepdims=True), ambiguous=ambiguous)
+    target[ambiguous & (target.sum(axis=1) == 0), 0] = 1
+    totals = target.sum(axis=1, keepdims=True)
+    return VideoLabels(targets=target / np.where(totals > 0, totals, 1), ambiguous=ambiguous)
 
 
 def target_from_labels(labels: VideoLabels, spec: DatasetSpec) -> np.ndarray:

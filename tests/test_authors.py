@@ -1,6 +1,7 @@
 """The authors' run (issue 16): each remaining difference from the MALT authors' code
 (yzp11/MALT-for-Online-Action-Detection at f910dd9, an LSTR fork) is a switch, checked here
 against a restatement of their code (the file and lines are named at each restatement)."""
+import bisect
 import math
 
 import numpy as np
@@ -9,9 +10,18 @@ import torch
 from torch import nn
 
 from vidpipe.malt.attention import SparseCrossAttention
+from vidpipe.malt.data import TrainWindows, VideoData, load_videos
 from vidpipe.malt.losses import malt_loss
 from vidpipe.malt.model import MALT, lstr_attention_init
+from vidpipe.malt.window import window_indices
+from vidpipe.store.cache import FeatureStore
+from vidpipe.store.importers import import_lstr
+from vidpipe.store.labels import LabelSet
+from vidpipe.malt.checkpoint import load_model
+from vidpipe.malt.train import train
 from model_helpers import tiny_config
+from test_importer import write_lstr_folder
+from train_helpers import TINY_CONFIG, random_cache, write_config
 
 
 # -- model.init: torch | lstr ----------------------------------------------------------------
@@ -97,3 +107,109 @@ def test_default_classifier_has_no_ambiguous_output():
     assert torch.allclose(model.probabilities(logits), torch.softmax(logits, -1))
     with pytest.raises(ValueError, match="6 columns for 4 target columns"):
         malt_loss(torch.randn(1, 2, 6), [], torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=bool), 0.4, False)
+
+
+# -- data.long_memory_sampler: grid | segment ------------------------------------------------
+
+def lstr_segment_long_memory(work_start, long_memory_length, num_samples):
+    """LSTRDataLayer in training (datasets/perframe_data_layers.py:49-51, 79-84, 94-98):
+    segment_sampler over [max(0, start - length), start - 1], then the padding mask that
+    hides every slot holding frame 0 but the last. Returns (indices, visible)."""
+    long_start, long_end = max(0, work_start - long_memory_length), work_start - 1
+    indices = np.sort(np.linspace(long_start, long_end, num_samples)).astype(np.int32).clip(0)
+    mask = np.zeros(indices.shape[0])
+    last_zero = bisect.bisect_right(indices, 0) - 1
+    if last_zero > 0:
+        mask[:last_zero] = float("-inf")
+    return indices, mask == 0
+
+
+def windows_of(sampler, steps=70):
+    cfg = tiny_config(long_memory_steps=32, long_memory_stride=4, short_memory_steps=4,
+                      branch_queries=[4, 3])
+    rgb = np.arange(steps, dtype=np.float32)[:, None] + 1 + np.zeros((1, cfg.rgb_dim), np.float32)
+    flow = -rgb[:, :cfg.flow_dim]
+    video = VideoData(rgb, flow, np.eye(cfg.num_classes, dtype=np.float32)[np.zeros(steps, int)],
+                      np.zeros(steps, bool))
+    return cfg, TrainWindows({"v": video}, cfg, seed=0, long_memory_sampler=sampler)
+
+
+def test_segment_sampler_gives_lstrs_training_long_memory():
+    cfg, windows = windows_of("segment")
+    starts = set()
+    for epoch in range(20):   # random offsets: one of them starts at step 0
+        windows.set_epoch(epoch)
+        for index in range(len(windows)):
+            sample = windows[index]
+            work_start = windows.windows[index][1] - cfg.short_memory_steps + 1
+            starts.add(work_start)
+            indices, visible = lstr_segment_long_memory(work_start, 32, 8)
+            assert np.array_equal(sample["long_valid"].numpy(), visible)
+            expected = np.where(visible, indices + 1, 0).astype(np.float32)   # rgb[i] = i + 1
+            assert np.array_equal(sample["rgb_long"][:, 0].numpy(), expected)
+            assert np.array_equal(sample["flow_long"][:, 0].numpy(), -expected)
+    assert 0 in starts and any(0 < s < 32 for s in starts) and any(s > 32 for s in starts)
+
+
+def test_grid_sampler_is_the_inference_window():
+    cfg, windows = windows_of("grid")
+    sample = windows[len(windows) - 1]
+    t = windows.windows[-1][1]
+    long_idx, _ = window_indices(t, cfg)
+    assert np.array_equal(sample["rgb_long"][:, 0].numpy(), np.where(long_idx >= 0, long_idx + 1, 0))
+    indices, _ = lstr_segment_long_memory(t - cfg.short_memory_steps + 1, 32, 8)
+    assert not np.array_equal(long_idx, indices)
+
+
+# -- data.empty_target_rows: background | zero_loss ------------------------------------------
+
+def test_empty_target_rows_zero_loss_is_lstrs_mce(tmp_path):
+    written = write_lstr_folder(tmp_path / "src", {"video_validation_0000051": 6})
+    target = written["video_validation_0000051"][2]
+    target[1] = 0                           # no class, not ambiguous
+    target[2] = 0
+    target[2, 21] = 1                       # ambiguous
+    np.save(tmp_path / "src/target_perframe/video_validation_0000051.npy", target)
+    import_lstr(tmp_path / "src", tmp_path / "cache", progress=False)
+    store, labels = FeatureStore.open(tmp_path / "cache"), LabelSet.load(tmp_path / "cache/labels.h5")
+    logits = torch.randn(1, 6, 21)
+    # LSTR's MCE on the 22-column target file (column 21 ambiguous; its logit never counts)
+    expected = lstr_mce(torch.cat([logits[0], torch.zeros(6, 1)], 1),
+                        torch.as_tensor(target, dtype=torch.float32), ignore_index=21)
+    losses = {}
+    for rows in ("background", "zero_loss"):
+        video = load_videos(store, labels, ["video_validation_0000051"], empty_target_rows=rows)[
+            "video_validation_0000051"]
+        assert video.targets[1].sum() == (1 if rows == "background" else 0)
+        losses[rows] = malt_loss(logits, [], torch.as_tensor(video.targets)[None],
+                                 torch.as_tensor(~video.ambiguous)[None], 0.4, False).total.item()
+    assert losses["zero_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["background"] != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_training_with_every_authors_switch(tmp_path, monkeypatch):
+    """The trainer hands the data switches on (windows and targets) and trains with the model
+    switches: a 22-way-style classifier, the authors' init."""
+    seen = {}
+    original = TrainWindows.__init__
+
+    def recording_init(self, videos, cfg, seed=0, long_memory_sampler="grid"):
+        seen["sampler"] = long_memory_sampler
+        seen["empty_rows"] = {v: int((d.targets.sum(1) == 0).sum()) for v, d in videos.items()}
+        original(self, videos, cfg, seed, long_memory_sampler)
+
+    monkeypatch.setattr(TrainWindows, "__init__", recording_init)
+    cache = random_cache(tmp_path / "cache")
+    labels = LabelSet.load(cache / "labels.h5")
+    first = labels.split("train")[0]
+    labels.videos[first].targets[5] = 0          # a step with no class, not ambiguous
+    labels.videos[first].ambiguous[5] = False
+    labels.save(cache / "labels.h5")
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 1, "batch_size": 4},
+                          model={**TINY_CONFIG["model"], "classifier_includes_ambiguous": True,
+                                 "init": "lstr"},
+                          data={"long_memory_sampler": "segment", "empty_target_rows": "zero_loss"})
+    train(config, cache, tmp_path / "run", progress=False)
+    assert seen["sampler"] == "segment" and seen["empty_rows"][first] == 1
+    model, _ = load_model(tmp_path / "run/last.pt")
+    assert model.classifier.out_features == labels.num_classes + 1
