@@ -33,6 +33,9 @@ from vidpipe.core.device import resolve_device
 from vidpipe.core.errors import VidpipeError, first_line
 from vidpipe.core.paths import require_checkpoint_file
 
+__all__ = ["Checkpoint", "INTEGRITY_KEY", "load_model", "read_checkpoint", "save_checkpoint",
+           "tensors_digest"]
+
 
 @dataclass
 class Checkpoint:

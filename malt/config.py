@@ -13,6 +13,10 @@ from typing import Callable, Literal, Optional, Union
 from vidpipe.core.config import apply_overrides, from_dict, read_config_file
 from vidpipe.core.errors import VidpipeError
 
+__all__ = ["BEFORE_SWITCHES", "Config", "DataConfig", "LoadedConfig", "ModelConfig",
+           "TrainConfig", "describe_selection", "load_run_config", "saved_config",
+           "validate_config", "validate_model_config"]
+
 # Where a value came from, for error messages: one name, or a function of the dotted key.
 Source = Union[str, Callable[[str], str]]
 

@@ -24,6 +24,8 @@ from vidpipe.core.errors import VidpipeError
 from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
 
+__all__ = ["check_compatible", "evaluate", "evaluate_videos", "predict_offline"]
+
 
 @torch.no_grad()
 def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,

@@ -18,6 +18,9 @@ from vidpipe.malt.model import MALT, RecurrentDecoder
 from vidpipe.malt.stream import OnlineDetector
 from vidpipe.malt.window import gather_window
 
+__all__ = ["ModelInfo", "count_macs", "count_params", "describe_model", "format_info",
+           "model_info"]
+
 
 @dataclass
 class ModelInfo:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+__all__ = ["LossTerms", "loss_targets", "malt_loss", "soft_cross_entropy_sum"]
+
 
 @dataclass
 class LossTerms:

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+__all__ = ["FrameMetrics", "average_precision", "calibrated_average_precision",
+           "detection_report", "format_table", "per_frame_metrics"]
+
 # Matches LSTR's calibrated AP, which guards both divisions with float64 epsilon.
 _EPS = np.finfo(float).eps
 
