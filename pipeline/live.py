@@ -217,7 +217,7 @@ class SourceRun:
         probs = np.stack(self.probs) if self.probs else np.zeros((0, len(names)), np.float32)
         return Timeline(names, np.asarray(self.timestamps, np.float64), probs,
                         self.segmenter.step_seconds, self.segmenter.segments,
-                        self.segmenter.settings, metadata)
+                        self.segmenter.settings, metadata, self.segmenter.events)
 
     def timings(self) -> dict:
         total, steps = time.perf_counter() - self.started, len(self.latencies)
@@ -250,7 +250,7 @@ class EventLog:
             "source": source, "event": event.kind, "class": event.label,
             "video_time_s": round(event.time_s, 4),
             "wall_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "score": round(event.score, 4),
+            "score": round(event.score, 4), "threshold": round(event.threshold, 4),
             "latency_ms": None if latency is None else round(latency * 1000, 2),
             "step": event.step,
         }

@@ -1,24 +1,31 @@
-"""Per-step class probabilities -> action timeline: segments, JSON, CSV and a PNG picture.
+"""Per-step class probabilities -> action timeline: segments, events, JSON, CSV and a PNG.
 
-Post-processing (all in `TimelineSettings`, every value in seconds of the source video):
-  1. class c (never background, column 0) is *active* at step t when
-     probs[t, c] >= its threshold (`threshold`, or `class_thresholds[name]`); a value equal
-     to the threshold counts as active, and classes are independent tracks, so two classes
-     may overlap (as THUMOS'14 annotations do);
-  2. runs of active steps of one class become segments [start of first step, end of last
-     step); two segments of a class separated by at most `merge_gap_s` are merged;
-  3. merged segments shorter than `min_duration_s` are dropped;
-  4. a segment's score is the mean probability of its class over all its steps.
+The event rules (all in `TimelineSettings`, every value in seconds of the source video;
+docs/detect.md defines each):
+  1. smoothing: each class's probability is averaged over the last `smoothing_s` seconds of
+     steps (causal; 0: the step's own value), the *score* the thresholds are compared with;
+  2. hysteresis: class c (never background, column 0) turns *on* at a step whose score is
+     >= its start threshold (`threshold`, or `class_thresholds[name]`) and stays on while its
+     score is >= its end threshold (`end_threshold` / `class_end_thresholds`; default: the
+     start threshold); a value equal to a threshold counts as reaching it; classes are
+     independent tracks, so two classes may overlap (as THUMOS'14 annotations do);
+  3. runs of on steps of one class become segments [start of first step, end of last step);
+     two segments of a class separated by at most `merge_gap_s` are merged;
+  4. merged segments shorter than `min_duration_s` are dropped;
+  5. a segment's score is the mean (unsmoothed) probability of its class over its steps.
 
 The rule is applied causally by `Segmenter`, one step at a time, so the live events of
 `vidpipe detect` and the final timeline always agree: a segment's `start` event is emitted
 once it has lasted `min_duration_s`, its `end` event once `merge_gap_s` has passed without
-the class (the decision delay the rule needs, and no more).
+the class (the decision delay the rule needs, and no more). An event's `score` is the
+highest smoothed score of its class in the segment so far, so a start's score is at or
+above the `threshold` it carries (the start threshold it crossed).
 """
 from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,26 +34,30 @@ import numpy as np
 
 from vidpipe.core.atomic import atomic_path, write_csv_atomically, write_text_atomically
 from vidpipe.core.errors import VidpipeError
+from vidpipe.store.labels import Segment
 
 TIMELINE_FORMAT = "vidpipe-timeline"
-TIMELINE_VERSION = 1
+TIMELINE_VERSION = 2        # 2: events and the hysteresis/smoothing rules; 1 is still read
 _EPS = 1e-9  # float slack when comparing durations built from timestamps
 
 
 @dataclass
 class TimelineSettings:
-    threshold: float = 0.5                  # default per-class probability threshold
-    class_thresholds: dict[str, float] = field(default_factory=dict)  # name -> threshold
+    """The event rules (module notes)."""
+    threshold: float = 0.5                  # start threshold of every class ...
+    class_thresholds: dict[str, float] = field(default_factory=dict)  # ... or of this one
     min_duration_s: float = 0.5             # shorter segments are dropped
     merge_gap_s: float = 0.5                # same-class segments this close are merged
+    end_threshold: float | None = None      # stay on while >= this (None: the start threshold)
+    class_end_thresholds: dict[str, float] = field(default_factory=dict)
+    smoothing_s: float = 0.0                # causal moving average of the scores (0: none)
 
+    def start_threshold_of(self, name: str) -> float:
+        return self.class_thresholds.get(name, self.threshold)
 
-@dataclass
-class Segment:
-    label: str
-    start_s: float
-    end_s: float
-    score: float                            # mean probability of the class over the segment
+    def end_threshold_of(self, name: str) -> float:
+        default = self.end_threshold if self.end_threshold is not None else self.start_threshold_of(name)
+        return self.class_end_thresholds.get(name, min(default, self.start_threshold_of(name)))
 
 
 @dataclass
@@ -54,8 +65,10 @@ class Event:
     kind: str                               # "start" | "end"
     label: str
     time_s: float                           # segment start (start event) or end (end event)
-    score: float                            # mean probability so far
+    score: float                            # highest smoothed score of the class in the segment so far
+    threshold: float                        # start: the start threshold crossed; end: the end threshold
     step: int                               # index of the step at which it was decided
+    decided_s: float                        # video time it was decided at: the end of that step
 
 
 def format_time(seconds: float, decimals: int = 2) -> str:
@@ -74,56 +87,61 @@ class _Track:
     end_s: float                            # end of the last active step
     total: float                            # sum of probabilities over the steps so far
     count: int
-    pending_total: float = 0.0              # inactive steps since end_s (kept if merged)
+    peak: float = 0.0                       # highest smoothed score over the on steps
+    pending_total: float = 0.0              # off steps since end_s (kept if merged)
     pending_count: int = 0
     confirmed: bool = False                 # start event emitted
 
 
 class Segmenter:
-    """The post-processing rule of the module notes, applied one step at a time."""
+    """The event rules of the module notes, applied one step at a time."""
 
     def __init__(self, class_names: list[str], step_seconds: float,
                  settings: TimelineSettings | None = None):
         self.class_names = list(class_names)
         self.step_seconds = float(step_seconds)
         self.settings = settings or TimelineSettings()
-        unknown = sorted(set(self.settings.class_thresholds) - set(self.class_names[1:]))
-        if unknown:
-            raise VidpipeError(f"class threshold for unknown class '{unknown[0]}' "
-                               f"(classes: {', '.join(self.class_names[1:])})")
-        self.thresholds = np.array(
-            [math.inf] + [self.settings.class_thresholds.get(name, self.settings.threshold)
-                          for name in self.class_names[1:]])
+        check_settings(self.settings, self.class_names)
+        names = self.class_names[1:]
+        self.start_thresholds = np.array([math.inf] + [self.settings.start_threshold_of(n) for n in names])
+        self.end_thresholds = np.array([math.inf] + [self.settings.end_threshold_of(n) for n in names])
+        window = max(1, round(self.settings.smoothing_s / self.step_seconds))
+        self._recent: deque[np.ndarray] = deque(maxlen=window)   # last rows, for smoothing
+        self._on = np.zeros(len(self.class_names), bool)
         self.segments: list[Segment] = []
+        self.events: list[Event] = []           # every event so far, in order
         self._tracks: dict[int, _Track] = {}
         self._step = -1
+        self._step_end = 0.0
 
     def step(self, timestamp: float, probs: np.ndarray) -> list[Event]:
         """Feed one step's probabilities (C+1,); return the events decided at this step."""
         self._step += 1
+        probs = np.asarray(probs, np.float64)
+        self._recent.append(probs)
+        score = np.mean(self._recent, axis=0)                                   # (C+1,)
+        self._on = score >= np.where(self._on, self.end_thresholds, self.start_thresholds)
+        self._step_end = step_end = float(timestamp) + self.step_seconds
         events: list[Event] = []
-        active = np.asarray(probs) >= self.thresholds
-        step_end = float(timestamp) + self.step_seconds
         for c in range(1, len(self.class_names)):
-            p = float(probs[c])
             track = self._tracks.get(c)
-            if active[c]:
+            if self._on[c]:
                 if track is None:
                     track = self._tracks[c] = _Track(float(timestamp), step_end, 0.0, 0)
-                track.total += track.pending_total + p
+                track.total += track.pending_total + float(probs[c])
                 track.count += track.pending_count + 1
                 track.pending_total, track.pending_count = 0.0, 0
-                track.end_s = step_end
+                track.end_s, track.peak = step_end, max(track.peak, float(score[c]))
                 if (not track.confirmed
                         and track.end_s - track.start_s >= self.settings.min_duration_s - _EPS):
                     track.confirmed = True
-                    events.append(Event("start", self.class_names[c], track.start_s,
-                                        track.total / track.count, self._step))
+                    events.append(self._event("start", c, track.start_s, track))
             elif track is not None:
-                track.pending_total += p
+                track.pending_total += float(probs[c])
                 track.pending_count += 1
                 if step_end - track.end_s > self.settings.merge_gap_s + _EPS:
                     events += self._close(c)
+        self.events += events
         return events
 
     def active(self) -> list[Segment]:
@@ -137,7 +155,13 @@ class Segmenter:
         for c in sorted(self._tracks):
             events += self._close(c)
         self.segments.sort(key=lambda s: (s.start_s, self.class_names.index(s.label)))
+        self.events += events
         return events
+
+    def _event(self, kind: str, c: int, time_s: float, track: _Track) -> Event:
+        threshold = self.start_thresholds[c] if kind == "start" else self.end_thresholds[c]
+        return Event(kind, self.class_names[c], time_s, track.peak, float(threshold),
+                     self._step, self._step_end)
 
     def _close(self, c: int) -> list[Event]:
         track = self._tracks.pop(c)
@@ -146,12 +170,32 @@ class Segmenter:
         segment = Segment(self.class_names[c], track.start_s, track.end_s,
                           track.total / track.count)
         self.segments.append(segment)
-        return [Event("end", segment.label, segment.end_s, segment.score, self._step)]
+        return [self._event("end", c, segment.end_s, track)]
 
 
-def find_segments(probs: np.ndarray, timestamps: np.ndarray, class_names: list[str],
-                  step_seconds: float, settings: TimelineSettings | None = None) -> list[Segment]:
-    """Segments of a whole video: probs (T, C+1), timestamps (T,) step starts."""
+def check_settings(settings: TimelineSettings, class_names: list[str]) -> None:
+    """Rules naming unknown classes, thresholds outside [0, 1], an end threshold above its
+    start threshold or negative durations are one-line errors."""
+    known = class_names[1:]
+    for option, values in (("class threshold", settings.class_thresholds),
+                           ("class end threshold", settings.class_end_thresholds)):
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise VidpipeError(f"{option} for unknown class '{unknown[0]}' "
+                               f"(classes: {', '.join(known)})")
+    for name in known:
+        start, end = settings.start_threshold_of(name), settings.end_threshold_of(name)
+        if not (0.0 <= end <= start <= 1.0):
+            raise VidpipeError(f"thresholds of '{name}': need 0 <= end ({end:g}) <= start "
+                               f"({start:g}) <= 1")
+    if min(settings.min_duration_s, settings.merge_gap_s, settings.smoothing_s) < 0:
+        raise VidpipeError("min_duration_s, merge_gap_s and smoothing_s must be >= 0 seconds")
+
+
+def run_segmenter(probs: np.ndarray, timestamps: np.ndarray, class_names: list[str],
+                  step_seconds: float, settings: TimelineSettings | None = None) -> Segmenter:
+    """A whole video through the rules: probs (T, C+1), timestamps (T,) step starts; the
+    finished `Segmenter` holds its `segments` and `events`."""
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape != (len(timestamps), len(class_names)):
         raise ValueError(f"probs {probs.shape} does not match {len(timestamps)} timestamps "
@@ -160,7 +204,13 @@ def find_segments(probs: np.ndarray, timestamps: np.ndarray, class_names: list[s
     for t, row in zip(timestamps, probs):
         segmenter.step(float(t), row)
     segmenter.finish()
-    return segmenter.segments
+    return segmenter
+
+
+def find_segments(probs: np.ndarray, timestamps: np.ndarray, class_names: list[str],
+                  step_seconds: float, settings: TimelineSettings | None = None) -> list[Segment]:
+    """Segments of a whole video: probs (T, C+1), timestamps (T,) step starts."""
+    return run_segmenter(probs, timestamps, class_names, step_seconds, settings).segments
 
 
 # --- the timeline file -------------------------------------------------------------------------
@@ -175,27 +225,29 @@ class Timeline:
     segments: list[Segment]
     settings: TimelineSettings = field(default_factory=TimelineSettings)
     metadata: dict[str, Any] = field(default_factory=dict)  # video, model, features, timings
+    events: list[Event] = field(default_factory=list)       # start/end decisions, in order
 
     @classmethod
     def from_probs(cls, probs: np.ndarray, timestamps: np.ndarray, class_names: list[str],
                    step_seconds: float, settings: TimelineSettings | None = None,
                    metadata: dict[str, Any] | None = None) -> "Timeline":
-        settings = settings or TimelineSettings()
+        segmenter = run_segmenter(probs, timestamps, class_names, step_seconds, settings)
         return cls(list(class_names), np.asarray(timestamps, np.float64),
-                   np.asarray(probs, np.float32), float(step_seconds),
-                   find_segments(probs, timestamps, class_names, step_seconds, settings),
-                   settings, dict(metadata or {}))
+                   np.asarray(probs, np.float32), float(step_seconds), segmenter.segments,
+                   segmenter.settings, dict(metadata or {}), segmenter.events)
 
     @property
     def duration_s(self) -> float:
         return float(self.timestamps[-1] + self.step_seconds) if len(self.timestamps) else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON schema (version 1):
-        {"format": "vidpipe-timeline", "version": 1, "metadata": {video, model, features,
-         timings, ...}, "settings": {threshold, class_thresholds, min_duration_s,
-         merge_gap_s}, "class_names": [...], "step_seconds": s, "duration_s": s,
-         "segments": [{"label", "start_s", "end_s", "score"}, ...],
+        """The JSON schema (version 2; docs/detect.md defines every field):
+        {"format": "vidpipe-timeline", "version": 2, "metadata": {video, model, features,
+         timings, rules (where the rules came from), ...}, "settings": {the event rules:
+         threshold, class_thresholds, end_threshold, class_end_thresholds, smoothing_s,
+         min_duration_s, merge_gap_s}, "class_names": [...], "step_seconds": s,
+         "duration_s": s, "segments": [{"label", "start_s", "end_s", "score"}, ...],
+         "events": [{"kind", "label", "time_s", "score", "threshold", "step", "decided_s"}],
          "timestamps": [T], "probabilities": [T x (C+1)]}
         """
         return {
@@ -203,7 +255,9 @@ class Timeline:
             "metadata": self.metadata, "settings": asdict(self.settings),
             "class_names": self.class_names, "step_seconds": self.step_seconds,
             "duration_s": self.duration_s,
-            "segments": [asdict(s) for s in self.segments],
+            "segments": [{"label": s.label, "start_s": s.start_s, "end_s": s.end_s,
+                          "score": s.score} for s in self.segments],
+            "events": [asdict(e) for e in self.events],
             "timestamps": np.round(self.timestamps, 6).tolist(),
             "probabilities": np.round(self.probs.astype(np.float64), 6).tolist(),
         }
@@ -222,14 +276,15 @@ class Timeline:
             raise VidpipeError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != TIMELINE_FORMAT:
             raise VidpipeError(f"{path}: not a vidpipe timeline file")
-        if data.get("version") != TIMELINE_VERSION:
+        if data.get("version") not in (1, TIMELINE_VERSION):
             raise VidpipeError(f"{path}: timeline version {data.get('version')} is not "
                                f"supported (expected {TIMELINE_VERSION})")
         class_names = data["class_names"]
         probs = np.asarray(data["probabilities"], np.float32).reshape(-1, len(class_names))
         return cls(class_names, np.asarray(data["timestamps"], np.float64), probs,
                    float(data["step_seconds"]), [Segment(**s) for s in data["segments"]],
-                   TimelineSettings(**data["settings"]), data["metadata"])
+                   TimelineSettings(**data["settings"]), data["metadata"],
+                   [Event(**e) for e in data.get("events", [])])   # version 1: none recorded
 
     def save_csv(self, path: str | Path) -> Path:
         """Segments only: label,start_s,end_s,score (one row each, sorted by start)."""

@@ -1,9 +1,10 @@
 """Per-step labels, kept beside the features (never inside them).
 
 A `LabelSet` holds, for each video of a cache, soft targets `(T, C+1)` on the cache's own
-steps (column 0 is background) and a mask of ambiguous steps that metrics and losses
-ignore, plus the class names and each video's split. It is saved as `labels.h5` in the
-cache folder by default.
+steps (column 0 is background), a mask of ambiguous steps that metrics and losses
+ignore, and the annotated action segments the targets were built from (what event metrics,
+calibration and the timeline's ground-truth band read), plus the class names and each
+video's split. It is saved as `labels.h5` in the cache folder by default.
 """
 from __future__ import annotations
 
@@ -27,9 +28,23 @@ BACKGROUND = "background"
 
 
 @dataclass
+class Segment:
+    """An action segment [start_s, end_s) of one class in seconds of its video: annotated
+    (score None) or detected (`pipeline.timeline`: score = mean probability over it)."""
+    label: str
+    start_s: float
+    end_s: float
+    score: float | None = None
+    video: str = ""        # annotations: the video as the file names it
+    where: str = ""        # annotations: "file:line", for error messages
+
+
+@dataclass
 class VideoLabels:
     targets: np.ndarray    # (T, C+1) float32, rows sum to 1 where not ambiguous
     ambiguous: np.ndarray  # (T,) bool, steps to ignore
+    segments: list[Segment] | None = None   # annotated action segments; None: not recorded
+                                            # (imported targets, labels.h5 of vidpipe < 0.2)
 
 
 @dataclass
@@ -59,6 +74,9 @@ class LabelSet:
                     group = h5.create_group(video_id)
                     group.create_dataset("targets", data=labels.targets.astype(np.float32))
                     group.create_dataset("ambiguous", data=labels.ambiguous.astype(bool))
+                    if labels.segments is not None:
+                        group.attrs["segments"] = json.dumps(
+                            [[seg.label, seg.start_s, seg.end_s] for seg in labels.segments])
 
     @classmethod
     def load(cls, path: str | Path) -> "LabelSet":
@@ -70,11 +88,43 @@ class LabelSet:
                 return cls(
                     class_names=json.loads(h5.attrs["class_names"]),
                     splits=json.loads(h5.attrs["splits"]),
-                    videos={vid: VideoLabels(g["targets"][()], g["ambiguous"][()])
+                    videos={vid: VideoLabels(g["targets"][()], g["ambiguous"][()],
+                                             _load_segments(g.attrs.get("segments")))
                             for vid, g in h5.items()},
                 )
-        except (OSError, KeyError) as exc:
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             raise VidpipeError(f"{path}: not a vidpipe labels file ({exc})") from None
+
+    def segments(self, video_id: str, timestamps: np.ndarray,
+                 step_seconds: float) -> list[Segment]:
+        """The ground-truth action segments of a video, sorted by start: the annotated ones,
+        or, where none were recorded (imported targets, an older labels.h5), the runs of
+        steps of each class in the targets (step i covering [t_i, t_i + step_seconds))."""
+        labels = self.videos[video_id]
+        if labels.segments is not None:
+            return sorted(labels.segments, key=lambda s: (s.start_s, s.label))
+        return segments_from_targets(labels.targets, timestamps, step_seconds, self.class_names)
+
+
+def _load_segments(text) -> list[Segment] | None:
+    if text is None:
+        return None
+    return [Segment(str(label), float(start), float(end)) for label, start, end in json.loads(text)]
+
+
+def segments_from_targets(targets: np.ndarray, timestamps: np.ndarray, step_seconds: float,
+                          class_names: list[str]) -> list[Segment]:
+    """Runs of steps where a class's target is > 0 -> segments, sorted by start (background,
+    column 0, makes none)."""
+    starts = np.asarray(timestamps, np.float64)
+    segments = []
+    for column in range(1, len(class_names)):
+        active = np.r_[False, np.asarray(targets)[:, column] > 0, False].astype(np.int8)
+        edges = np.flatnonzero(np.diff(active))            # run starts, run ends (exclusive)
+        for first, end in zip(edges[::2], edges[1::2]):
+            segments.append(Segment(class_names[column], float(starts[first]),
+                                    float(starts[end - 1] + step_seconds)))
+    return sorted(segments, key=lambda s: (s.start_s, s.label))
 
 
 # --- annotations -> LabelSet ------------------------------------------------------------------
@@ -121,15 +171,6 @@ CSV_COLUMNS = ("video", "label", "start_s", "end_s", "split")
 
 
 @dataclass
-class Segment:
-    video: str
-    label: str
-    start_s: float
-    end_s: float
-    where: str  # "file:line", for error messages
-
-
-@dataclass
 class Annotations:
     """What an annotation file says, before it meets a cache."""
     segments: list[Segment]
@@ -159,7 +200,7 @@ def _segment(video: str, label: str, start: str | float, end: str | float,
     if not video.strip() or not label:
         raise VidpipeError(f"{where}: empty video name or label")
     if label.lower() == BACKGROUND:
-        return Segment(video.strip(), BACKGROUND, 0.0, 0.0, where)
+        return Segment(BACKGROUND, 0.0, 0.0, video=video.strip(), where=where)
     try:
         start_s, end_s = float(start), float(end)
     except (TypeError, ValueError):
@@ -170,7 +211,7 @@ def _segment(video: str, label: str, start: str | float, end: str | float,
                            "(need 0 <= start < end)")
     if label.lower() == AMBIGUOUS:
         label = AMBIGUOUS
-    return Segment(video.strip(), label, start_s, end_s, where)
+    return Segment(label, start_s, end_s, video=video.strip(), where=where)
 
 
 def _add_split(splits: dict[str, str], video: str, split: str, where: str) -> None:
@@ -428,7 +469,9 @@ def build_labels(store, annotation_path: str | Path | list[str | Path],
             [(0, s.start_s, s.end_s)], timestamps, step_seconds, 1).any()]
         videos[video_id] = VideoLabels(
             targets=segments_to_targets(actions, timestamps, step_seconds, len(names)),
-            ambiguous=_active_steps(ambiguous, timestamps, step_seconds, 1)[:, 0])
+            ambiguous=_active_steps(ambiguous, timestamps, step_seconds, 1)[:, 0],
+            segments=sorted((Segment(s.label, s.start_s, s.end_s) for s in own
+                             if s.label != AMBIGUOUS), key=lambda s: (s.start_s, s.label)))
         if name in annotations.splits:
             splits[video_id] = annotations.splits[name]
     if not videos:   # saving it would replace a good labels file with an empty one

@@ -120,7 +120,10 @@ def test_events_file_schema_one_object_per_decision(setup, tmp_path):
     written = [json.loads(line) for line in events.read_text().splitlines()]
     assert len(written) == 2 * len(detection.timeline.segments) > 0
     assert set(written[0]) == {"source", "event", "class", "video_time_s", "wall_time", "score",
-                               "latency_ms", "step"}
+                               "threshold", "latency_ms", "step"}
+    assert all(e["score"] >= e["threshold"] for e in written if e["event"] == "start")
+    assert [(e.kind, e.label, round(e.time_s, 4)) for e in detection.timeline.events] == [
+        (e["event"], e["class"], e["video_time_s"]) for e in written]   # the timeline keeps them
     starts = sorted((e["class"], e["video_time_s"]) for e in written if e["event"] == "start")
     ends = sorted((e["class"], e["video_time_s"]) for e in written if e["event"] == "end")
     segments = detection.timeline.segments

@@ -271,3 +271,20 @@ def test_activitynet_json(store, tmp_path):
     path.write_text(json.dumps({"database": {"clip_a": {"subset": "dev", "annotations": []}}}))
     with pytest.raises(VidpipeError, match="unknown subset 'dev'"):
         build_labels(store, path)
+
+
+def test_segments_are_kept_beside_the_targets(store, tmp_path):
+    """labels.h5 keeps the annotated segments (ambiguous ones stay a mask); a labels file
+    without them (imported targets, older vidpipe) gives the runs of the targets instead."""
+    csv = tmp_path / "ann.csv"
+    csv.write_text("video,label,start_s,end_s\nclip_a,Spin,1.0,2.1\nclip_a,Bounce,0.3,0.8\n"
+                   "clip_a,Ambiguous,3,4\nsub/clip_b.mp4,Spin,0,1\n")
+    build_labels(store, csv).save(tmp_path / "labels.h5")
+    labels = LabelSet.load(tmp_path / "labels.h5")
+    ts = store.timestamps("clip_a.mp4")
+    assert [(s.label, s.start_s, s.end_s) for s in labels.segments("clip_a.mp4", ts, STEP)] == [
+        ("Bounce", 0.3, 0.8), ("Spin", 1.0, 2.1)]          # as annotated, not step-rounded
+    labels.videos["clip_a.mp4"].segments = None
+    derived = labels.segments("clip_a.mp4", ts, STEP)
+    assert [(s.label, s.start_s, s.end_s) for s in derived] == [
+        ("Bounce", 0.25, 0.75), ("Spin", 1.0, 2.0)]        # runs of steps whose centre is inside

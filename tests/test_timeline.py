@@ -152,3 +152,28 @@ def test_downsample_keeps_peaks():
     values[12_345] = 0.9
     t, v = downsample_max(np.arange(100_000) * STEP, values, 1000)
     assert len(t) == len(v) == 1000 and v.max() == 0.9
+
+
+def start_events(probs, settings):
+    segmenter = Segmenter(NAMES, STEP, settings)
+    events = [e for t, row in enumerate(probs) for e in segmenter.step(t * STEP, row)]
+    return [e for e in events + segmenter.finish() if e.kind == "start"]
+
+
+def test_no_start_event_reports_a_score_below_its_threshold():
+    # a merged gap pulled the segment's mean under the threshold: 'start Bounce 0.33' at 0.5
+    probs = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    (start,) = start_events(probs, TimelineSettings(min_duration_s=0.75, merge_gap_s=0.5))
+    assert start.threshold == 0.5 and start.score >= start.threshold
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        probs = rng.dirichlet([0.5, 0.5, 0.5], size=60)
+        settings = TimelineSettings(
+            threshold=float(rng.uniform(0.2, 0.8)), end_threshold=float(rng.uniform(0.1, 0.2)),
+            class_thresholds={"Spin": float(rng.uniform(0.2, 0.8))},
+            smoothing_s=float(rng.choice([0, 0.5, 1.0])),
+            min_duration_s=float(rng.choice([0, 0.25, 1.0])),
+            merge_gap_s=float(rng.choice([0, 0.5, 1.0])))
+        for event in start_events(probs, settings):
+            expected = settings.class_thresholds.get(event.label, settings.threshold)
+            assert event.threshold == expected and event.score >= event.threshold
