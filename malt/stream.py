@@ -18,8 +18,8 @@ then the decoder.
 
 Flat latency: the next long memory is known `stride` steps before it is needed (its newest
 step left the short memory's future long ago: S >= stride). Its encoding is therefore split
-into `stride` chunks of about equal multiply-adds (`EncoderSchedule`, measured once) and one
-chunk runs on each of the `stride` steps before the switch, so no step pays the whole
+into `stride` parts of about equal multiply-adds (`EncoderSchedule`, measured once) and one
+part runs on each of the `stride` steps before the switch, so no step pays the whole
 encoder. A stream whose next memory was not prepared in time (after `feed_history`, or when
 S < stride) encodes the rest at the switch: the outputs never depend on the schedule.
 
@@ -50,10 +50,10 @@ the same lists `MALT.forward` walks, and the window is `malt.window`'s (the long
 named by its newest step, `long_memory_newest`). A new encoder branch or decoder stage is a
 change in malt/model.py alone.
 
-The parts, by job: `_Slots` (which stream has which state row), `StreamState` (every
+The pieces, by job: `_Slots` (which stream has which state row), `StreamState` (every
 stream's tensors, named fields, one dtype: `MultiStreamDetector.dtype`), `_Constants` (what
 depends on the weights alone, and the int8 copy), `EncoderSchedule` (the long memory's
-encoding as FLOP-balanced chunks), `_decode_newest` (the decoder, every step).
+encoding as FLOP-balanced parts), `_decode_newest` (the decoder, every step).
 
 int8 (`int8=True`, CPU only): every Linear layer, including the detector's fused
 projections, becomes torch's dynamic int8 Linear (weights int8, activations quantised per
@@ -91,8 +91,8 @@ class _Stream:
     # Long memories are named by their newest step (malt.window.long_memory_newest; -1: empty).
     encoded: Optional[int] = None     # the one the decoder's keys/values come from
     pending: Optional[int] = None     # the one being encoded ahead of its switch
-    done: int = 0                     # chunks of `pending` completed
-    due: int = 0                      # chunks of `pending` that must be complete after this step
+    done: int = 0                     # parts of `pending` completed
+    due: int = 0                      # parts of `pending` that must be complete after this step
 
 
 class _Slots:
@@ -133,7 +133,7 @@ class _Slots:
 
 @dataclass
 class EncodingRows:
-    """A long memory's encoding while its chunks run, one row per slot (kept between steps)."""
+    """A long memory's encoding while its parts run, one row per slot (kept between steps)."""
     tokens: list[torch.Tensor]   # per encoder pass: (rows, Qp, D) its tokens mid-stack, then its output
     memory_kv: torch.Tensor      # (rows, decoder layers, 2, Q1, D) decoder cross-attention k/v over f_n
 
@@ -247,8 +247,8 @@ class _EncodingBatch:
 class EncoderSchedule:
     """The encoding of a long memory (f_1..f_N, then the decoder's cross-attention keys/values
     over them) as small ops on a batch of streams, walking the model's own structure
-    (`HierarchicalEncoder.passes`, `RecurrentDecoder.stages`), cut into `stride` chunks of
-    about equal multiply-adds (`chunk_flops`, counted on the empty long memory, whose
+    (`HierarchicalEncoder.passes`, `RecurrentDecoder.stages`), cut into `stride` parts of
+    about equal multiply-adds (`part_flops`, counted on the empty long memory, whose
     encoding `empty_memory_kv` every stream starts with)."""
 
     def __init__(self, constants: _Constants, state: StreamState, cfg: ModelConfig, ring_size: int):
@@ -262,23 +262,23 @@ class EncoderSchedule:
                 op(batch)
             costs.append(counter.get_total_flops())
         self.empty_memory_kv = torch.stack([batch.memory_kv[i][0] for i in range(len(batch.memory_kv))])
-        self.chunks: list[list[Callable[[_EncodingBatch], None]]] = [[] for _ in range(cfg.long_memory_stride)]
-        self.chunk_flops = [0] * cfg.long_memory_stride
-        for op, cost, chunk in zip(ops, costs, _balanced_split(costs, len(self.chunks))):
-            self.chunks[chunk].append(op)
-            self.chunk_flops[chunk] += cost
+        self.parts: list[list[Callable[[_EncodingBatch], None]]] = [[] for _ in range(cfg.long_memory_stride)]
+        self.part_flops = [0] * cfg.long_memory_stride
+        for op, cost, part in zip(ops, costs, _balanced_split(costs, len(self.parts))):
+            self.parts[part].append(op)
+            self.part_flops[part] += cost
 
     def update(self, streams: list[_Stream], positions: np.ndarray) -> None:
         """Before stepping `streams` to `positions` (B,): each one's current long memory is
         encoded (normally it already is), then a share of its next one's encoding runs."""
-        chunks, cfg = len(self.chunks), self.cfg
+        parts, cfg = len(self.parts), self.cfg
         switching = []
         for stream, t in zip(streams, positions):
             newest = long_memory_newest(t, cfg)
             if stream.encoded != newest:
                 if stream.pending != newest:
                     stream.pending, stream.done = newest, 0
-                stream.due = chunks
+                stream.due = parts
                 switching.append(stream)
         self._run(switching)
         for stream in switching:
@@ -292,14 +292,14 @@ class EncoderSchedule:
                 continue
             if stream.pending != newest:
                 stream.pending, stream.done = newest, 0
-            stream.due = stream.done + -(-(chunks - stream.done) // (switch - t))
+            stream.due = stream.done + -(-(parts - stream.done) // (switch - t))
             ahead.append(stream)
         self._run(ahead)
 
     def _run(self, streams: list[_Stream]) -> None:
-        # Chunk c runs once, as one batch, for every stream that still has to run it now.
+        # Part c runs once, as one batch, for every stream that still has to run it now.
         device = self.state.memory_kv.device
-        for c, ops in enumerate(self.chunks):
+        for c, ops in enumerate(self.parts):
             batch = [s for s in streams if s.done <= c < s.due]
             if not batch:
                 continue

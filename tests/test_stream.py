@@ -103,7 +103,7 @@ def test_encoder_work_is_spread_evenly_over_the_steps():
         with FlopCounterMode(display=False) as counter:
             detector.step(rgb[t], flow[t])
         cycle.append(counter.get_total_flops())
-    encoder = sum(detector.multistream.schedule.chunk_flops)
+    encoder = sum(detector.multistream.schedule.part_flops)
     assert encoder > 0.5 * min(cycle)          # a refresh done in one step would cost 1.5x+
     assert max(cycle) <= 1.15 * np.mean(cycle)
 
