@@ -30,6 +30,8 @@ from vidpipe.pipeline.extract import fingerprint
 from vidpipe.store.cache import FeatureStore
 from vidpipe.pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
 
+from conditions import measured   # bench/conditions.py: machine and load, before and after
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with measured("bench/detect.py"):
+        main()

@@ -6,7 +6,9 @@ on CUDA when present); then each recipe (--recipe) per stage: decode, DenseFlow 
 recipe's size, each CNN, and the stages in sequence as a multiple of real time. Backbones use
 random weights (same speed as pretrained, no download).
 
-    .venv/bin/python bench/extract.py [--seconds 60] [--threads N] [--device cuda] [--recipes-only]
+    .venv/bin/python bench/extract.py [--seconds 30] [--threads N] [--device cuda] [--recipes-only]
+
+CNN rows run in each precision (`core.precision`): fp32 and bf16 autocast (+ fp16 on CUDA).
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidpipe.core.precision import autocast
 from vidpipe.extractors.decode import VideoSource
 from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor
 from vidpipe.extractors.flow import OpenCVFlow, RAFTFlow
 from vidpipe.extractors.backbone import create_timm_backbone
 from vidpipe.extractors.rgb import resize_short_side
 from vidpipe.extractors.tsn import RECIPES, TSNFlowStream, TSNRGBStream
+
+from conditions import measured   # bench/conditions.py: machine and load, before and after
 
 PAIRS_PER_SECOND = 4 * 5   # flow fields per second of video: 4 steps of 5 fields
 
@@ -51,6 +56,11 @@ def make_clip(path: Path, seconds: float, fps: int = 30, size: tuple[int, int] =
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def precisions(device: torch.device) -> tuple[str, ...]:
+    """The CNN precisions timed: fp32 and bf16 (native where the flags say so), + fp16 on CUDA."""
+    return ("fp32", "bf16") if device.type == "cpu" else ("fp32", "fp16", "bf16")
 
 
 def timed(work) -> float:
@@ -80,28 +90,29 @@ def recipe_rows(folder: Path, device: torch.device, row) -> None:
         rgb = TSNRGBStream(recipe, weights_file=None, random_init=True, seed=0).to(device)
         images = flow.compute_flow(chunk)                        # warm-up; (1, 5, 2, h, w) uint8
         pairs_per_second = 5 / timed(lambda: flow.compute_flow(chunk))
-        with torch.inference_mode():
-            rgb(chunk[:, 3].expand(batch, -1, -1, -1)), flow.embed(images.expand(batch, -1, -1, -1, -1))
-            synchronize(device)
-            rgb_steps = batch / timed(lambda: (rgb(chunk[:, 3].expand(batch, -1, -1, -1)), synchronize(device)))
-            flow_steps = batch / timed(lambda: (flow.embed(images.expand(batch, -1, -1, -1, -1)),
-                                                synchronize(device)))
-        rates = [decode_rate, pairs_per_second / PAIRS_PER_SECOND, rgb_steps / 4, flow_steps / 4]
         height, width = images.shape[-2:]
         row(f"{name}: TV-L1 {flow.recipe.short}p (DenseFlow) cpu", f"{pairs_per_second:,.2f} pairs/s",
-            f"{rates[1]:.3f}x real time (images {width}x{height})")
-        row(f"{name}: RGB TSN resnet50 {recipe.rgb_crop} {device.type}", f"{rgb_steps:,.1f} steps/s",
-            f"{rates[2]:.2f}x real time")
-        row(f"{name}: flow {recipe.flow.network} {recipe.flow.crop} {device.type}", f"{flow_steps:,.1f} steps/s",
-            f"{rates[3]:.2f}x real time")
-        whole = 1 / sum(1 / rate for rate in rates)
-        row(f"{name}: whole, stages in sequence", f"{whole:.4f}x real time",
-            f"{1 / whole:,.0f} s per video second; an hour of video: {1 / whole:,.0f} h")
+            f"{pairs_per_second / PAIRS_PER_SECOND:.3f}x real time (images {width}x{height})")
+        frames, stacks = chunk[:, 3].expand(batch, -1, -1, -1), images.expand(batch, -1, -1, -1, -1)
+        for precision in precisions(device):
+            with torch.inference_mode(), autocast(device, precision):
+                rgb(frames), flow.embed(stacks)                  # warm-up
+                synchronize(device)
+                rgb_steps = batch / timed(lambda: (rgb(frames), synchronize(device)))
+                flow_steps = batch / timed(lambda: (flow.embed(stacks), synchronize(device)))
+            row(f"{name}: RGB TSN resnet50 {recipe.rgb_crop} {device.type} {precision}",
+                f"{rgb_steps:,.1f} steps/s", f"{rgb_steps / 4:.2f}x real time")
+            row(f"{name}: flow {recipe.flow.network} {recipe.flow.crop} {device.type} {precision}",
+                f"{flow_steps:,.1f} steps/s", f"{flow_steps / 4:.2f}x real time")
+            rates = [decode_rate, pairs_per_second / PAIRS_PER_SECOND, rgb_steps / 4, flow_steps / 4]
+            whole = 1 / sum(1 / rate for rate in rates)
+            row(f"{name}: whole, stages in sequence, {precision}", f"{whole:.4f}x real time",
+                f"{1 / whole:,.0f} s per video second; an hour of video: {1 / whole:,.0f} h")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="clip length")
+    parser.add_argument("--seconds", type=float, default=30.0, help="clip length")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--recipes-only", action="store_true", help="only the recipes' rows (short)")
@@ -154,17 +165,18 @@ def main() -> None:
             batch, repeats = 16, (1 if device.type == "cpu" else 20)
             images = torch.rand(batch, 3, 224, 224, device=device)
             stacks = torch.rand(batch, 10, 224, 224, device=device)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-            with torch.inference_mode(), autocast:
-                rgb(images), flow(stacks)                           # warm-up
-                synchronize(device)
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    rgb(images), flow(stacks)
-                synchronize(device)
-                seconds = time.perf_counter() - start
-            steps = batch * repeats / seconds
-            row(f"CNN {name} rgb+flow 224 {device.type}", f"{steps:,.1f} steps/s", f"{steps / 4:.2f}x real time")
+            for precision in precisions(device):
+                with torch.inference_mode(), autocast(device, precision):
+                    rgb(images), flow(stacks)                           # warm-up
+                    synchronize(device)
+                    start = time.perf_counter()
+                    for _ in range(repeats):
+                        rgb(images), flow(stacks)
+                    synchronize(device)
+                    seconds = time.perf_counter() - start
+                steps = batch * repeats / seconds
+                row(f"CNN {name} rgb+flow 224 {device.type} {precision}", f"{steps:,.1f} steps/s",
+                    f"{steps / 4:.2f}x real time")
 
         runs = [("dis", "resnet18", torch.device("cpu"))]
         if device.type == "cuda":
@@ -191,4 +203,5 @@ def print_table(rows: list[tuple[str, str, str]], what_ran: str, device: torch.d
 
 
 if __name__ == "__main__":
-    main()
+    with measured("bench/extract.py"):
+        main()

@@ -21,6 +21,8 @@ from vidpipe.malt.metrics import detection_report
 from vidpipe.malt.stream import MultiStreamDetector
 from vidpipe.store.cache import FeatureStore
 
+from conditions import measured   # bench/conditions.py: machine and load, before and after
+
 
 def stream_videos(model, videos: dict, int8: bool) -> tuple[dict[str, np.ndarray], float]:
     """Probabilities (T, C+1) of every video, all streamed at once; and the seconds it took."""
@@ -71,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with measured("bench/int8_accuracy.py"):
+        main()

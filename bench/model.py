@@ -34,6 +34,8 @@ from vidpipe.malt.model import MALT
 from vidpipe.malt.stream import OnlineDetector
 from vidpipe.malt.window import gather_window, num_long_tokens
 
+from conditions import measured   # bench/conditions.py: machine and load, before and after
+
 PAPER = ModelConfig()   # the defaults are the paper's THUMOS'14 model
 LSTR_LIKE = dataclasses.replace(PAPER, sparse_k=None, num_branches=1)
 
@@ -143,7 +145,7 @@ def main() -> None:
     train_batch = args.train_batch or (16 if device.type == "cuda" else 8)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+          f"{torch.get_num_threads()} threads")
     columns = [("config", 24), ("params", 9), ("step@3k ms", 22), ("step@10k ms", 22),
                ("recompute ms", 18), ("speed-up", 16), ("GMAC step mean/max/min", 30),
                ("GMAC window", 13), ("train win/s", 13)]
@@ -173,11 +175,11 @@ def main() -> None:
     print(f"streaming: the long memory changes once every {stride} steps and its encoding is spread "
           f"over the {stride} steps before: every step runs the decoder and ~1/{stride} of the encoder; "
           f"speed-up = recompute median / step@10k median or mean")
-    print(f"training: batch {train_batch}, forward + backward + Adam; {peak_memory(device)}; "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(f"training: batch {train_batch}, forward + backward + Adam; {peak_memory(device)}")
     print("targets (2 CPU cores): step <= 25 ms, p99 <= 1.5x mean, >= 3x faster than recompute, "
           "step@10k ~ step@3k")
 
 
 if __name__ == "__main__":
-    main()
+    with measured("bench/model.py"):
+        main()

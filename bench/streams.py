@@ -25,8 +25,6 @@ otherwise: `vidpipe extract`'s), then one batched step of a paper-size detector 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,8 @@ from vidpipe.malt.config import ModelConfig
 from vidpipe.malt.info import count_macs
 from vidpipe.malt.model import MALT
 from vidpipe.malt.stream import MultiStreamDetector
+
+from conditions import measured   # bench/conditions.py: machine and load, before and after
 
 PAPER = ModelConfig()      # the defaults are the paper's THUMOS'14 model
 STEP_SECONDS = 0.25        # 4 steps/s: LSTR's and the paper's feature rate
@@ -130,8 +130,7 @@ def model_rows(args, rng) -> None:
         best = real_time_streams(means)
         if best and best not in means:
             row(precision, best, serve(model, best, args.cycles, int8, rng), "  <- estimated largest real-time B")
-    print(f"real time = mean step of all B streams <= {STEP_SECONDS * 1e3:.0f} ms (4 steps/s each); "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(f"real time = mean step of all B streams <= {STEP_SECONDS * 1e3:.0f} ms (4 steps/s each)")
 
 
 def end_to_end_rows(args, rng) -> None:
@@ -192,8 +191,6 @@ def main() -> None:
     args.e2e_sources = [int(s) for s in args.e2e_sources.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     rng = np.random.default_rng(0)
     model_rows(args, rng)
     if not args.no_e2e:
@@ -201,4 +198,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with measured("bench/streams.py"):
+        main()

@@ -30,6 +30,8 @@ from vidpipe.core.config import load_config
 from vidpipe.store.labels import LABELS_FILE, LabelSet, VideoLabels
 from vidpipe.store.cache import FeatureStore
 
+from conditions import measured   # bench/conditions.py: machine and load, before and after
+
 
 
 def make_cache(root: Path, cfg, windows: int, rng) -> Path:
@@ -120,4 +122,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with measured("bench/train.py"):
+        main()
