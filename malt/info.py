@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidpipe.malt.config import ModelConfig, load_run_config, validate_model_config
-from vidpipe.malt.model import MALT, RecurrentDecoder
+from vidpipe.malt.model import MALT, Decoder
 from vidpipe.malt.stream import OnlineDetector
 from vidpipe.malt.window import gather_window
 
@@ -56,7 +56,7 @@ def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
     params[f"decoder ({cfg.decoder}, {cfg.num_branches} stages)"] = count_params(model.decoder)
     params["classifier"] = count_params(model.classifier)
     params["total"] = count_params(model)
-    decoder_params = {kind: count_params(RecurrentDecoder(dataclasses.replace(cfg, decoder=kind)))
+    decoder_params = {kind: count_params(Decoder(dataclasses.replace(cfg, decoder=kind)))
                       for kind in ("recurrent", "cascaded")}
 
     # Random features long enough that both memories are full, then one whole cycle of

@@ -202,7 +202,7 @@ class DecoderStage:
 
 
 class RecurrentDecoder(nn.Module):
-    """Fuses f_1..f_N into the short memory, stage n attending to f_n.
+    """Fuses f_1..f_N into the short memory, stage n attending to f_n; recurrent or cascaded.
 
     recurrent (MALT): ONE stack of `decoder_layers` layers reused for all N stages; stage 1's
     query is the short memory, stage n's query is stage n-1's output. cascaded (the paper's

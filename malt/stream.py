@@ -45,7 +45,7 @@ every position holds a different step than before). Buffers have fixed size, so 
 per step does not depend on how long a stream has run.
 
 One structure: the detector walks the model's own description of itself, the encoder's
-passes (`HierarchicalEncoder.passes`) and the decoder's stages (`RecurrentDecoder.stages`),
+passes (`HierarchicalEncoder.passes`) and the decoder's stages (`Decoder.stages`),
 the same lists `MALT.forward` walks, and the window is `malt.window`'s (the long memory is
 named by its newest step, `long_memory_newest`). A new encoder branch or decoder stage is a
 change in malt/model.py alone.
@@ -247,7 +247,7 @@ class _EncodingBatch:
 class EncoderSchedule:
     """The encoding of a long memory (f_1..f_N, then the decoder's cross-attention keys/values
     over them) as small ops on a batch of streams, walking the model's own structure
-    (`HierarchicalEncoder.passes`, `RecurrentDecoder.stages`), cut into `stride` parts of
+    (`HierarchicalEncoder.passes`, `Decoder.stages`), cut into `stride` parts of
     about equal multiply-adds (`part_flops`, counted on the empty long memory, whose
     encoding `empty_memory_kv` every stream starts with)."""
 

@@ -14,7 +14,9 @@ or initialised from another checkpoint) -> per epoch: train over the windows wit
 A run folder holds config.yaml (the resolved config), metrics.jsonl (one line per epoch),
 last.pt, best.pt (by `train.select_metric` on the validation videos: `data.val_split` or
 `data.val_fraction`; on the test split only with `train.select_on_test`; without either,
-no best.pt) and checkpoints/epoch_NNN.pt (the newest `train.keep_checkpoints`).
+no best.pt), checkpoints/epoch_NNN.pt (the newest `train.keep_checkpoints`), curves.png and,
+when tensorboard is installed, its event files (malt.monitor). `remove_run` deletes these
+files only: what else the folder holds (e.g. `vidpipe detect`'s detections/) stays.
 `resume=True` continues from last.pt exactly: weights, optimizer, AMP scaler, RNG states,
 epoch; windows and learning rates are functions of (seed, epoch, iteration), so a resumed
 run ends with the weights of an uninterrupted one. A resume may raise `train.epochs` to
@@ -46,12 +48,14 @@ from vidpipe.malt.data import (TrainWindows, VideoData, feature_dims, feature_st
 from vidpipe.malt.evaluate import check_compatible, evaluate_videos
 from vidpipe.malt.losses import malt_loss
 from vidpipe.malt.model import MALT
+from vidpipe.malt.monitor import CURVES, TENSORBOARD_FILES, RunMonitor
 from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.config import apply_overrides, to_dict
 from vidpipe.core.distributed import ProcessGroupEnv, distributed_env, process_device
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.device import loader_workers
+from vidpipe.core.log import HEARTBEAT_S, progress_bar
 from vidpipe.core.precision import autocast, resolve_precision
-from vidpipe.core.log import progress_bar
 from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
 from vidpipe.store.labels import LabelSet
@@ -62,6 +66,16 @@ DATA_KEYS = ("rgb_dim", "flow_dim", "num_classes")
 # What `--resume` may change: more epochs extend a run (the cosine schedule stretches with them).
 RESUME_MAY_CHANGE = ("train.epochs",)
 log = logging.getLogger(__name__)
+
+
+def remove_run(out: str | Path) -> None:
+    """Delete the files `train` writes into `out` (see the module notes), and nothing else."""
+    out = Path(out)
+    for name in (LAST, BEST, CONFIG, METRICS, CURVES):
+        (out / name).unlink(missing_ok=True)
+    for events in out.glob(TENSORBOARD_FILES):
+        events.unlink()
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 # -- the learning-rate schedule ------------------------------------------------------------
@@ -117,10 +131,11 @@ def iterations_per_epoch(windows: TrainWindows, batch_size: int, world: int) -> 
 def train(config: str | Path | None, cache: str | Path, out: str | Path,
           labels: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
           resume: bool = False, device: str | None = None, progress: bool = True,
-          init_from: str | Path | None = None) -> list[dict]:
+          init_from: str | Path | None = None, log_every_s: float = HEARTBEAT_S) -> list[dict]:
     """Train MALT on the train split of `cache`; returns the metrics history (one dict per epoch;
     empty in DDP processes other than rank 0, which alone evaluates and writes the run folder).
-    Rank 0 logs one info line per epoch (`logging`); `progress` draws a bar on a terminal.
+    Rank 0 logs one info line per epoch (`logging`); `progress` draws a bar on a terminal,
+    or off one logs a progress line every `log_every_s` seconds (malt.monitor).
 
     `config` may be None with `resume` (the run's own config is used); given with `resume`,
     it must resolve to the run's config. `init_from`: a checkpoint whose weights start the
@@ -135,7 +150,7 @@ def train(config: str | Path | None, cache: str | Path, out: str | Path,
     env = distributed_env()
     target = _setup_distributed(device, env)
     try:
-        run = _Run(out, store, label_set, labels_source, env, target, progress)
+        run = _Run(out, store, label_set, labels_source, env, target, progress, log_every_s)
         cfg, checkpoint, videos = _resolve_config(run, config, overrides, resume)
         state = _build_state(run, cfg, checkpoint, init_from, videos.train)
         return _train_epochs(run, cfg, state, videos)
@@ -154,6 +169,7 @@ class _Run:
     env: ProcessGroupEnv
     device: torch.device
     progress: bool
+    log_every_s: float
 
     @property
     def rank0(self) -> bool:
@@ -416,14 +432,18 @@ def _train_epochs(run: _Run, cfg: Config, state: _State, videos: _Videos) -> lis
     if state.start_epoch >= cfg.train.epochs:
         run.say(f"{run.out}: the run has done its {cfg.train.epochs} epoch(s), nothing to do "
                 f"(extend it with --resume --set train.epochs=N)")
+    monitor = RunMonitor(run.out, cfg.train.epochs, state.start_epoch) if run.rank0 else None
     for epoch in range(state.start_epoch, cfg.train.epochs):
         record = _train_epoch(run, cfg, state, windows, epoch, iters_per_epoch)
         record["selection"] = videos.selection
         rng = _gather_rng(run.env.world_size, run.device)
-        if run.rank0:
+        if monitor is not None:
             _finish_epoch(run, cfg, state, rng, record, videos)
+            monitor.epoch_done(record)
         if run.env.world_size > 1:
             dist.barrier()
+    if monitor is not None:
+        monitor.close(state.history)
     return state.history
 
 
@@ -441,12 +461,14 @@ def _train_epoch(run: _Run, cfg: Config, state: _State, windows: TrainWindows, e
                                  seed=train_cfg.seed)
     sampler.set_epoch(epoch)
     loader = DataLoader(windows, batch_size=train_cfg.batch_size // world, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=run.device.type == "cuda")
+                        num_workers=loader_workers(cfg.data.num_workers),
+                        pin_memory=run.device.type == "cuda")
     state.network.train()
     started = time.perf_counter()
     sums = {"loss": 0.0, "decoder_loss": 0.0, "aux_loss": 0.0}
     bar = progress_bar(loader, enabled=run.rank0 and run.progress, leave=False,
-                       desc=f"epoch {epoch + 1}/{train_cfg.epochs}", unit="batch")
+                       heartbeat_s=run.log_every_s, desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                       unit="batch")
     for index, batch in enumerate(bar):
         lr = learning_rate(train_cfg, state.step, iters_per_epoch)
         terms = _train_step(run, cfg, state, batch, lr)
@@ -531,9 +553,6 @@ def _finish_epoch(run: _Run, cfg: Config, state: _State, rng: dict, record: dict
     if improved:
         _link(run.out / LAST, run.out / BEST)
     _write_metrics(run.out / METRICS, state.history)
-    shown = {k: (round(v, 4) if isinstance(v, float) and k != "lr" else v)
-             for k, v in record.items() if k != "selection"}
-    run.say(json.dumps(shown))
 
 
 def _link(source: Path, target: Path) -> None:

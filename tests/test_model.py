@@ -5,7 +5,7 @@ import torch
 
 from vidpipe.malt.config import Config, validate_model_config
 from vidpipe.malt.info import model_info
-from vidpipe.malt.model import MALT, RecurrentDecoder, TransformerStack, layer_kwargs
+from vidpipe.malt.model import MALT, Decoder, TransformerStack, layer_kwargs
 from vidpipe.malt.window import gather_window, num_long_tokens, window_indices
 from vidpipe.core.config import load_config
 from vidpipe.core.errors import VidpipeError
@@ -112,8 +112,8 @@ def count(module):
 def test_recurrent_decoder_has_one_stage_of_parameters_cascaded_has_n(num_branches, decoder_layers):
     cfg = tiny_config(num_branches=num_branches, decoder_layers=decoder_layers)
     one_stage = count(TransformerStack(cfg.d_model, decoder_layers, **layer_kwargs(cfg)))
-    recurrent = RecurrentDecoder(cfg)
-    cascaded = RecurrentDecoder(tiny_config(num_branches=num_branches, decoder_layers=decoder_layers,
+    recurrent = Decoder(cfg)
+    cascaded = Decoder(tiny_config(num_branches=num_branches, decoder_layers=decoder_layers,
                                             decoder="cascaded"))
     assert count(recurrent) == one_stage
     assert count(cascaded) == num_branches * one_stage

@@ -61,3 +61,94 @@ def test_the_python_api_says_the_same_of_a_run_folder(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"")
     with pytest.raises(VidpipeError, match=r"a folder, not a checkpoint file; it holds last.pt"):
         evaluate(tmp_path, tmp_path)
+
+
+def test_training_off_a_terminal_prints_a_line_per_epoch_and_progress_lines(tmp_path, capsys):
+    """`vidpipe train ... > log`: one readable line per epoch (not a JSON dict), and inside
+    an epoch a progress line with an ETA every --log-every seconds (here: every batch)."""
+    import re
+
+    from vidpipe.pipeline.cli import main
+    from train_helpers import random_cache, write_config
+
+    cache = random_cache(tmp_path / "cache")
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 2, "batch_size": 2})
+    main(["train", "--config", str(config), "--cache", str(cache), "--out", str(tmp_path / "run"),
+          "--log-every", "1e-9"])
+    lines = capsys.readouterr().out.splitlines()
+    epochs = [line for line in lines if re.match(r"epoch \d+/2  ", line)]
+    assert len(epochs) == 2, lines
+    assert re.fullmatch(r"epoch 1/2  loss \d+\.\d{4}  lr \d\.\d\de-\d\d  test mAP \d\.\d{3}  "
+                        r"\d+\.\d s  ETA \d+ s", epochs[0]), epochs[0]
+    assert re.fullmatch(r"epoch 2/2  loss .*  test mAP \d\.\d{3}  \d+\.\d s", epochs[1]), epochs[1]
+    progress = [line for line in lines if line.startswith("epoch 1/2: ")]
+    assert progress and re.fullmatch(r"epoch 1/2: \d+/\d+ batch, loss=\d\.\d{4}, lr=\S+, \d+ s, "
+                                     r"ETA \d+ s", progress[0]), progress
+    assert not any(line.lstrip().startswith("{") for line in lines)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]   # the file keeps the JSON records
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 3-epoch run on a tiny cache, evaluated every epoch: (run folder, records)."""
+    from vidpipe.malt.train import train
+    from train_helpers import random_cache, write_config
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cache = random_cache(root / "cache")
+    config = write_config(root / "tiny.yaml", train={"epochs": 3, "batch_size": 2})
+    train(config, cache, root / "run", progress=False)
+    records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    return root / "run", records
+
+
+def test_tensorboard_holds_the_metrics_of_each_epoch(tiny_run):
+    """Read back with TensorBoard's own reader: what `tensorboard --logdir` shows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, records = tiny_run
+    events = EventAccumulator(str(run))
+    events.Reload()
+    for tag, key in (("train/loss", "train_loss"), ("train/lr", "lr"), ("test/mAP", "test_mAP")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2, 3], tag
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in records], rel=1e-6), tag
+
+
+def test_the_run_folder_has_a_picture_of_its_curves(tiny_run):
+    """curves.png: three panels (loss, lr, mAP), each with its line drawn."""
+    import matplotlib.image
+    import numpy as np
+
+    run, _ = tiny_run
+    image = matplotlib.image.imread(run / "curves.png")[..., :3]     # (H, W, 3) in [0, 1]
+    width = image.shape[1]
+
+    def has_colour(panel: int, rgb: tuple[int, int, int]) -> bool:
+        part = image[:, panel * width // 3:(panel + 1) * width // 3]
+        return int((np.abs(part - np.array(rgb) / 255).max(axis=-1) < 0.05).sum()) > 50
+
+    blue, orange = (31, 119, 180), (255, 127, 14)    # matplotlib's first two colours
+    assert has_colour(0, blue) and has_colour(1, orange) and has_colour(2, blue)
+    assert not has_colour(1, blue)    # the lr panel holds one line: the test can tell panels apart
+
+
+def test_more_loader_workers_than_cores_are_capped_saying_so_once(tmp_path, caplog, recwarn):
+    """The paper configs ask for 4 DataLoader workers; on a 2-core machine torch warned
+    about it at every epoch. Now the run uses one per core and says so once."""
+    import logging
+
+    from vidpipe.core.device import available_cores
+    from vidpipe.malt.train import train
+    from train_helpers import random_cache, write_config
+
+    caplog.set_level(logging.INFO, logger="vidpipe")
+    asked = available_cores() + 1
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 2, "batch_size": 4},
+                          data={"num_workers": asked})
+    train(config, random_cache(tmp_path / "cache"), tmp_path / "run", progress=False)
+    said = [r.getMessage() for r in caplog.records if "loader workers" in r.getMessage()]
+    assert said == [f"data.num_workers={asked} on {asked - 1} available cores: "
+                    f"{asked - 1} loader workers"]
+    assert not [w for w in recwarn if "DataLoader" in str(w.message)]
