@@ -21,7 +21,7 @@ from vidpipe.malt.config import ModelConfig, validate_model_config
 from vidpipe.malt.window import num_long_tokens
 
 __all__ = ["MALT", "MALTOutput", "DecoderStage", "EncoderBranch", "EncoderPass", "FeatureFusion",
-           "FeedForward", "HierarchicalEncoder", "RecurrentDecoder", "TransformerLayer",
+           "FeedForward", "HierarchicalEncoder", "Decoder", "TransformerLayer",
            "TransformerStack", "causal_mask", "layer_kwargs", "sinusoidal_encoding"]
 
 
@@ -201,7 +201,7 @@ class DecoderStage:
     feature: int
 
 
-class RecurrentDecoder(nn.Module):
+class Decoder(nn.Module):
     """Fuses f_1..f_N into the short memory, stage n attending to f_n; recurrent or cascaded.
 
     recurrent (MALT): ONE stack of `decoder_layers` layers reused for all N stages; stage 1's
@@ -297,7 +297,7 @@ class MALT(nn.Module):
             self.short_pos = nn.Parameter(torch.zeros(num_short, d))             # (S, D)
         self.pos_drop = nn.Dropout(cfg.dropout)
         self.encoder = HierarchicalEncoder(cfg)
-        self.decoder = RecurrentDecoder(cfg)
+        self.decoder = Decoder(cfg)
         # Shared by decoder and encoder outputs; C+1 outputs, or C+2 with the authors' extra
         # ambiguous output last (`classifier_includes_ambiguous`, see `probabilities`).
         self.classifier = nn.Linear(d, cfg.num_classes + int(cfg.classifier_includes_ambiguous))
