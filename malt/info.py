@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,10 +27,11 @@ __all__ = ["ModelInfo", "count_macs", "count_params", "describe_model", "format_
 class ModelInfo:
     params: dict[str, int]          # block -> parameter count, ending with 'total'
     decoder_params: dict[str, int]  # 'recurrent' / 'cascaded' -> decoder parameters for this config
-    macs_per_step: int              # streaming step once both memories are full, mean over steps
-    macs_max_step: int              # the costliest step of a cycle of long_memory_stride steps
-    macs_min_step: int              # the cheapest (the encoder's work is spread over the cycle)
-    macs_per_window: int            # offline forward of one full window (= recompute per step)
+    # Measured multiply-adds (None when only parameters were asked for):
+    macs_per_step: Optional[int] = None    # streaming step once both memories are full, mean over steps
+    macs_max_step: Optional[int] = None    # the costliest step of a cycle of long_memory_stride steps
+    macs_min_step: Optional[int] = None    # the cheapest (the encoder's work is spread over the cycle)
+    macs_per_window: Optional[int] = None  # offline forward of one full window (= recompute per step)
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -44,9 +46,13 @@ def count_macs(fn) -> int:
     return counter.get_total_flops() // 2
 
 
-def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
-    torch.manual_seed(seed)
-    model = MALT(cfg).eval()
+def parameter_counts(cfg: ModelConfig) -> ModelInfo:
+    """Parameters per block, counted on a model built on the meta device (no memory, no
+    initialisation work: instant at paper size)."""
+    with torch.device("meta"):
+        model = MALT(cfg)
+        decoder_params = {kind: count_params(Decoder(dataclasses.replace(cfg, decoder=kind)))
+                          for kind in ("recurrent", "cascaded")}
     learned_positions = sum(p.numel() for p in (model.long_pos, model.short_pos)
                             if isinstance(p, torch.nn.Parameter))   # sinusoidal: buffers, no parameters
     params = {"input fusion + positions": count_params(model.long_fusion) + count_params(model.short_fusion)
@@ -56,9 +62,14 @@ def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
     params[f"decoder ({cfg.decoder}, {cfg.num_branches} stages)"] = count_params(model.decoder)
     params["classifier"] = count_params(model.classifier)
     params["total"] = count_params(model)
-    decoder_params = {kind: count_params(Decoder(dataclasses.replace(cfg, decoder=kind)))
-                      for kind in ("recurrent", "cascaded")}
+    return ModelInfo(params, decoder_params)
 
+
+def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
+    """Parameters per block and the multiply-adds measured on a random model."""
+    info = parameter_counts(cfg)
+    torch.manual_seed(seed)
+    model = MALT(cfg).eval()
     # Random features long enough that both memories are full, then one whole cycle of
     # `long_memory_stride` steps: the encoder of the next long memory is spread over it
     # (malt.stream). The cycle before it settles the schedule after feed_history.
@@ -73,8 +84,8 @@ def model_info(cfg: ModelConfig, seed: int = 0) -> ModelInfo:
     cycle = [count_macs(lambda: detector.step(rgb[t], flow[t]))
              for t in range(full + stride, full + 2 * stride)]
     window = [torch.as_tensor(a)[None] for a in gather_window(rgb, flow, full, cfg)]
-    return ModelInfo(params, decoder_params, sum(cycle) // stride, max(cycle), min(cycle),
-                     count_macs(lambda: model(*window)))
+    return dataclasses.replace(info, macs_per_step=sum(cycle) // stride, macs_max_step=max(cycle),
+                               macs_min_step=min(cycle), macs_per_window=count_macs(lambda: model(*window)))
 
 
 def format_info(info: ModelInfo) -> str:
@@ -84,8 +95,10 @@ def format_info(info: ModelInfo) -> str:
     rec, cas = info.decoder_params["recurrent"], info.decoder_params["cascaded"]
     lines += ["",
               f"decoder parameters: recurrent {rec:,} vs cascaded {cas:,} "
-              f"({cas - rec:,} fewer, {cas / rec:.1f}x)",
-              f"multiply-adds per streaming step: {_giga(info.macs_per_step)} on average "
+              f"({cas - rec:,} fewer, {cas / rec:.1f}x)"]
+    if info.macs_per_step is None:
+        return "\n".join(lines)
+    lines += [f"multiply-adds per streaming step: {_giga(info.macs_per_step)} on average "
               f"({_giga(info.macs_min_step)} to {_giga(info.macs_max_step)}: the encoder's work "
               f"is spread over the steps before each long-memory change)",
               f"multiply-adds per window (recompute from scratch): {_giga(info.macs_per_window)} "
@@ -97,8 +110,10 @@ def _giga(count: int) -> str:
     return f"{count / 1e9:.3f} G" if count >= 1e8 else f"{count / 1e6:.2f} M"
 
 
-def describe_model(config_path=None, overrides=()) -> str:
-    """`vidpipe model-info`: load the config (file + dotted overrides); the table as text."""
+def describe_model(config_path=None, overrides=(), macs: bool = True) -> str:
+    """`vidpipe model-info`: load the config (file + dotted overrides); the table as text
+    (`macs=False`: parameters only, without building a real model)."""
     loaded = load_run_config(config_path, overrides)
     validate_model_config(loaded.config.model, loaded.source)   # names the --set or the file
-    return format_info(model_info(loaded.config.model))
+    cfg = loaded.config.model
+    return format_info(model_info(cfg) if macs else parameter_counts(cfg))

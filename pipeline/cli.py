@@ -282,11 +282,13 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
 @click.option("--config", "config_path", type=click.Path(), default=None,
               help="YAML config (its `model:` section); default: the paper's THUMOS settings.")
 @set_option("model.decoder=cascaded")
-def model_info(config_path: str | None, overrides: tuple[str, ...]) -> None:
+@click.option("--params-only", is_flag=True,
+              help="Parameters only: skip measuring multiply-adds (instant at any size).")
+def model_info(config_path: str | None, overrides: tuple[str, ...], params_only: bool) -> None:
     """Parameters per block and multiply-adds per streaming step / per window."""
     from vidpipe.malt.info import describe_model
 
-    click.echo(describe_model(config_path, overrides))
+    click.echo(describe_model(config_path, overrides, macs=not params_only))
 
 
 # --- detect / demo ------------------------------------------------------------------------

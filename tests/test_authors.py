@@ -3,6 +3,7 @@
 against a restatement of their code (the file and lines are named at each restatement)."""
 import bisect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,10 +15,13 @@ from vidpipe.malt.data import TrainWindows, VideoData, load_videos
 from vidpipe.malt.losses import malt_loss
 from vidpipe.malt.model import MALT, lstr_attention_init
 from vidpipe.malt.window import window_indices
+from vidpipe.pipeline.cli import main
 from vidpipe.store.cache import FeatureStore
 from vidpipe.store.importers import import_lstr
 from vidpipe.store.labels import LabelSet
+from vidpipe.core.config import load_config, to_dict
 from vidpipe.malt.checkpoint import load_model
+from vidpipe.malt.config import Config
 from vidpipe.malt.train import train
 from model_helpers import tiny_config
 from test_importer import write_lstr_folder
@@ -213,3 +217,32 @@ def test_training_with_every_authors_switch(tmp_path, monkeypatch):
     assert seen["sampler"] == "segment" and seen["empty_rows"][first] == 1
     model, _ = load_model(tmp_path / "run/last.pt")
     assert model.classifier.out_features == labels.num_classes + 1
+
+
+# -- the authors' configs -------------------------------------------------------------------
+
+AUTHORS_SWITCHES = {"model.init": "lstr", "data.long_memory_sampler": "segment",
+                    "data.empty_target_rows": "zero_loss", "train.lr": 7e-5}
+
+
+@pytest.mark.parametrize("name, ambiguous", [("malt_thumos", True), ("malt_tvseries", False)])
+def test_authors_configs_are_the_paper_configs_plus_the_switches(name, ambiguous):
+    paper = to_dict(load_config(Config, name))
+    authors = to_dict(load_config(Config, f"{name}_authors"))
+    differing = {f"{section}.{key}": authors[section][key] for section in paper
+                 for key in paper[section] if paper[section][key] != authors[section][key]}
+    # TVSeries has no ambiguous column: the authors' classifier has C+1 outputs there too
+    extra = {"model.classifier_includes_ambiguous": True} if ambiguous else {}
+    assert differing == {**AUTHORS_SWITCHES, **extra}
+    assert authors["model"]["classifier_includes_ambiguous"] is ambiguous
+
+
+def test_model_info_of_the_authors_thumos_config(capsys):
+    """The authors' 58,916,886 parameters less the 32,768 of their enc2_queries[1] (models/lstr.py:63,
+    an nn.Embedding(32, 1024) created and never read in forward)."""
+    main(["model-info", "--config", "malt_thumos_authors", "--params-only"])
+    out = capsys.readouterr().out
+    assert re.search(r"^classifier\s+22,550$", out, re.M)    # 22 outputs x (1024 + 1)
+    assert re.search(r"^total\s+58,884,118$", out, re.M)
+    assert 58_916_886 - 32 * 1024 == 58_884_118
+    assert "multiply-adds" not in out
