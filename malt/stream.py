@@ -178,7 +178,7 @@ class StreamState:
 
 @dataclass
 class _Constants:
-    """Computed once per `reset` from the weights (exact identities, the model is frozen)."""
+    """Computed once per `refresh_weights` from the weights (exact identities, the model is frozen)."""
     model: nn.Module                  # the model served (int8: a quantised copy)
     passes: list[EncoderPass]         # the encoder's structure (model.encoder.passes())
     long_proj: nn.Module              # D -> 2 x long layers x D: a grid step's W x for each k and v
@@ -441,7 +441,7 @@ class MultiStreamDetector(_FromCheckpoint):
     The model is moved to `device` (default: where its parameters are) and put in eval mode.
     `max_streams` caps the streams served at once (state for them is allocated up front);
     None grows the state as streams join. `int8=True` quantises the Linear layers (CPU).
-    Call `reset()` after changing the model's weights.
+    Call `refresh_weights()` after changing the model's weights.
     """
 
     def __init__(self, model: MALT, device: Optional[str | torch.device] = None,
@@ -456,7 +456,7 @@ class MultiStreamDetector(_FromCheckpoint):
         # Grid steps kept: the L in the long memory plus those still in the short memory
         # (at most ceil(S / stride)), which enter the long memory later.
         self.ring_size = num_long_tokens(self.cfg) + -(-self.cfg.short_memory_steps // self.cfg.long_memory_stride)
-        self.reset()
+        self.refresh_weights()
 
     @property
     def streams(self) -> list[Hashable]:
@@ -490,8 +490,9 @@ class MultiStreamDetector(_FromCheckpoint):
         self._slots.remove(key)
 
     @torch.inference_mode()
-    def reset(self) -> None:
-        """Recompute the weight-dependent constants; every stream restarts at position 0."""
+    def refresh_weights(self) -> None:
+        """The model's weights changed: recompute what depends on them; every stream
+        restarts at position 0."""
         self.constants = _Constants.of(self.source_model, self.int8)
         self.state = StreamState.zeros(self._row_shapes(), self.device, self.dtype)
         self.state.grow(self._slots.rows_needed())
@@ -597,8 +598,8 @@ class OnlineDetector(_FromCheckpoint):
     """Feed one step of features at a time; get that step's class probabilities.
 
     A `MultiStreamDetector` serving one stream: the same code and numbers. The model is moved
-    to `device` (default: where its parameters are) and put in eval mode. Call `reset()`
-    before a new stream, and after changing the model's weights.
+    to `device` (default: where its parameters are) and put in eval mode. Call `restart()`
+    before a new stream, `refresh_weights()` after changing the model's weights.
     """
 
     def __init__(self, model: MALT, device: Optional[str | torch.device] = None, int8: bool = False):
@@ -610,9 +611,14 @@ class OnlineDetector(_FromCheckpoint):
     def steps_seen(self) -> int:
         return self.multistream.position(0)
 
-    def reset(self) -> None:
-        """Forget the stream; recompute the weight-dependent constants."""
-        self.multistream.reset()
+    def restart(self) -> None:
+        """Forget the stream: the next step is step 0 of a new one."""
+        self.multistream.remove_stream(0)
+        self.multistream.add_stream(0)
+
+    def refresh_weights(self) -> None:
+        """The model's weights changed (MultiStreamDetector.refresh_weights); restarts the stream."""
+        self.multistream.refresh_weights()
 
     def step(self, rgb_vec, flow_vec) -> np.ndarray:
         """Consume the next step's rgb (Dr,) and flow (Df,) vectors -> probabilities (C+1,)."""

@@ -47,13 +47,27 @@ def test_streaming_outputs_up_to_t_ignore_features_after_t():
     assert not np.allclose(a[t0 + 1:], b[t0 + 1:])
 
 
-def test_reset_starts_a_new_stream():
+def test_restart_starts_a_new_stream():
     model = tiny_model()
     rgb, flow = random_video(30, model.cfg, seed=1)
     detector = OnlineDetector(model)
     first = stream_probs(detector, rgb, flow)
-    detector.reset()
+    detector.restart()
     np.testing.assert_array_equal(stream_probs(detector, rgb, flow), first)
+
+
+def test_refresh_weights_serves_the_changed_model():
+    model = tiny_model()
+    rgb, flow = random_video(30, model.cfg, seed=1)
+    detector = OnlineDetector(model)
+    stream_probs(detector, rgb, flow)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    detector.refresh_weights()
+    assert detector.steps_seen == 0
+    np.testing.assert_allclose(stream_probs(detector, rgb, flow), offline_probs(model, rgb, flow, range(30)),
+                               atol=1e-5, rtol=0)
 
 
 def test_feed_history_leaves_the_state_that_stepping_leaves():
