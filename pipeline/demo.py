@@ -11,13 +11,14 @@
      by step), printing events as they are decided and writing its timeline JSON/CSV/PNG.
 
 Everything lands in one folder: data/, cache/, run/, detections/, demo_summary.json.
-A rerun reuses the videos and features already there (same seed, same files).
+A rerun reuses the videos and features already there (same seed, same files) and replaces
+the demo's own products only: what later commands wrote into the folder (the README's
+`vidpipe detect ... --checkpoint demo_out/run/last.pt` writes run/detections/) stays.
 """
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,9 +180,9 @@ def _features_and_labels(out: Path, data, settings: DemoSettings, progress: bool
 def _train(run_dir: Path, store, settings: DemoSettings, progress: bool,
            clock: _StageClock) -> Path:
     """Train configs/demo.yaml afresh (data and cache are reused); the last epoch's model."""
-    from vidpipe.malt.train import train
+    from vidpipe.malt.train import remove_run, train
 
-    shutil.rmtree(run_dir, ignore_errors=True)
+    remove_run(run_dir)   # the previous demo's run, not what other commands wrote beside it
     overrides = [*([f"train.epochs={settings.epochs}"] if settings.epochs else []),
                  *settings.overrides]
     train(DEMO_CONFIG, store.root, run_dir, overrides=overrides, device=settings.device,

@@ -31,3 +31,19 @@ def test_small_demo_learns_well_above_chance(tmp_path, caplog, capsys):
     assert any("per-frame mAP on 4 held-out videos" in line for line in logged)
     assert any(line.startswith("# ") and "live detection" in line for line in logged)
     assert capsys.readouterr().out == ""
+
+
+def test_a_rerun_keeps_what_later_commands_wrote_into_the_folder(tmp_path):
+    """The README's next command writes demo_out/run/detections/; `make demo` again used to
+    delete the whole run folder."""
+    settings = DemoSettings(num_videos=2, duration_s=10.0, epochs=1)
+    run_demo(tmp_path, settings, progress=False)
+    later = tmp_path / "run" / "detections" / "synth_001.mp4.timeline.json"
+    later.parent.mkdir()
+    later.write_text("{}")
+    (tmp_path / "review.mp4").write_bytes(b"video")
+    first_model = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    result = run_demo(tmp_path, settings, progress=False)
+    assert later.read_text() == "{}" and (tmp_path / "review.mp4").read_bytes() == b"video"
+    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns > first_model   # trained anew
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text())["mAP"] == result.mAP
