@@ -1,8 +1,15 @@
 """Offline evaluation: per-step probabilities of whole videos, then per-frame mAP / mcAP.
 
-`predict_offline` is the reference output of a model on a video: for every step t, the
-softmax of the last decoder output of the window ending at t (`malt.window`), computed in
-batches of windows. The streaming detector and `vidpipe detect` must agree with it.
+Two protocols say which steps are scored and by which window output (`vidpipe eval
+--protocol`; S = model.short_memory_steps, windows as `malt.window` defines them):
+- `sliding` (default; LSTR's batch inference, what streaming outputs): every step t is scored
+  by the last output of the window ending at t (stride 1). `predict_offline` is this
+  reference output; the streaming detector and `vidpipe detect` must agree with it.
+- `chunks` (the trainer's test phase of LSTR and the MALT authors, behind their published
+  numbers; LSTR datasets/perframe_data_layers.py:37-47 with seed 0): non-overlapping windows
+  ending at t = S-1, 2S-1, ... while t + 1 < T, each scoring all its S steps (step t - S + 1 + i
+  by output i, which sees i + 1 short-memory steps); the steps from the last such window's
+  end on are not scored at all (they leave the metrics, targets included). `predict_chunks`.
 """
 from __future__ import annotations
 
@@ -27,48 +34,83 @@ from vidpipe.store.cache import FeatureStore
 __all__ = ["check_compatible", "evaluate", "evaluate_videos", "predict_offline"]
 
 
+PROTOCOLS = ("sliding", "chunks")
+
+
+class _Windows:
+    """Forward passes over windows of one video, named by the step they end at. Features
+    stay on the model's device and windows are gathered there by index: copying every (L, D)
+    window through the host would dominate the time. A zero row is appended so that padding
+    slots (index -1) read zeros, as `malt.window.gather_window` gives them."""
+
+    def __init__(self, model: MALT, rgb: np.ndarray, flow: np.ndarray):
+        self.model, self.cfg = model, model.cfg
+        self.device = next(model.parameters()).device
+        self.rgb = _with_zero_row(rgb, self.device)                      # (T+1, Dr)
+        self.flow = _with_zero_row(flow, self.device)                    # (T+1, Df)
+
+    def probabilities(self, ends: list[int]) -> np.ndarray:
+        """(B, S', C+1) class probabilities of every output of the windows ending at `ends`
+        (all of one short-memory length S')."""
+        indices = [window_indices(t, self.cfg) for t in ends]
+        long_idx = torch.as_tensor(np.stack([i[0] for i in indices]), device=self.device)   # (B, L)
+        short_idx = torch.as_tensor(np.stack([i[1] for i in indices]), device=self.device)  # (B, S')
+        logits = self.model(self.rgb[long_idx], self.flow[long_idx], long_idx >= 0,
+                            self.rgb[short_idx], self.flow[short_idx]).logits            # (B, S', C+1|C+2)
+        return self.model.probabilities(logits).cpu().numpy()                            # (B, S', C+1)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 @torch.no_grad()
 def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
                     batch_size: int = 64) -> np.ndarray:
-    """Probabilities (T, C+1) of one video with features rgb (T, Dr), flow (T, Df).
+    """Probabilities (T, C+1) of one video with features rgb (T, Dr), flow (T, Df): the
+    `sliding` protocol (module notes).
 
     The first window (steps 0..S-1) gives the outputs of all its steps: the decoder is causal
     and no long memory exists yet, so its output at step t equals that of the window ending
     at t. Every later step is the last output of its own window (sliding, stride 1).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    # Features stay on the model's device and windows are gathered there by index: copying
-    # every (L, D) window through the host would dominate the time. A zero row is appended so
-    # that padding slots (index -1) read zeros, as `malt.window.gather_window` gives them.
-    rgb_t = _with_zero_row(rgb, device)                                  # (T+1, Dr)
-    flow_t = _with_zero_row(flow, device)                                # (T+1, Df)
+    _check_batch_size(batch_size)
     num_steps = len(rgb)
     if num_steps == 0:
-        return np.zeros((0, cfg.num_classes), np.float32)
-
-    def forward(ends: list[int]) -> torch.Tensor:
-        indices = [window_indices(t, cfg) for t in ends]
-        long_idx = torch.as_tensor(np.stack([i[0] for i in indices]), device=device)   # (B, L)
-        short_idx = torch.as_tensor(np.stack([i[1] for i in indices]), device=device)  # (B, S)
-        logits = model(rgb_t[long_idx], flow_t[long_idx], long_idx >= 0,
-                       rgb_t[short_idx], flow_t[short_idx]).logits                     # (B, S, C+1|C+2)
-        return model.probabilities(logits)                                              # (B, S, C+1)
-
-    first = min(num_steps, cfg.short_memory_steps) - 1
+        return np.zeros((0, model.cfg.num_classes), np.float32)
+    was_training = model.training
+    model.eval()
+    windows = _Windows(model, rgb, flow)
+    first = min(num_steps, model.cfg.short_memory_steps) - 1
     # Built from the computed rows only: a step no forward pass covered cannot pass unseen.
-    chunks = [forward([first])[0].cpu().numpy()]                                      # steps 0..first
+    chunks = [windows.probabilities([first])[0]]                                       # steps 0..first
     for start in range(first + 1, num_steps, batch_size):
         ends = list(range(start, min(start + batch_size, num_steps)))
-        chunks.append(forward(ends)[:, -1].cpu().numpy())
+        chunks.append(windows.probabilities(ends)[:, -1])
     model.train(was_training)
     probs = np.concatenate(chunks).astype(np.float32, copy=False)
     assert len(probs) == num_steps, (len(probs), num_steps)
     return probs
+
+
+@torch.no_grad()
+def predict_chunks(model: MALT, rgb: np.ndarray, flow: np.ndarray,
+                   batch_size: int = 64) -> np.ndarray:
+    """Probabilities (N, C+1) of the first N = S * ((T - 1) // S) steps of one video: the
+    `chunks` protocol (module notes); the steps after them are not scored."""
+    _check_batch_size(batch_size)
+    length = model.cfg.short_memory_steps
+    ends = list(range(length - 1, len(rgb) - 1, length))     # LSTR: work_end in range(S, T, S)
+    if not ends:
+        return np.zeros((0, model.cfg.num_classes), np.float32)
+    was_training = model.training
+    model.eval()
+    windows = _Windows(model, rgb, flow)
+    chunks = [windows.probabilities(ends[i:i + batch_size]).reshape(-1, model.cfg.num_classes)
+              for i in range(0, len(ends), batch_size)]
+    model.train(was_training)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 def _with_zero_row(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -77,16 +119,22 @@ def _with_zero_row(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def evaluate_videos(model: MALT, videos: dict[str, VideoData], class_names: list[str],
-                    batch_size: int = 64) -> dict:
-    """Per-frame metrics over all steps of `videos` pooled (LSTR's protocol)."""
+                    batch_size: int = 64, protocol: str = "sliding") -> dict:
+    """Per-frame metrics over the scored steps of `videos` pooled in their order (LSTR's
+    metrics); `protocol` says which steps are scored and how (module notes)."""
     if not videos:
         raise ValueError("no videos to evaluate")
-    scores = [predict_offline(model, v.rgb, v.flow, batch_size) for v in videos.values()]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    predict = predict_offline if protocol == "sliding" else predict_chunks
+    scores = [predict(model, v.rgb, v.flow, batch_size) for v in videos.values()]
+    scored = [len(s) for s in scores]                 # chunks: a prefix of each video
     report = detection_report(np.concatenate(scores),
-                              np.concatenate([v.targets for v in videos.values()]),
+                              np.concatenate([v.targets[:n] for v, n in zip(videos.values(), scored)]),
                               class_names,
-                              ambiguous=np.concatenate([v.ambiguous for v in videos.values()]))
-    report["num_videos"] = len(videos)
+                              ambiguous=np.concatenate([v.ambiguous[:n] for v, n in
+                                                        zip(videos.values(), scored)]))
+    report.update(num_videos=len(videos), protocol=protocol)
     return report
 
 
@@ -104,13 +152,15 @@ def check_compatible(checkpoint: Checkpoint, store: FeatureStore, class_names: l
 
 def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | None = None,
              split: str | None = None, out: str | Path | None = None,
-             device: str | None = None, batch_size: int = 64) -> dict:
+             device: str | None = None, batch_size: int = 64, protocol: str = "sliding") -> dict:
     """`vidpipe eval`: metrics of a checkpoint on a split of a cache (default: its test split).
 
-    Returns {"mAP", "mcAP", "num_frames", "num_videos", "per_class", "checkpoint", "cache",
-    "split", "epoch", "selection" (which videos chose the run's best.pt), "selected_on_test"}
-    and writes it as JSON to `out` when given.
+    Returns {"mAP", "mcAP", "num_frames" (scored, ambiguous ones left out), "num_videos",
+    "protocol", "per_class", "checkpoint", "cache", "split", "epoch", "selection" (which videos
+    chose the run's best.pt), "selected_on_test"} and writes it as JSON to `out` when given.
     """
+    if protocol not in PROTOCOLS:
+        raise VidpipeError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if batch_size < 1:
         raise VidpipeError(f"--batch-size must be >= 1 (windows per forward pass), got {batch_size}")
     model, ckpt = load_model(checkpoint, device)
@@ -129,7 +179,7 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     if (first.rgb.shape[1], first.flow.shape[1]) != (model.cfg.rgb_dim, model.cfg.flow_dim):
         raise VidpipeError(f"{cache}: features are {first.rgb.shape[1]}+{first.flow.shape[1]}-dim, "
                            f"{checkpoint} expects {model.cfg.rgb_dim}+{model.cfg.flow_dim}")
-    report = evaluate_videos(model, videos, label_set.class_names, batch_size)
+    report = evaluate_videos(model, videos, label_set.class_names, batch_size, protocol)
     report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch,
                   selection=describe_selection(config), selected_on_test=config.train.select_on_test)
     if out is not None:   # NaN (no class with a positive step) is not JSON: written as null.

@@ -261,20 +261,28 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 @path_option("--out", type=OUT_FILE, help="Write the results as JSON.")
 @device_option()
 @click.option("--batch-size", default=64, show_default=True, help="Windows per forward pass.")
+@click.option("--protocol", type=click.Choice(["sliding", "chunks"]), default="sliding",
+              show_default=True,
+              help="Which steps are scored, by which window output (S = short-memory steps). "
+                   "sliding: every step t, by the last output of the window ending at t (stride 1; "
+                   "LSTR's batch inference, what streaming outputs). chunks: non-overlapping "
+                   "windows ending at t = S-1, 2S-1, ... while t+1 < T, every output of each "
+                   "scored; later steps are not scored (the trainer's test phase of LSTR and the "
+                   "MALT authors, behind the published numbers).")
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
-                 out: str | None, device: str | None, batch_size: int) -> None:
+                 out: str | None, device: str | None, batch_size: int, protocol: str) -> None:
     """Per-frame mAP (THUMOS protocol) and mcAP (TVSeries protocol) of a checkpoint."""
     require_checkpoint_file(checkpoint)
     from vidpipe.malt.evaluate import evaluate
     from vidpipe.malt.metrics import format_table
 
     report = evaluate(checkpoint, cache, labels=labels, split=split, out=out, device=device,
-                      batch_size=batch_size)
+                      batch_size=batch_size, protocol=protocol)
     click.echo(f"{checkpoint} (epoch {report['epoch']}); model selection of its run: "
                f"{report['selection']}")
     click.echo(format_table(report))
     click.echo(f"{report['num_videos']} videos, {report['num_frames']} frames (split "
-               f"'{report['split']}'): mAP {100 * report['mAP']:.2f}, mcAP {100 * report['mcAP']:.2f}"
+               f"'{report['split']}', protocol {protocol}): mAP {100 * report['mAP']:.2f}, mcAP {100 * report['mcAP']:.2f}"
                + (f"; written to {out}" if out else ""))
 
 

@@ -2,6 +2,7 @@
 (yzp11/MALT-for-Online-Action-Detection at f910dd9, an LSTR fork) is a switch, checked here
 against a restatement of their code (the file and lines are named at each restatement)."""
 import bisect
+import json
 import math
 import re
 
@@ -12,9 +13,11 @@ from torch import nn
 
 from vidpipe.malt.attention import SparseCrossAttention
 from vidpipe.malt.data import TrainWindows, VideoData, load_videos
+from vidpipe.malt.evaluate import predict_chunks, predict_offline
 from vidpipe.malt.losses import malt_loss
+from vidpipe.malt.metrics import detection_report
 from vidpipe.malt.model import MALT, lstr_attention_init
-from vidpipe.malt.window import window_indices
+from vidpipe.malt.window import gather_window, window_indices
 from vidpipe.pipeline.cli import main
 from vidpipe.store.cache import FeatureStore
 from vidpipe.store.importers import import_lstr
@@ -25,7 +28,7 @@ from vidpipe.malt.config import Config
 from vidpipe.malt.train import train
 from model_helpers import tiny_config
 from test_importer import write_lstr_folder
-from train_helpers import TINY_CONFIG, random_cache, write_config
+from train_helpers import TINY_CONFIG, random_cache, write_cache, write_config
 
 
 # -- model.init: torch | lstr ----------------------------------------------------------------
@@ -246,3 +249,77 @@ def test_model_info_of_the_authors_thumos_config(capsys):
     assert re.search(r"^total\s+58,884,118$", out, re.M)
     assert 58_916_886 - 32 * 1024 == 58_884_118
     assert "multiply-adds" not in out
+
+
+# -- vidpipe eval --protocol sliding | chunks -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def chunk_run(tmp_path_factory):
+    """A tiny trained model and a cache whose test videos end mid-window (S = 8)."""
+    root = tmp_path_factory.mktemp("chunks")
+    rng = np.random.default_rng(3)
+    videos, splits = {}, {}
+    for name, steps, split in (("a", 60, "train"), ("b", 48, "train"), ("c", 16, "test"),
+                               ("d", 41, "test"), ("e", 8, "test"), ("f", 5, "test"), ("g", 29, "test")):
+        classes = rng.integers(0, 3, steps)
+        rgb = (rng.standard_normal((steps, 6)) + classes[:, None]).astype(np.float32)
+        flow = rng.standard_normal((steps, 4)).astype(np.float32)
+        videos[name] = (rgb, flow, np.eye(3)[classes], rng.random(steps) < 0.1)
+        splits[name] = split
+    cache = write_cache(root / "cache", videos, ["background", "x", "y"], splits)
+    train(write_config(root / "c.yaml", train={"epochs": 1}), cache, root / "run", progress=False)
+    return cache, root / "run/last.pt", videos
+
+
+def lstr_test_phase(model, videos, length):
+    """LSTRDataLayer with phase 'test' (datasets/perframe_data_layers.py:37-47, seed 0) and the
+    trainer's test loop (perframe_det_trainer.py:44-66): windows [work_start, work_end) for
+    work_start, work_end in zip(range(0, T, S), range(S, T, S)), every output softmaxed and
+    kept with its target rows; our window rule gives each window's memories."""
+    scores, targets, ambiguous = [], [], []
+    for rgb, flow, target, amb in videos:
+        for work_start, work_end in zip(range(0, len(rgb), length), range(length, len(rgb), length)):
+            window = [torch.as_tensor(a)[None] for a in gather_window(rgb, flow, work_end - 1, model.cfg)]
+            with torch.no_grad():
+                scores.append(torch.softmax(model(*window).logits[0], dim=-1).numpy())
+            targets.append(target[work_start:work_end])
+            ambiguous.append(amb[work_start:work_end])
+    return np.concatenate(scores), np.concatenate(targets), np.concatenate(ambiguous)
+
+
+def test_chunks_protocol_is_lstrs_test_phase(chunk_run, tmp_path, capsys):
+    cache, checkpoint, videos = chunk_run
+    main(["eval", "--checkpoint", str(checkpoint), "--cache", str(cache), "--protocol", "chunks",
+          "--out", str(tmp_path / "chunks.json"), "--batch-size", "2"])
+    assert "protocol chunks" in capsys.readouterr().out
+    report = json.loads((tmp_path / "chunks.json").read_text())
+    model, _ = load_model(checkpoint, "cpu")
+    test = [videos[v] for v in sorted(videos) if v in "cdefg"]
+    scores, targets, ambiguous = lstr_test_phase(model, test, 8)
+    # c: 1 window (8 of 16 steps), d: 5 (40 of 41), e and f: none, g: 3 (24 of 29)
+    assert len(scores) == 8 + 40 + 24
+    expected = detection_report(scores, targets, ["background", "x", "y"], ambiguous)
+    assert report["protocol"] == "chunks"
+    assert report["num_frames"] == expected["num_frames"] == int((~ambiguous).sum())
+    assert report["mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
+    assert report["mcAP"] == pytest.approx(expected["mcAP"], abs=1e-12)
+    main(["eval", "--checkpoint", str(checkpoint), "--cache", str(cache),
+          "--out", str(tmp_path / "sliding.json")])
+    sliding = json.loads((tmp_path / "sliding.json").read_text())
+    assert sliding["protocol"] == "sliding"
+    assert sliding["num_frames"] == sum(int((~v[3]).sum()) for v in test)
+
+
+def test_chunks_scores_every_output_of_each_window(chunk_run):
+    cache, checkpoint, videos = chunk_run
+    model, _ = load_model(checkpoint, "cpu")
+    rgb, flow, _, _ = videos["d"]
+    probs = predict_chunks(model, rgb, flow, batch_size=3)
+    assert probs.shape == (40, 3)
+    # step 17 is output 1 of the window ending at 23 (it sees short steps 16..17 only), not
+    # the last output of the window ending at 17 (short steps 10..17) as `sliding` scores it
+    window = [torch.as_tensor(a)[None] for a in gather_window(rgb, flow, 23, model.cfg)]
+    with torch.no_grad():
+        expected = torch.softmax(model(*window).logits[0, 1], -1).numpy()
+    np.testing.assert_allclose(probs[17], expected, atol=1e-6)
+    assert not np.allclose(probs[17], predict_offline(model, rgb, flow)[17], atol=1e-4)
