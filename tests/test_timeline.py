@@ -103,8 +103,8 @@ def test_format_time():
 
 
 def make_timeline(steps=40):
-    labels = ([0] * 5 + [1] * 10 + [0] * 5 + [2] * 8 + [0] * 12)[:steps]
-    labels += [0] * (steps - len(labels))
+    """Bounce then Spin in every 40 steps (10 s)."""
+    labels = (([0] * 5 + [1] * 10 + [0] * 5 + [2] * 8 + [0] * 12) * -(-steps // 40))[:steps]
     return Timeline.from_probs(
         probs_from(labels), np.arange(steps) * STEP, NAMES, STEP,
         TimelineSettings(min_duration_s=0.5),
@@ -137,6 +137,7 @@ def test_csv_export(tmp_path):
 
 @pytest.mark.parametrize("steps", [40, 28_800])  # a 10 s clip and a 2 h film
 def test_png_written_with_requested_size(tmp_path, steps):
+    import matplotlib
     import matplotlib.image
 
     timeline = make_timeline(steps)
@@ -144,7 +145,11 @@ def test_png_written_with_requested_size(tmp_path, steps):
     path = timeline.save_png(tmp_path / "t.png", width_px=1200, height_px=500)
     image = matplotlib.image.imread(path)
     assert image.shape[:2] == (500, 1200)
-    assert image[..., :3].std() > 0.05  # something was drawn
+    # something was drawn: each detected class's bands and curve, in its colour (tab10, the
+    # background class takes none), cover a visible area; axes and text alone have none
+    for name in ("Bounce", "Spin"):
+        rgb = matplotlib.colormaps["tab10"](NAMES.index(name) - 1)[:3]
+        assert (np.abs(image[..., :3] - rgb).max(-1) < 0.05).mean() > 0.005, name
 
 
 def test_downsample_keeps_peaks():

@@ -72,11 +72,27 @@ def test_random_init_with_a_weights_file_is_refused(tmp_path):
 @pytest.mark.parametrize("name", ["malt_thumos.yaml", "malt_tvseries.yaml", "demo.yaml"])
 @pytest.mark.parametrize("branches", [1, 2, 3, 4])
 def test_num_branches_ablation_is_one_override(name, branches):
-    """README: `--set model.num_branches=N` is the whole ablation, for every shipped config."""
+    """README: `--set model.num_branches=N` is the whole ablation, for every shipped config:
+    nothing else changes, and the model built from it has N branches and N decoder stages."""
+    import dataclasses
+    from vidpipe.malt.model import MALT
+
     path = REPO / "configs" / name
+    shipped = load_config(Config, path, [])
     cfg = load_config(Config, path, [f"model.num_branches={branches}"])
     validate_model_config(cfg.model, str(path))
-    assert cfg.model.num_branches == branches
+    undone = dataclasses.replace(cfg.model, num_branches=shipped.model.num_branches)
+    assert dataclasses.replace(cfg, model=undone) == shipped          # nothing else changed
+    # the shipped per-branch settings at a size that builds in milliseconds
+    small = dataclasses.replace(cfg.model, rgb_dim=6, flow_dim=5, num_classes=3, d_model=16, num_heads=2,
+                                ffn_dim=16, long_memory_steps=16, long_memory_stride=4)
+    model = MALT(small).eval()
+    assert len(model.encoder.branches) == len(model.decoder.stages()) == branches
+    num_short = small.short_memory_steps
+    window = (torch.randn(1, 4, 6), torch.randn(1, 4, 5), torch.ones(1, 4, dtype=torch.bool),
+              torch.randn(1, num_short, 6), torch.randn(1, num_short, 5))
+    with torch.no_grad():
+        assert len(model(*window).aux_logits) == branches
 
 
 @pytest.mark.parametrize("name", ["malt_thumos.yaml", "malt_tvseries.yaml"])
