@@ -19,11 +19,16 @@ def projected(attn, num_queries=5, num_keys=12, batch=3, seed=1):
     return query, memory, attn.q_proj(query), attn.k_proj(memory), attn.v_proj(memory)
 
 
+def heads(x):
+    """(B, T, D) -> (B, H, T, D / H), written independently of the module's code path."""
+    return x.view(x.shape[0], x.shape[1], HEADS, DIM // HEADS).transpose(1, 2)
+
+
 def vanilla_reference(attn, query, memory, allowed=None):
     """Textbook multi-head attention, written independently of the module's code path."""
     q, k, v = attn.q_proj(query), attn.k_proj(memory), attn.v_proj(memory)
     b, nq, _ = q.shape
-    split = lambda x: x.view(b, x.shape[1], HEADS, DIM // HEADS).transpose(1, 2)
+    split = heads
     scores = split(q) @ split(k).transpose(-1, -2) / (DIM // HEADS) ** 0.5
     if allowed is not None:
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
@@ -44,7 +49,7 @@ def test_kept_keys_are_the_top_scores_and_renormalised():
     attn = make(3)
     _, _, q, keys, _ = projected(attn, batch=1, num_queries=1)
     weights = attn.attention_weights(q, keys)[0, 0, 0]                 # (K,)
-    scores = (attn._split_heads(q) @ attn._split_heads(keys).transpose(-1, -2))[0, 0, 0]
+    scores = (heads(q) @ heads(keys).transpose(-1, -2))[0, 0, 0]
     top = scores.topk(3).indices
     assert set(torch.nonzero(weights).flatten().tolist()) == set(top.tolist())
     expected = torch.softmax(scores[top] * attn.scale, -1)
@@ -69,7 +74,7 @@ def test_ties_at_the_threshold_are_kept():
     _, memory, q, keys, _ = projected(attn, batch=1, num_keys=6)
     keys = keys.clone()
     keys[0, 1] = keys[0, 0]                 # two identical keys -> identical scores everywhere
-    scores = (attn._split_heads(q) @ attn._split_heads(keys).transpose(-1, -2))
+    scores = (heads(q) @ heads(keys).transpose(-1, -2))
     weights = attn.attention_weights(q, keys)
     # Where the duplicated key is the 2nd best, both copies are kept: 3 non-zero weights.
     second = scores.topk(2, dim=-1).values[..., 1]
