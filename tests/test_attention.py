@@ -28,11 +28,10 @@ def vanilla_reference(attn, query, memory, allowed=None):
     """Textbook multi-head attention, written independently of the module's code path."""
     q, k, v = attn.q_proj(query), attn.k_proj(memory), attn.v_proj(memory)
     b, nq, _ = q.shape
-    split = heads
-    scores = split(q) @ split(k).transpose(-1, -2) / (DIM // HEADS) ** 0.5
+    scores = heads(q) @ heads(k).transpose(-1, -2) / (DIM // HEADS) ** 0.5
     if allowed is not None:
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    out = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, nq, DIM)
+    out = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(b, nq, DIM)
     return attn.out_proj(out)
 
 
