@@ -49,7 +49,7 @@ class ModelConfig:
     decoder_layers: int = 1
     aux_loss: bool = True
     aux_weight: float = 0.4
-    # The authors' code / LSTR (paper recipe) vs our earlier choices; docs/malt.md.
+    # The authors' code / LSTR (the paper setup) vs our earlier choices; docs/malt.md.
     pos_encoding: Literal["sinusoidal", "learned"] = "sinusoidal"   # LSTR's PositionalEncoding
     query_init: Literal["embedding", "trunc_normal"] = "embedding"  # nn.Embedding: N(0, 1)
     # Frames with several actions: LSTR's multi-hot rows (each action weighs 1) or rows
@@ -128,7 +128,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (malt/train.py): Adam, its lr set every iteration by `schedule`
     (malt.train.learning_rate):
-    - lstr_warmup_cosine (LSTR's WarmupCosineLR, the authors' recipe): lr * w(n) * cosine(n),
+    - lstr_warmup_cosine (LSTR's WarmupCosineLR, the authors' schedule): lr * w(n) * cosine(n),
       the cosine over the whole run, w rising linearly from warmup_factor to 1 over
       warmup_epochs; iteration i trains at n = i + 1 as in LSTR's trainer (the last at 0);
     - warmup_then_cosine (our earlier schedule): linear from warmup_factor to 1 over
@@ -250,7 +250,7 @@ def describe_selection(cfg: Config) -> str:
     return "none (no validation split: last.pt is the last epoch's model, no best.pt)"
 
 
-# Configs saved before the paper-recipe switches existed (checkpoints, run folders) trained
+# Configs saved before the paper-setup switches existed (checkpoints, run folders) trained
 # with what are now the non-default choices: reading them must rebuild that same model.
 BEFORE_SWITCHES = {"model": {"pos_encoding": "learned", "query_init": "trunc_normal",
                              "multi_label_targets": "normalised"},

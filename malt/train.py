@@ -5,7 +5,7 @@ each process reading its share of the windows through a DistributedSampler. `tra
 is the global batch, and the loss is normalised by the valid steps of the global batch, so
 any number of processes makes the same update.
 
-The recipe (`train` -> `_train`): resolve the config (read once, where each value came
+What `train` does, in order: resolve the config (read once, where each value came
 from known) -> choose the videos of each role (train / validation / test) -> load them and
 take the feature sizes from the cache -> build model, optimiser and scaler (fresh, resumed,
 or initialised from another checkpoint) -> per epoch: train over the windows with the lr of
@@ -126,7 +126,7 @@ def iterations_per_epoch(windows: TrainWindows, batch_size: int, world: int) -> 
     return max(math.ceil(per_process / (batch_size // world)), 1)
 
 
-# -- the recipe ----------------------------------------------------------------------------
+# -- the run, step by step ------------------------------------------------------------------
 
 def train(config: str | Path | None, cache: str | Path, out: str | Path,
           labels: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
