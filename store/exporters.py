@@ -8,6 +8,9 @@ the layout and owns its names; this module only writes it).
     OUT/data_info.json                                the entry those codebases read
     OUT/vidpipe/cache.json, OUT/vidpipe/timestamps/   what they never read: the cache's
                                                       settings, attributes and timestamps
+    OUT/vidpipe/NOTES.txt                             what a user of OUT must know (also
+                                                      printed): e.g. where LSTR's evaluation
+                                                      of OUT differs from `vidpipe eval`
 
 so that LSTR, TeSTra and MAT train on it with their own configs (README: "use vidpipe
 features in TeSTra/MAT"), and `import_lstr(OUT)` gives back the cache it came from.
@@ -49,6 +52,8 @@ RECIPE_FOLDERS = {
 # LSTR picks its data loader (and THUMOS's post-processing, which drops column 21) by the
 # data_info name: a dataset that is not THUMOS'14 goes under TVSeries's generic loader.
 OTHER_DATA_NAME = "TVSeries"
+THUMOS_DATA_NAME, THUMOS_AMBIGUOUS_COLUMN = "THUMOS", 21   # LSTR evaluation/postprocessing.py:31-36
+NOTES_FILE = "NOTES.txt"
 
 
 @dataclass
@@ -99,6 +104,8 @@ def export_lstr(cache: str | Path, out: str | Path, labels: str | Path | None = 
             continue
         report.exported.append(video_id)
     _write_data_info(out, spec, label_set, report)
+    _note_evaluation(spec, label_set, report)
+    write_text_atomically(out / EXTRAS_DIR / NOTES_FILE, "".join(f"- {n}\n" for n in report.notes))
     write_text_atomically(out / EXTRAS_DIR / EXTRAS_FILE, json.dumps(
         {"format": "vidpipe cache export", "cache": str(cache), "settings": store.settings,
          "videos": attrs}, indent=2))
@@ -117,7 +124,37 @@ def _export_spec(label_set: LabelSet, data_name: str | None,
                   and (spec.ambiguous_column is not None or not ambiguous)), None)
     if known is None:
         known = DatasetSpec(OTHER_DATA_NAME, actions, len(actions) + 1 if ambiguous else None)
-    return replace(known, name=data_name or known.name, step_seconds=step_seconds)
+    spec = replace(known, name=data_name or known.name, step_seconds=step_seconds)
+    if spec.name == THUMOS_DATA_NAME and spec.ambiguous_column not in (None, THUMOS_AMBIGUOUS_COLUMN):
+        raise VidpipeError(f"--data-name {THUMOS_DATA_NAME}: LSTR's THUMOS evaluation drops column "
+                           f"{THUMOS_AMBIGUOUS_COLUMN} as ambiguous, but these labels' ambiguous "
+                           f"column is {spec.ambiguous_column}; use another --data-name")
+    return spec
+
+
+def _note_evaluation(spec: DatasetSpec, label_set: LabelSet, report: ExportReport) -> None:
+    """Say where LSTR's per-frame evaluation of the export differs from `vidpipe eval` on
+    the cache (a note and a warning). The test videos' order agrees: data_info lists them
+    sorted, the order in which both pool them."""
+    report.notes.append("evaluation: LSTR's trainer reports each epoch on non-overlapping "
+                        "work-memory windows (`vidpipe eval --protocol chunks`), its batch "
+                        "inference on stride-1 windows (`--protocol sliding`, the default)")
+    if spec.name == THUMOS_DATA_NAME or spec.ambiguous_column is None:
+        return      # LSTR drops the ambiguous steps as vidpipe does (or there are none)
+    tested = [v for v in report.exported
+              if label_set.splits.get(v) == "test" or not label_set.splits]
+    steps = sum(int(label_set.videos[v].ambiguous.sum()) for v in tested)
+    if not steps:
+        return
+    note = (f"evaluation: {steps} ambiguous steps in the test videos. LSTR/TeSTra/MAT drop "
+            f"ambiguous steps from the per-frame metric only under DATA_NAME "
+            f"{THUMOS_DATA_NAME} (evaluation/postprocessing.py); under {spec.name} their "
+            f"evaluation scores them (a positive of each action they carry, a negative of every "
+            f"other class), while `vidpipe eval` leaves them out: mAP / mcAP differ. Training "
+            f"is the same (their loss skips rows whose column {spec.ambiguous_column}, "
+            f"ignore_index, is 1)")
+    report.notes.append(note)
+    log.warning("%s", note)
 
 
 def _feature_folders(store: FeatureStore, sample_video: str, rgb_dir: str | None,

@@ -20,9 +20,11 @@ from vidpipe.malt.model import MALT, lstr_attention_init
 from vidpipe.malt.window import gather_window, window_indices
 from vidpipe.pipeline.cli import main
 from vidpipe.store.cache import FeatureStore
+from vidpipe.store.exporters import export_lstr
 from vidpipe.store.importers import import_lstr
 from vidpipe.store.labels import LabelSet
 from vidpipe.core.config import load_config, to_dict
+from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.checkpoint import load_model
 from vidpipe.malt.config import Config
 from vidpipe.malt.train import train
@@ -323,3 +325,64 @@ def test_chunks_scores_every_output_of_each_window(chunk_run):
         expected = torch.softmax(model(*window).logits[0, 1], -1).numpy()
     np.testing.assert_allclose(probs[17], expected, atol=1e-6)
     assert not np.allclose(probs[17], predict_offline(model, rgb, flow)[17], atol=1e-4)
+
+
+# -- export: what LSTR's evaluation of an export does ----------------------------------------
+
+def lstr_perframe_average_precision(ground_truth, prediction, class_names, ignore_index, data_name):
+    """LSTR's per-frame evaluation (evaluation/metrics.py:26-61 with postprocessing.py:7-36):
+    THUMOS drops the rows whose column 21 is 1; every other dataset keeps all rows."""
+    from sklearn.metrics import average_precision_score
+    if data_name == "THUMOS":
+        valid = np.where(ground_truth[:, 21] != 1)[0]
+        ground_truth, prediction = ground_truth[valid], prediction[valid]
+    per_class = [average_precision_score(ground_truth[:, i], prediction[:, i])
+                 for i, _ in enumerate(class_names)
+                 if i not in {0, ignore_index} and np.any(ground_truth[:, i])]
+    return float(np.mean(per_class))
+
+
+def test_export_says_what_lstrs_evaluation_does_differently(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    videos, splits = {}, {}
+    for name, steps, split in (("b_clip", 30, "test"), ("a_clip", 25, "test"), ("c_clip", 20, "test"),
+                               ("t_clip", 30, "train")):
+        classes = rng.integers(0, 3, steps)
+        videos[name] = (rng.standard_normal((steps, 6)).astype(np.float32),
+                        rng.standard_normal((steps, 4)).astype(np.float32),
+                        np.eye(3)[classes], rng.random(steps) < 0.2)
+        splits[name] = split
+    cache = write_cache(tmp_path / "cache", videos, ["background", "Jump", "Spin"], splits)
+    report = export_lstr(cache, tmp_path / "out", progress=False)
+    info = json.loads((tmp_path / "out/data_info.json").read_text())["TVSeries"]
+    # the order in which LSTR pools the test videos is the order vidpipe eval pools them
+    labels = LabelSet.load(cache / "labels.h5")
+    assert info["test_session_set"] == labels.split("test") == ["a_clip", "b_clip", "c_clip"]
+    notes = (tmp_path / "out/vidpipe/NOTES.txt").read_text()
+    ambiguous = sum(int(videos[v][3].sum()) for v in labels.split("test"))
+    assert f"{ambiguous} ambiguous steps in the test videos" in notes
+    assert "`vidpipe eval` leaves them out" in notes and "--protocol chunks" in notes
+    assert any("ambiguous steps" in r.message for r in caplog.records if r.levelname == "WARNING")
+    assert set(report.notes) <= set(line[2:] for line in notes.splitlines())
+
+    # the note is exact: on the same scores LSTR's evaluation of the export is vidpipe's
+    # metric with the ambiguous steps kept, and vidpipe eval's (ambiguous out) differs
+    ground_truth = np.concatenate([np.load(tmp_path / f"out/target_perframe/{v}.npy")
+                                   for v in info["test_session_set"]])
+    scores = rng.random((len(ground_truth), 4))
+    lstr = lstr_perframe_average_precision(ground_truth, scores, info["class_names"],
+                                           info["ignore_index"], "TVSeries")
+    targets = np.concatenate([labels.videos[v].targets for v in labels.split("test")])
+    amb = np.concatenate([labels.videos[v].ambiguous for v in labels.split("test")])
+    names = labels.class_names
+    assert detection_report(scores[:, :3], targets, names)["mAP"] == pytest.approx(lstr, abs=1e-12)
+    assert detection_report(scores[:, :3], targets, names, amb)["mAP"] != pytest.approx(lstr, abs=1e-4)
+
+
+def test_export_under_the_thumos_name_needs_its_ambiguous_column(tmp_path):
+    videos = {"v": (np.zeros((8, 6), np.float32), np.zeros((8, 4), np.float32),
+                    np.eye(3)[np.zeros(8, int)], np.arange(8) == 3)}
+    cache = write_cache(tmp_path / "cache", videos, ["background", "Jump", "Spin"], {"v": "test"})
+    with pytest.raises(VidpipeError, match="LSTR's THUMOS evaluation drops column 21 as ambiguous, "
+                                           "but these labels' ambiguous column is 3"):
+        export_lstr(cache, tmp_path / "out", data_name="THUMOS", progress=False)
