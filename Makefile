@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
-# Test-only reference implementations (tests/test_recipes.py compares vidpipe's features with
+# Test-only reference implementations (tests/test_feature_recipes.py compares vidpipe's features with
 # them), installed into their own folder, never into the venv: mmaction2 1.1.0 (1.2.0's wheel
 # lacks localizers/drn) with the dependencies it imports, and pretrainedmodels (BN-Inception).
 REFIMPL := .refimpl

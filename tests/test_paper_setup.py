@@ -1,4 +1,4 @@
-"""The paper recipe (the MALT authors' code, after LSTR) by default, every deviation a named
+"""The paper setup (the MALT authors' code, after LSTR) by default, every deviation a named
 switch; honest model selection; --init-from; numeric config values range-checked; a
 non-finite loss stops training."""
 import json
