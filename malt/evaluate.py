@@ -14,6 +14,7 @@ Two protocols say which steps are scored and by which window output (`vidpipe ev
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
 
 __all__ = ["check_compatible", "evaluate", "evaluate_videos", "predict_offline"]
+log = logging.getLogger(__name__)
 
 
 PROTOCOLS = ("sliding", "chunks")
@@ -139,15 +141,34 @@ def evaluate_videos(model: MALT, videos: dict[str, VideoData], class_names: list
 
 
 def check_compatible(checkpoint: Checkpoint, store: FeatureStore, class_names: list[str],
-                     checkpoint_path: str | Path, labels_source: str) -> None:
-    """A model only fits features made as its training features were, and the same classes."""
+                     checkpoint_path: str | Path, labels_source: str,
+                     map_by_name: bool = False) -> list[int] | None:
+    """A model only fits features made as its training features were, and the same classes.
+
+    Returns None when the labels' classes are the checkpoint's, in its order. The same names
+    in another order are, with `map_by_name`, the labels' columns in the checkpoint's order
+    (each name once on both sides: unambiguous); otherwise a one-line error naming the fix."""
     if checkpoint.feature_settings != store.settings:
         keys = differing_keys(checkpoint.feature_settings, store.settings)
         raise VidpipeError(f"{checkpoint_path}: trained on features made with other settings than "
                            f"the cache {store.root} (differs in: {', '.join(keys)})")
-    if checkpoint.class_names != class_names:
-        raise VidpipeError(f"{labels_source}: classes differ from those of {checkpoint_path} "
-                           f"({len(class_names)} vs {len(checkpoint.class_names)} names)")
+    if checkpoint.class_names == class_names:
+        return None
+    fix = (f"build the labels in its order with `vidpipe labels ... --classes "
+           f"{','.join(checkpoint.class_names[1:])}`")
+    unique = len(set(class_names)) == len(class_names) == len(set(checkpoint.class_names))
+    if unique and set(class_names) == set(checkpoint.class_names):
+        if map_by_name:
+            log.info("%s: the classes of %s in another order: mapped by name", labels_source,
+                     checkpoint_path)
+            return [class_names.index(name) for name in checkpoint.class_names]
+        raise VidpipeError(f"{labels_source}: the classes of {checkpoint_path} in another order; {fix}")
+    differences = [f"{where}: {', '.join(names)}" for where, names in (
+        (f"only in {checkpoint_path}", [n for n in checkpoint.class_names if n not in class_names]),
+        (f"only in {labels_source}", [n for n in class_names if n not in checkpoint.class_names]))
+        if names] or ["a name appears twice"]
+    raise VidpipeError(f"{labels_source}: classes differ from those of {checkpoint_path} "
+                       f"({'; '.join(differences)}); {fix}")
 
 
 def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | None = None,
@@ -166,7 +187,8 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     model, ckpt = load_model(checkpoint, device)
     store = FeatureStore.open(cache)
     label_set, labels_source = resolve_labels(store, labels)
-    check_compatible(ckpt, store, label_set.class_names, checkpoint, labels_source)
+    order = check_compatible(ckpt, store, label_set.class_names, checkpoint, labels_source,
+                             map_by_name=True)
     config = ckpt.model_config(str(checkpoint))
     split = split or config.data.test_split
     video_ids = label_set.split(split)
@@ -175,11 +197,13 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
         raise VidpipeError(f"{labels_source}: no videos in split '{split}'"
                            + (f" (splits there: {', '.join(known)})" if known else ""))
     videos = load_videos(store, label_set, video_ids, labels_source)
+    for video in videos.values() if order else ():
+        video.targets = video.targets[:, order]         # (T, C+1) in the checkpoint's order
     first = next(iter(videos.values()))
     if (first.rgb.shape[1], first.flow.shape[1]) != (model.cfg.rgb_dim, model.cfg.flow_dim):
         raise VidpipeError(f"{cache}: features are {first.rgb.shape[1]}+{first.flow.shape[1]}-dim, "
                            f"{checkpoint} expects {model.cfg.rgb_dim}+{model.cfg.flow_dim}")
-    report = evaluate_videos(model, videos, label_set.class_names, batch_size, protocol)
+    report = evaluate_videos(model, videos, ckpt.class_names, batch_size, protocol)
     report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch,
                   selection=describe_selection(config), selected_on_test=config.train.select_on_test)
     if out is not None:   # NaN (no class with a positive step) is not JSON: written as null.

@@ -218,8 +218,8 @@ def _resolve_config(run: _Run, config, overrides, resume: bool) -> tuple[Config,
         check_compatible(checkpoint, run.store, run.label_set.class_names, run.out / LAST,
                          run.labels_source)
     elif (run.out / LAST).exists():
-        raise VidpipeError(f"{run.out}: already holds a run (last.pt); pass --resume to continue it "
-                           f"or choose another --out")
+        raise VidpipeError(f"{run.out}: already holds a run (last.pt); pass resume=True to continue "
+                           f"it or choose another out folder")
     if checkpoint is not None and loaded is None:   # --resume without --config
         own = checkpoint.model_config(str(run.out / LAST))
         loaded = LoadedConfig(apply_overrides(own, overrides), None, set(),

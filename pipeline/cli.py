@@ -5,6 +5,7 @@ User mistakes raise `VidpipeError`; `main` prints them as one line and exits wit
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -239,10 +240,13 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
           init_from: str | None, overrides: tuple[str, ...], epochs: int | None, lr: float | None,
           batch_size: int | None, seed: int | None, log_every_s: float, device: str | None) -> None:
     """Train MALT on the train split of CACHE; the same command under torchrun uses DDP."""
-    from vidpipe.malt.train import train as train_model
-
     if config is None and not resume:
         raise click.UsageError("--config is required (except with --resume)")
+    if not resume and (Path(out) / "last.pt").is_file():   # the library names its argument
+        raise VidpipeError(f"{out}: already holds a run (last.pt); pass --resume to continue it "
+                           "or choose another --out")
+    from vidpipe.malt.train import train as train_model
+
     shortcuts = [f"train.{key}={value!r}" for key, value in
                  (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
                  if value is not None]

@@ -253,8 +253,7 @@ class FeatureStore:
         return None
 
     def _damaged(self, video_id: str, problem: str) -> str:
-        return (f"{self._path(video_id)}: damaged cache file: {problem}; rerun `vidpipe extract` "
-                f"to extract it again, or `vidpipe cache repair {self.root}`")
+        return f"{self._path(video_id)}: damaged cache file: {problem}; {_fix_damaged(self.root)}"
 
     def _datasets(self, h5: h5py.File, video_id: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         missing = [name for name in names if name not in h5]
@@ -344,6 +343,10 @@ class CacheCheck:
         return "\n".join(lines)
 
 
+def _fix_damaged(root: Path) -> str:
+    return f"rerun `vidpipe extract` to extract it again, or `vidpipe cache repair {root}`"
+
+
 def check_cache(root: str | Path, repair: bool = False) -> CacheCheck:
     """Verify every file of a cache (datasets, checksum, settings) and its manifest.
 
@@ -378,6 +381,8 @@ def check_cache(root: str | Path, repair: bool = False) -> CacheCheck:
             (root / DAMAGED_DIR).mkdir(exist_ok=True)
             store._path(video_id).replace(root / DAMAGED_DIR / f"{video_id}.h5")
             result.moved.append(video_id)
+            result.damaged[-1] = (problem.removesuffix(_fix_damaged(store.root))
+                                  + f"moved to {DAMAGED_DIR}/ (`vidpipe extract` extracts it again)")
     if repair and result.manifest_problem is not None:   # last: a killed repair can rerun
         with atomic_path(root / MANIFEST) as temp:
             temp.write_text(_manifest_text(store.settings))

@@ -152,3 +152,78 @@ def test_more_loader_workers_than_cores_are_capped_saying_so_once(tmp_path, capl
     assert said == [f"data.num_workers={asked} on {asked - 1} available cores: "
                     f"{asked - 1} loader workers"]
     assert not [w for w in recwarn if "DataLoader" in str(w.message)]
+
+
+def _relabelled(cache: Path, out: Path, order: list[str]) -> Path:
+    """The cache's labels.h5 with its class columns in `order` (names, background first)."""
+    import dataclasses
+
+    from vidpipe.store.labels import LabelSet
+
+    labels = LabelSet.load(cache / "labels.h5")
+    columns = [labels.class_names.index(name) for name in order]
+    videos = {video_id: dataclasses.replace(video, targets=video.targets[:, columns])
+              for video_id, video in labels.videos.items()}
+    LabelSet(order, videos, labels.splits).save(out)
+    return out
+
+
+def test_eval_maps_the_same_classes_in_another_order_by_name(tiny_run, tmp_path, caplog):
+    import logging
+
+    from vidpipe import evaluate
+
+    run, _ = tiny_run
+    cache = run.parent / "cache"
+    caplog.set_level(logging.INFO, logger="vidpipe")
+    same = evaluate(run / "last.pt", cache, device="cpu")
+    names = same["per_class"]
+    reordered = ["background", *reversed(list(names))]
+    other = evaluate(run / "last.pt", cache, labels=_relabelled(cache, tmp_path / "r.h5", reordered),
+                     device="cpu")
+    assert other["mAP"] == same["mAP"] and other["per_class"] == same["per_class"]
+    assert any("in another order: mapped by name" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_with_other_classes_names_the_difference_and_the_fix(tiny_run, tmp_path, capsys):
+    from vidpipe.store.labels import LabelSet
+    from train_helpers import cli_error
+
+    run, _ = tiny_run
+    cache = run.parent / "cache"
+    names = LabelSet.load(cache / "labels.h5").class_names
+    renamed = _relabelled(cache, tmp_path / "r.h5", names)
+    labels = LabelSet.load(renamed)
+    labels.class_names = [*names[:-1], "Jump"]
+    labels.save(renamed)
+    err = cli_error(capsys, ["eval", "--checkpoint", str(run / "last.pt"), "--cache", str(cache),
+                             "--labels", str(renamed)])
+    assert err == (f"error: {renamed}: classes differ from those of {run / 'last.pt'} "
+                   f"(only in {run / 'last.pt'}: {names[-1]}; only in {renamed}: Jump); build the "
+                   f"labels in its order with `vidpipe labels ... --classes {','.join(names[1:])}`")
+
+
+def test_a_second_run_into_the_same_folder_names_the_callers_own_argument(tiny_run, capsys):
+    from vidpipe import VidpipeError, train
+    from train_helpers import cli_error
+
+    run, _ = tiny_run
+    config, cache = run.parent / "tiny.yaml", run.parent / "cache"
+    with pytest.raises(VidpipeError, match=r"already holds a run \(last.pt\); pass resume=True "):
+        train(config, cache, run)
+    err = cli_error(capsys, ["train", "--config", str(config), "--cache", str(cache), "--out", str(run)])
+    assert err == (f"error: {run}: already holds a run (last.pt); pass --resume to continue it "
+                   "or choose another --out")
+
+
+def test_cache_repair_does_not_advise_running_cache_repair(tmp_path, capsys):
+    from vidpipe.pipeline.cli import main
+    from train_helpers import random_cache
+
+    cache = random_cache(tmp_path / "cache")
+    damaged = sorted((cache / "videos").glob("*.h5"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    main(["cache", "repair", str(cache)])
+    out = capsys.readouterr().out
+    assert "1 damaged" in out and "moved to damaged/" in out
+    assert "cache repair" not in out
