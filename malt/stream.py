@@ -539,7 +539,7 @@ class MultiStreamDetector(_FromCheckpoint):
         self.schedule.update(streams, positions)
         slots = torch.as_tensor([s.slot for s in streams], device=self.device)
         logits = _decode_newest(self.constants, self.state, slots, positions)    # (B, C+1)
-        probs = logits.softmax(-1).float().cpu().numpy()
+        probs = self.model.probabilities(logits).cpu().numpy()                   # (B, C+1)
         return dict(zip(keys, probs))
 
     @torch.inference_mode()

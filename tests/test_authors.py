@@ -17,6 +17,7 @@ from vidpipe.malt.evaluate import predict_chunks, predict_offline
 from vidpipe.malt.losses import malt_loss
 from vidpipe.malt.metrics import detection_report
 from vidpipe.malt.model import MALT, lstr_attention_init
+from vidpipe.malt.stream import OnlineDetector
 from vidpipe.malt.window import gather_window, window_indices
 from vidpipe.pipeline.cli import main
 from vidpipe.store.cache import FeatureStore
@@ -28,7 +29,7 @@ from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.checkpoint import load_model
 from vidpipe.malt.config import Config
 from vidpipe.malt.train import train
-from model_helpers import tiny_config
+from model_helpers import random_video, tiny_config
 from test_importer import write_lstr_folder
 from train_helpers import TINY_CONFIG, random_cache, write_cache, write_config
 
@@ -386,3 +387,14 @@ def test_export_under_the_thumos_name_needs_its_ambiguous_column(tmp_path):
     with pytest.raises(VidpipeError, match="LSTR's THUMOS evaluation drops column 21 as ambiguous, "
                                            "but these labels' ambiguous column is 3"):
         export_lstr(cache, tmp_path / "out", data_name="THUMOS", progress=False)
+
+
+def test_streaming_gives_the_offline_probabilities_with_the_ambiguous_output():
+    torch.manual_seed(0)
+    model = MALT(tiny_config(classifier_includes_ambiguous=True, init="lstr")).eval()
+    rgb, flow = random_video(30, model.cfg, seed=2)
+    detector = OnlineDetector(model)
+    streamed = np.stack([detector.step(rgb[t], flow[t]) for t in range(30)])
+    assert streamed.shape == (30, model.cfg.num_classes)
+    np.testing.assert_allclose(streamed, predict_offline(model, rgb, flow), atol=1e-5)
+    assert (streamed.sum(1) < 1 - 1e-4).all()       # the ambiguous output took its share
