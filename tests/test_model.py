@@ -1,4 +1,4 @@
-"""MALT model: shapes for every ablation, causality, decoder sharing, windows, config errors, info."""
+"""MALT model: shapes for every ablation, causality, decoder sharing, config errors, info (windows: test_window.py)."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from vidpipe.malt.config import Config, validate_model_config
 from vidpipe.malt.info import model_info
 from vidpipe.malt.model import MALT, Decoder, TransformerStack, layer_kwargs
-from vidpipe.malt.window import gather_window, num_long_tokens, window_indices
+from vidpipe.malt.window import num_long_tokens, window_indices
 from vidpipe.core.config import load_config
 from vidpipe.core.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_config, tiny_model
@@ -119,43 +119,6 @@ def test_recurrent_decoder_has_one_stage_of_parameters_cascaded_has_n(num_branch
     assert count(cascaded) == num_branches * one_stage
     assert len({id(s) for s in recurrent.stage_stacks()}) == 1
     assert len({id(s) for s in cascaded.stage_stacks()}) == num_branches
-
-
-def test_window_indices_examples():
-    cfg = tiny_config()                                 # long 16 steps / stride 4, short 4
-    # Long memory: grid steps s % 4 == 3 before the short memory, fixed as the window slides.
-    assert [a.tolist() for a in window_indices(20, cfg)] == [[3, 7, 11, 15], [17, 18, 19, 20]]
-    assert [a.tolist() for a in window_indices(22, cfg)] == [[3, 7, 11, 15], [19, 20, 21, 22]]
-    assert [a.tolist() for a in window_indices(23, cfg)] == [[7, 11, 15, 19], [20, 21, 22, 23]]
-    assert [a.tolist() for a in window_indices(13, cfg)] == [[-1, -1, 3, 7], [10, 11, 12, 13]]
-    assert [a.tolist() for a in window_indices(9, cfg)] == [[-1, -1, -1, 3], [6, 7, 8, 9]]
-    assert [a.tolist() for a in window_indices(6, cfg)] == [[-1, -1, -1, -1], [3, 4, 5, 6]]
-    assert [a.tolist() for a in window_indices(2, cfg)] == [[-1, -1, -1, -1], [0, 1, 2]]
-    assert [a.tolist() for a in window_indices(0, cfg)] == [[-1, -1, -1, -1], [0]]
-
-
-@pytest.mark.parametrize("t", range(0, 60))
-def test_window_indices_properties(t):
-    cfg = tiny_config(long_memory_steps=24, long_memory_stride=3, short_memory_steps=5)
-    long_idx, short_idx = window_indices(t, cfg)
-    assert len(long_idx) == 8 and short_idx[-1] == t and len(short_idx) == min(5, t + 1)
-    assert np.all(np.diff(short_idx) == 1)
-    valid = long_idx[long_idx >= 0]
-    assert np.all(long_idx[: len(long_idx) - len(valid)] == -1)     # padding only at the oldest slots
-    assert np.all(np.diff(valid) == 3) and np.all(valid % 3 == 2)   # the fixed grid s % 3 == 2
-    if len(valid):
-        assert short_idx[0] - 3 <= valid[-1] < short_idx[0] and valid[0] >= 0
-    assert len(valid) == min(8, short_idx[0] // 3)                 # every grid step before M_S that fits
-
-
-def test_gather_window_zero_fills_padding():
-    cfg = tiny_config()
-    rgb, flow = random_video(16, cfg)
-    window = gather_window(rgb, flow, 13, cfg)
-    assert window.long_valid.tolist() == [False, False, True, True]
-    assert not window.rgb_long[:2].any()
-    np.testing.assert_array_equal(window.flow_long[2:], flow[[3, 7]])
-    np.testing.assert_array_equal(window.rgb_short, rgb[10:14])
 
 
 @pytest.mark.parametrize("override, key", [
