@@ -1,4 +1,5 @@
-"""MALT model: shapes for every ablation, causality, decoder sharing, config errors, info (windows: test_window.py)."""
+"""MALT model: shapes for every ablation, causality, decoder sharing, config errors, info.
+Windows: test_window.py."""
 import numpy as np
 import pytest
 import torch
