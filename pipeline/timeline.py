@@ -287,10 +287,21 @@ class Timeline:
                    [Event(**e) for e in data.get("events", [])])   # version 1: none recorded
 
     def save_csv(self, path: str | Path) -> Path:
-        """Segments only: label,start_s,end_s,score (one row each, sorted by start)."""
-        return write_csv_atomically(path, ["label", "start_s", "end_s", "score"],
-                                    ([s.label, f"{s.start_s:.3f}", f"{s.end_s:.3f}", f"{s.score:.4f}"]
-                                     for s in self.segments))
+        """Segments: label,start_s,end_s,score (one row each, sorted by start); a source that
+        did not end at its end (metadata `ended_by` error or interrupt) ends with a row
+        `(ended by interrupt)`, start_s = end_s = where it stopped, no score."""
+        rows = [[s.label, f"{s.start_s:.3f}", f"{s.end_s:.3f}", f"{s.score:.4f}"]
+                for s in self.segments]
+        if (ended_by := self.ended_early()) is not None:
+            end = f"{self.duration_s:.3f}"
+            rows.append([f"(ended by {ended_by})", end, end, ""])
+        return write_csv_atomically(path, ["label", "start_s", "end_s", "score"], rows)
+
+    def ended_early(self) -> str | None:
+        """'error' or 'interrupt' when the source stopped before its end (live detection's
+        `ended_by`), else None."""
+        ended_by = self.metadata.get("ended_by", "eof")
+        return None if ended_by in ("eof", None) else str(ended_by)
 
     def save_png(self, path: str | Path, width_px: int = 1600, height_px: int = 700,
                  top_classes: int = 5) -> Path:
@@ -359,9 +370,12 @@ def plot_timeline(timeline: Timeline, path: str | Path, width_px: int = 1600,
         gridspec_kw={"height_ratios": [max(1.0, 0.35 * len(rows)), 2.0]})
     video = timeline.metadata.get("video", {})
     title = Path(str(video.get("source", video.get("video_id", "")))).name or "timeline"
+    ended_by = timeline.ended_early()
     fig.suptitle(f"{title}  ·  {len(timeline.segments)} action segment"
                  f"{'' if len(timeline.segments) == 1 else 's'}  ·  "
-                 f"{format_time(duration, 1)}", fontsize=12)
+                 f"{format_time(duration, 1)}"
+                 + (f"  ·  ENDED BY {ended_by.upper()} (not the source's end)" if ended_by else ""),
+                 fontsize=12, color="firebrick" if ended_by else "black")
     _draw_bands(bands, timeline, rows, truth, colour)
     _draw_curves(curves, timeline, top_classes, duration, colour)
     fig.tight_layout()

@@ -227,3 +227,38 @@ def test_cache_repair_does_not_advise_running_cache_repair(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 damaged" in out and "moved to damaged/" in out
     assert "cache repair" not in out
+
+
+def _timeline(ended_by: str):
+    import numpy as np
+
+    from vidpipe.pipeline.timeline import Timeline
+
+    probs = np.full((40, 3), [0.9, 0.05, 0.05], np.float32)
+    probs[10:20] = [0.05, 0.9, 0.05]                        # one Spin segment, 2.5-5.0 s
+    return Timeline.from_probs(probs, np.arange(40) * 0.25, ["background", "Spin", "Pulse"], 0.25,
+                               metadata={"ended_by": ended_by, "video": {"source": "cam.mp4"}})
+
+
+def test_the_csv_and_png_of_an_interrupted_source_say_so(tmp_path):
+    """The JSON records `ended_by`; a reader of only the CSV or the picture was not told that
+    the source stopped early."""
+    import csv
+
+    import matplotlib.image
+    import numpy as np
+
+    def title_has_red(png: Path) -> bool:
+        top = matplotlib.image.imread(png)[:60, :, :3]            # the title strip
+        return bool((np.abs(top - np.array([178, 34, 34]) / 255).max(axis=-1) < 0.08).any())
+
+    for ended_by in ("interrupt", "error", "eof"):
+        timeline = _timeline(ended_by)
+        rows = list(csv.reader(timeline.save_csv(tmp_path / f"{ended_by}.csv").open()))
+        assert rows[1][:3] == ["Spin", "2.500", "5.000"]
+        png = timeline.save_png(tmp_path / f"{ended_by}.png")
+        if ended_by == "eof":
+            assert len(rows) == 2 and not title_has_red(png)
+        else:
+            assert rows[-1] == [f"(ended by {ended_by})", "10.000", "10.000", ""]
+            assert title_has_red(png)
