@@ -32,6 +32,10 @@ import numpy as np
 
 from vidpipe.store.labels import Segment
 
+__all__ = ["DetectedStart", "F1_OVERLAPS", "START_OFFSETS_S", "StartMatch", "VideoEvents",
+           "edit_score", "eleven_point_ap", "event_report", "f1_from_counts", "label_sequence",
+           "match_starts", "point_average_precision", "segment_f1_counts"]
+
 START_OFFSETS_S = tuple(float(s) for s in range(1, 11))   # ODAS / WOAD: 1..10 s
 F1_OVERLAPS = (0.10, 0.25, 0.50)                          # MS-TCN
 
@@ -171,7 +175,8 @@ def event_report(videos: list[VideoEvents], class_names: list[str],
     """Every event metric over `videos` (class_names: the action classes, no background):
     {"start_ap": {offset: {"mean", "per_class"}}, "start_mAP" (mean over offsets),
      "f1": {overlap: F1}, "segment_counts": {overlap: [tp, fp, fn]}, "edit",
-     "latency_s": {"median", "p90", "matched"}, "false_starts_per_hour", "num_videos",
+     "latency_s": {"median", "p90", "matched", "offset_s", "values"}, "false_starts_per_hour",
+     "num_videos",
      "hours", "num_true_starts", "num_starts"}."""
     if not videos:
         raise ValueError("no videos to score")
@@ -189,7 +194,8 @@ def event_report(videos: list[VideoEvents], class_names: list[str],
         "edit": float(np.mean([edit_score(label_sequence(v.segments), label_sequence(v.truth))
                                for v in videos])),
         "latency_s": {"median": _percentile(latencies, 50), "p90": _percentile(latencies, 90),
-                      "matched": len(latencies), "offset_s": latency_offset_s},
+                      "matched": len(latencies), "offset_s": latency_offset_s,
+                      "values": np.round(latencies, 4).tolist()},
         "false_starts_per_hour": false_starts / hours if hours > 0 else float("nan"),
         "num_videos": len(videos), "hours": hours,
         "num_true_starts": sum(len(v.truth) for v in videos),

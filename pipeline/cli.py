@@ -18,7 +18,7 @@ from vidpipe.core.paths import require_checkpoint_file, require_input, require_s
 # `vidpipe --help` lists the commands in the order a user runs them (any command not named
 # here follows, in the order it is defined).
 PIPELINE_ORDER = ["extract", "labels", "import-features", "export-features", "train", "eval",
-                  "detect", "demo", "model-info", "cache"]
+                  "calibrate", "detect", "demo", "model-info", "cache"]
 
 
 class PipelineGroup(click.Group):
@@ -259,7 +259,10 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 
 
 @cli.command("eval")
-@path_option("--checkpoint", required=True, help="e.g. runs/NAME/best.pt")
+@path_option("--checkpoint", help="e.g. runs/NAME/best.pt: per-frame mAP/mcAP, and the event metrics "
+                                  "of its streaming detector with its event rules")
+@path_option("--timelines", help="Folder of timeline JSON files `vidpipe detect` wrote: event metrics "
+                                 "of what it emitted (instead of --checkpoint).")
 @labelled_cache_options
 @click.option("--split", default=None, help="Split to evaluate (default: the config's test split).")
 @path_option("--out", type=OUT_FILE, help="Write the results as JSON.")
@@ -273,9 +276,23 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
                    "windows ending at t = S-1, 2S-1, ... while t+1 < T, every output of each "
                    "scored; later steps are not scored (the trainer's test phase of LSTR and the "
                    "MALT authors, behind the published numbers).")
+@path_option("--picture", type=OUT_FILE,
+             help="PNG of start p-mAP vs offset and the latency histogram (default with --out: OUT.png).")
+@click.option("--frames-only", is_flag=True, help="Per-frame metrics only (no event metrics).")
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
-                 out: str | None, device: str | None, batch_size: int, protocol: str) -> None:
-    """Per-frame mAP (THUMOS protocol) and mcAP (TVSeries protocol) of a checkpoint."""
+                 out: str | None, device: str | None, batch_size: int, protocol: str,
+                 **event_options) -> None:
+    """Per-frame mAP (THUMOS protocol) and mcAP (TVSeries protocol) of a checkpoint, and the
+    event metrics (action starts, segments, latency) of what detect emits."""
+    from vidpipe.pipeline.score import event_evaluation
+
+    timelines, picture = event_options["timelines"], event_options["picture"]
+    if (checkpoint is None) == (timelines is None):
+        raise click.UsageError("give --checkpoint or --timelines (one of them)")
+    if timelines is not None:
+        click.echo(event_evaluation(cache, labels, split, timelines=timelines, out=out,
+                                    picture=picture)[1])
+        return
     require_checkpoint_file(checkpoint)
     from vidpipe.malt.evaluate import evaluate
     from vidpipe.malt.metrics import format_table
@@ -288,6 +305,31 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
     click.echo(f"{report['num_videos']} videos, {report['num_frames']} frames (split "
                f"'{report['split']}', protocol {protocol}): mAP {100 * report['mAP']:.2f}, mcAP {100 * report['mcAP']:.2f}"
                + (f"; written to {out}" if out else ""))
+    if not event_options["frames_only"]:
+        click.echo(event_evaluation(cache, labels, split, checkpoint=checkpoint, device=device,
+                                    out=out, picture=picture, frame_report=report)[1])
+
+
+@cli.command()
+@path_option("--checkpoint", required=True, help="Trained model (run folder's last.pt or best.pt).")
+@labelled_cache_options
+@click.option("--split", default="val", show_default=True,
+              help="Videos to choose on: a split of the labels, or 'val': the run's validation videos "
+                   "(data.val_split, or those data.val_fraction held out). The test split is refused.")
+@click.option("--objective", type=click.Choice(["f1", "start-ap", "latency"]), default="f1",
+              show_default=True,
+              help="f1: segment F1@0.25; start-ap: start p-mAP over offsets 1..10 s; latency: lowest "
+                   "median start latency within 90%% of the best F1.")
+@device_option()
+def calibrate(checkpoint: str, cache: str, labels: str | None, split: str, objective: str,
+              device: str | None) -> None:
+    """Choose the event rules (per-class start/end thresholds, smoothing, minimum duration) on
+    validation videos; written beside the checkpoint, detect and eval then use them."""
+    require_checkpoint_file(checkpoint)
+    from vidpipe.pipeline.calibrate import calibrate as run_calibrate, describe_rules, rules_path
+
+    rules = run_calibrate(checkpoint, cache, labels, split=split, objective=objective, device=device)
+    click.echo(describe_rules(rules, rules_path(checkpoint)))
 
 
 @cli.command("model-info")
@@ -323,14 +365,16 @@ def model_info(config_path: str | None, overrides: tuple[str, ...], params_only:
 @click.option("--timeout", "timeout_s", default=10.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Seconds a URL may stay silent before it has failed.")
-@click.option("--threshold", default=0.5, show_default=True, type=float,
-              help="Probability above which a class is active.")
+@click.option("--threshold", default=None, type=float,
+              help="Probability at which a class starts (default 0.5). Any of --threshold, "
+                   "--class-threshold, --min-duration, --merge-gap replaces the checkpoint's "
+                   "calibrated rules (`vidpipe calibrate`) by these options and the defaults.")
 @click.option("--class-threshold", multiple=True, metavar="NAME=VALUE",
               help="Threshold for one class (repeatable).")
-@click.option("--min-duration", default=0.5, show_default=True, type=float,
-              help="Drop segments shorter than this (seconds).")
-@click.option("--merge-gap", default=0.5, show_default=True, type=float,
-              help="Merge same-class segments separated by at most this (seconds).")
+@click.option("--min-duration", default=None, type=float,
+              help="Drop segments shorter than this (seconds; default 0.5).")
+@click.option("--merge-gap", default=None, type=float,
+              help="Merge same-class segments separated by at most this (seconds; default 0.5).")
 @device_option()
 @click.option("--int8", is_flag=True, help="Dynamic int8 linear layers for the model (CPU).")
 @click.option("--no-picture", is_flag=True, help="Skip the PNG timeline.")
@@ -347,13 +391,14 @@ def detect(source_args, source_opts, checkpoint, out, cache, live, events, rende
         raise click.UsageError("give at least one SOURCE (argument or --source)")
     require_checkpoint_file(checkpoint)
     require_sources(sources, cache_given=cache is not None)
-    from vidpipe.pipeline.detect import detect as run_detect, timeline_settings
+    from vidpipe.pipeline.calibrate import command_line_rules
+    from vidpipe.pipeline.detect import detect as run_detect
 
     weights = {k: v for k, v in (("rgb", rgb_weights), ("flow", flow_weights),
                                  ("raft", raft_weights)) if v}
     detections = run_detect(
         sources, checkpoint, out=out, cache=cache, device=device, int8=int8, live=live,
-        settings=timeline_settings(threshold, class_threshold, min_duration, merge_gap),
+        settings=command_line_rules(threshold, class_threshold, min_duration, merge_gap),
         picture=not no_picture, weights=weights, events=events, render=render,
         reconnect=reconnect, timeout_s=timeout_s)
     if any(d.interrupted for d in detections):

@@ -62,7 +62,9 @@ class Detection:
 @dataclass
 class DetectOptions:
     """How `Detector.run` / `detect` treat their sources (the CLI's options)."""
-    settings: TimelineSettings = field(default_factory=TimelineSettings)
+    settings: TimelineSettings | None = None   # event rules; None: the checkpoint's calibrated
+                                               # rules (`vidpipe calibrate`), else the defaults
+    rules: str = "rules as given"              # where the rules came from (timeline metadata)
     live: bool = False                         # log each decision (and featurise step by step)
     picture: bool = True                       # write the PNG timeline
     events: str | Path | None = None           # JSONL file the start/end events are appended to
@@ -147,6 +149,10 @@ class Detector:
                  cache: str | Path | None = None, **options) -> list[Detection]:
         """Every source at once (one worker each, one batched detector); see `detect`."""
         options = DetectOptions(**options)
+        if options.settings is None:
+            from vidpipe.pipeline.calibrate import checkpoint_rules
+            options.settings, options.rules = checkpoint_rules(self.checkpoint_path)
+        log.info("event rules: %s", options.rules)
         texts = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
         store = _open_cache(cache, self.feature_settings, self.checkpoint_path) if cache else None
         out_dir = Path(out) if out else Path(self.checkpoint_path).resolve().parent / DETECTIONS_DIR
@@ -341,6 +347,7 @@ class _Batch:
             "feature_settings": self.detector.feature_settings,
             "device": str(self.detector.device),
             "int8": self.detector.batched.int8,
+            "rules": self.options.rules,
             "ended_by": run.ended_by, "error": run.error, "reconnects": run.reconnects,
             "timings": run.timings(),
         }
@@ -375,23 +382,3 @@ def _open_cache(cache: str | Path, feature_settings: dict, checkpoint: str | Pat
 def _cached_features(store: FeatureStore, video_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     features = store.read(video_id)
     return features.timestamps, features.rgb, features.flow
-
-
-def timeline_settings(threshold: float, class_thresholds: tuple[str, ...] | list[str],
-                      min_duration_s: float, merge_gap_s: float) -> TimelineSettings:
-    """TimelineSettings from command-line values; `class_thresholds` as NAME=VALUE strings."""
-    per_class = {}
-    for item in class_thresholds:
-        name, sep, value = item.partition("=")
-        try:
-            per_class[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise VidpipeError(f"--class-threshold '{item}': expected NAME=VALUE, e.g. Spin=0.4")
-    for label, value in (("--threshold", threshold), *per_class.items()):
-        if not 0.0 <= value <= 1.0:
-            raise VidpipeError(f"threshold {label}={value}: must be in [0, 1]")
-    if min_duration_s < 0 or merge_gap_s < 0:
-        raise VidpipeError("--min-duration and --merge-gap must be >= 0 seconds")
-    return TimelineSettings(threshold, per_class, min_duration_s, merge_gap_s)

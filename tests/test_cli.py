@@ -20,7 +20,9 @@ def test_help_lists_commands_in_pipeline_order_with_whole_summaries(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["nonsense"], "No such command 'nonsense'"),
     (["train", "--bogus"], "No such option '--bogus'"),
-    (["eval"], "Missing option '--checkpoint'"),
+    (["eval"], "Missing option '--cache'"),
+    (["eval", "--cache", "c"], "give --checkpoint or --timelines (one of them)"),
+    (["calibrate", "--cache", "c"], "Missing option '--checkpoint'"),
     (["--quiet", "--verbose", "demo"], "--quiet and --verbose exclude each other"),
     (["demo", "--duration", "0"], "'--duration': 0.0 is not in the range x>0"),
     (["demo", "--duration", "-5"], "'--duration'"),
@@ -52,7 +54,7 @@ def test_shared_options_are_one_declaration_each():
     source = inspect.getsource(cli_module)
     for flag in ('"--device"', '"--set"'):
         assert source.count(flag) == 1, f"{flag} is declared {source.count(flag)} times"
-    assert source.count("@labelled_cache_options") == 2               # train and eval
+    assert source.count("@labelled_cache_options") == 3               # train, eval, calibrate
 
     def declaration(param, *leave_out):
         return {k: v for k, v in param.to_info_dict().items() if k not in leave_out}
