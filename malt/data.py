@@ -26,7 +26,7 @@ from vidpipe.store.labels import LABELS_FILE, LabelSet, build_labels
 from vidpipe.store.cache import FeatureStore
 
 __all__ = ["TrainWindows", "VideoData", "feature_dims", "feature_statistics", "held_out_videos",
-           "load_videos", "resolve_labels"]
+           "load_videos", "resolve_labels", "segment_long_memory"]
 
 
 @dataclass

@@ -32,7 +32,8 @@ from vidpipe.core.errors import VidpipeError
 from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
 
-__all__ = ["check_compatible", "evaluate", "evaluate_videos", "predict_offline"]
+__all__ = ["PROTOCOLS", "check_compatible", "evaluate", "evaluate_videos", "predict_chunks",
+           "predict_offline"]
 log = logging.getLogger(__name__)
 
 

@@ -20,7 +20,7 @@ from vidpipe.malt.stream import OnlineDetector
 from vidpipe.malt.window import gather_window
 
 __all__ = ["ModelInfo", "count_macs", "count_params", "describe_model", "format_info",
-           "model_info"]
+           "model_info", "parameter_counts"]
 
 
 @dataclass

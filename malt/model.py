@@ -20,9 +20,10 @@ from vidpipe.malt.attention import SparseCrossAttention
 from vidpipe.malt.config import ModelConfig, validate_model_config
 from vidpipe.malt.window import num_long_tokens
 
-__all__ = ["MALT", "MALTOutput", "DecoderStage", "EncoderBranch", "EncoderPass", "FeatureFusion",
-           "FeedForward", "HierarchicalEncoder", "Decoder", "TransformerLayer",
-           "TransformerStack", "causal_mask", "layer_kwargs", "sinusoidal_encoding"]
+__all__ = ["Decoder", "DecoderStage", "EncoderBranch", "EncoderPass", "FeatureFusion",
+           "FeedForward", "HierarchicalEncoder", "MALT", "MALTOutput", "TransformerLayer",
+           "TransformerStack", "causal_mask", "layer_kwargs", "lstr_attention_init",
+           "sinusoidal_encoding"]
 
 
 class MALTOutput(NamedTuple):

@@ -18,6 +18,8 @@ from pathlib import Path
 from vidpipe.core.atomic import atomic_path
 from vidpipe.core.log import format_duration
 
+__all__ = ["CURVES", "RunMonitor", "TENSORBOARD_FILES", "draw_curves", "epoch_line", "scalars"]
+
 CURVES = "curves.png"
 TENSORBOARD_FILES = "events.out.tfevents.*"   # how TensorBoard names its event files
 log = logging.getLogger(__name__)

@@ -79,7 +79,8 @@ from vidpipe.malt.model import MALT, EncoderPass, causal_mask
 from vidpipe.malt.window import (is_grid_step, long_memory_newest, long_memory_steps,
                                  next_long_memory_change, num_long_tokens)
 
-__all__ = ["EncoderSchedule", "MultiStreamDetector", "OnlineDetector", "StreamState"]
+__all__ = ["EncoderSchedule", "EncodingRows", "MultiStreamDetector", "OnlineDetector",
+           "StreamState"]
 
 
 # -- slot bookkeeping: which streams are served, and their row in the state -------------------

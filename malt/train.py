@@ -60,6 +60,9 @@ from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
 from vidpipe.store.labels import LabelSet
 
+__all__ = ["DATA_KEYS", "RESUME_MAY_CHANGE", "build_optimizer", "iterations_per_epoch",
+           "learning_rate", "load_initial_weights", "lr_factor", "remove_run", "train"]
+
 LAST, BEST, CONFIG, METRICS, CHECKPOINTS = "last.pt", "best.pt", "config.yaml", "metrics.jsonl", "checkpoints"
 # Model dimensions that come from the data: a config may leave them out.
 DATA_KEYS = ("rgb_dim", "flow_dim", "num_classes")
