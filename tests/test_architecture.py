@@ -53,3 +53,19 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from vidpipe.pipeline.cli import main\nimport malt.model\n")
     assert vidpipe_imports(bad) == [(1, "pipeline"), (2, "bare:malt")]
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "malt").glob("*.py") if p.name != "__init__.py"))
+def test_malt_modules_say_what_they_offer(path):
+    """Each malt module's `__all__` names exactly its public classes and functions (and may
+    name public constants): what a reader may use is written at the top of the file."""
+    tree = ast.parse((REPO / "malt" / path).read_text())
+    public = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+              and not node.name.startswith("_")}
+    declared = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)]
+    assert declared, f"malt/{path} has no __all__"
+    defined = public | {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                        if isinstance(t, ast.Name)}
+    assert public <= set(declared[0]) <= defined, (sorted(public - set(declared[0])),
+                                                    sorted(set(declared[0]) - defined))
