@@ -15,7 +15,7 @@ from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.checkpoint import load_model
 from vidpipe.malt.config import Config
 from vidpipe.malt.data import TrainWindows, held_out_videos, load_videos
-from vidpipe.malt.losses import loss_targets, malt_loss
+from vidpipe.malt.losses import loss_targets
 from vidpipe.malt.model import MALT
 from vidpipe.malt.train import learning_rate, load_initial_weights, train
 from vidpipe.pipeline.cli import main
@@ -204,16 +204,6 @@ def test_paper_config_trains_with_the_authors_recipe(imported, tmp_path, monkeyp
     assert loss_targets(torch.from_numpy(two), "lstr").tolist().count(1.0) == 2
     # honest selection: the paper config has no validation split, so no best.pt, said so
     assert "model selection (best.pt): none" in capsys.readouterr().out
-
-
-def test_multi_action_frames_weigh_as_in_lstr():
-    logits = torch.log(torch.tensor([[[0.2, 0.6, 0.2]]]))
-    targets = torch.tensor([[[0.0, 0.5, 0.5]]])           # stored: rows sum to 1
-    valid = torch.tensor([[True]])
-    lstr = malt_loss(logits, [], targets, valid, 0.0, False, multi_label="lstr").total.item()
-    normalised = malt_loss(logits, [], targets, valid, 0.0, False, multi_label="normalised").total.item()
-    assert lstr == pytest.approx(-(math.log(0.6) + math.log(0.2)), rel=1e-6)
-    assert normalised == pytest.approx(lstr / 2, rel=1e-6)
 
 
 def test_our_choices_are_switches(cache, tmp_path):

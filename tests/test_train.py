@@ -11,7 +11,6 @@ from vidpipe.malt.checkpoint import load_model
 from vidpipe.malt.config import ModelConfig, TrainConfig
 from vidpipe.malt.data import TrainWindows, load_videos
 from vidpipe.malt.evaluate import predict_offline
-from vidpipe.malt.losses import malt_loss
 from vidpipe.malt.train import lr_factor, train
 from vidpipe.malt.window import gather_window
 from vidpipe.pipeline.cli import main
@@ -162,21 +161,6 @@ def test_resume_checks_the_cache(trained, tmp_path):
     shutil.copy(trained / "last.pt", resumed / "last.pt")
     with pytest.raises(VidpipeError, match="model.flow_dim=4 but the data has 5"):
         train(None, other, resumed, resume=True, progress=False)
-
-
-def test_loss_by_hand():
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]]]))    # (1, 2, 3)
-    targets = torch.tensor([[[1.0, 0, 0], [0, 0.5, 0.5]]])
-    valid = torch.tensor([[True, True]])
-    aux = [torch.log(torch.tensor([[[0.25, 0.5, 0.25], [0.1, 0.1, 0.8]]]))]
-    terms = malt_loss(logits, aux, targets, valid, aux_weight=0.4, use_aux=True)
-    decoder = (-np.log(0.5) + -(0.5 * np.log(0.6) + 0.5 * np.log(0.2))) / 2
-    aux_term = (-np.log(0.25) + -(0.5 * np.log(0.1) + 0.5 * np.log(0.8))) / 2
-    assert terms.decoder.item() == pytest.approx(decoder, rel=1e-5)
-    assert terms.total.item() == pytest.approx(decoder + 0.4 * aux_term, rel=1e-5)
-    # an ambiguous step counts nowhere; aux off leaves the decoder term alone
-    terms = malt_loss(logits, aux, targets, torch.tensor([[True, False]]), 0.4, use_aux=False)
-    assert terms.total.item() == pytest.approx(-np.log(0.5), rel=1e-5)
 
 
 def test_lr_schedule():
