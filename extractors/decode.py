@@ -39,6 +39,9 @@ from vidpipe.core.paths import is_stream
 
 try:  # decord has no wheels for every platform; PyAV covers the rest
     import decord
+    # Its bundled libav prints its own errors on the console ('partial file'); they reach us
+    # as exceptions, which become one-line messages naming the file.
+    decord.logging.set_level(decord.logging.QUIET)
 except ImportError:  # pragma: no cover - depends on the platform
     decord = None
 

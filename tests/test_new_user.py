@@ -262,3 +262,28 @@ def test_the_csv_and_png_of_an_interrupted_source_say_so(tmp_path):
         else:
             assert rows[-1] == [f"(ended by {ended_by})", "10.000", "10.000", ""]
             assert title_has_red(png)
+
+
+def test_a_truncated_video_gets_our_message_only_not_libav_console_noise(tmp_path, capfd):
+    """A cut-off mp4 (moov at the front) made the decoder's bundled libav print
+    '[mov,mp4,...] stream 0, offset 0x...: partial file' on the console beside vidpipe's
+    own one-line message."""
+    import av
+
+    from vidpipe import VidpipeError
+    from vidpipe.extractors.decode import VideoSource
+    from extract_helpers import frame_image
+
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(96):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame_image(index, 64, 48), format="rgb24")))
+        container.mux(stream.encode())
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * 0.7)])
+    with pytest.raises(VidpipeError, match="cut.mp4"):
+        for _ in VideoSource(str(cut)).chunks():
+            pass
+    assert "partial file" not in capfd.readouterr().err
