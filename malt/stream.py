@@ -55,10 +55,17 @@ stream's tensors, named fields, one dtype: `MultiStreamDetector.dtype`), `_Const
 depends on the weights alone, and the int8 copy), `EncoderSchedule` (the long memory's
 encoding as FLOP-balanced parts), `_decode_newest` (the decoder, every step).
 
-int8 (`int8=True`, CPU only): every Linear layer, including the detector's fused
-projections, becomes torch's dynamic int8 Linear (weights int8, activations quantised per
-call); the cached W p + b constants stay fp32. Outputs then differ from the fp32 model's by
-the quantisation error (bench/streams.py reports the speed, docs/malt.md the accuracy).
+Precision (`precision=`, `core.precision`): fp32 is exact (the 1e-5 above). bf16 (and
+fp16 on CUDA): a copy of the model, the state and the cached constants in that dtype, so
+every matrix product runs in it (torch's softmax and layer norm accumulate in fp32 inside
+their kernels; the output softmax is fp32). int8 (CPU): every Linear layer, the fused
+projections included, becomes torch's dynamic int8 Linear (weights int8, activations
+quantised per call, VNNI kernels where the CPU has them); the rest (state, attention, norms)
+runs in bf16 where the CPU multiplies bf16 natively, else fp32. The constants W p + b are
+computed in fp32, then rounded to the state's dtype. `auto`: int8 where the CPU has VNNI,
+else bf16 where it has native bf16 (CUDA: bf16, else fp16), else fp32. The per-step
+probabilities stay within 0.05 of fp32 (tests/test_stream_precision.py); bench/streams.py
+reports the speed, docs/malt.md the accuracy.
 """
 from __future__ import annotations
 
@@ -74,6 +81,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.precision import DTYPES, device_capabilities, resolve_precision
 from vidpipe.malt.config import ModelConfig
 from vidpipe.malt.model import MALT, EncoderPass, causal_mask
 from vidpipe.malt.window import (is_grid_step, long_memory_newest, long_memory_steps,
@@ -180,7 +188,7 @@ class StreamState:
 @dataclass
 class _Constants:
     """Computed once per `refresh_weights` from the weights (exact identities, the model is frozen)."""
-    model: nn.Module                  # the model served (int8: a quantised copy)
+    model: nn.Module                  # the model served (bf16/fp16: a copy in that dtype; int8: a quantised copy)
     passes: list[EncoderPass]         # the encoder's structure (model.encoder.passes())
     long_proj: nn.Module              # D -> 2 x long layers x D: a grid step's W x for each k and v
     long_pos_kv: torch.Tensor         # (2 x long layers, L, D) W p + b per long slot
@@ -191,18 +199,23 @@ class _Constants:
     causal: torch.Tensor              # (1, S, S)
 
     @classmethod
-    def of(cls, model: MALT, int8: bool) -> "_Constants":
+    def of(cls, model: MALT, precision: str, dtype: torch.dtype) -> "_Constants":
+        """From the fp32 `model`: constants computed in fp32, then rounded to `dtype` (the
+        state's); the model served in `precision` (fp32: the model itself)."""
         passes = model.encoder.passes()
         long_layers = [layer for p in passes if p.memory is None for layer in p.stack.layers]
         long_projs = [proj for layer in long_layers for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
         first_sa = model.decoder.stages()[0].stack.layers[0].self_attn
         short_projs = [first_sa.q_proj, first_sa.k_proj, first_sa.v_proj]
-        served, long_proj, short_proj = model, _stacked_linear(long_projs), _stacked_linear(short_projs)
-        if int8:
-            served, long_proj, short_proj = _quantized(model, long_proj, short_proj)
-        return cls(served, served.encoder.passes(), long_proj,
-                   torch.stack([proj(model.long_pos) for proj in long_projs]), _latent_starts(passes),
-                   short_proj, torch.stack([p(model.short_pos) for p in short_projs], dim=1),
+        served = [model, _stacked_linear(long_projs), _stacked_linear(short_projs)]
+        if precision == "int8":
+            served = _quantized(dtype, *served)
+        elif dtype != torch.float32:
+            served = [copy.deepcopy(m).to(dtype) for m in served]
+        latent_start = [None if start is None else tuple(t.to(dtype) for t in start) for start in _latent_starts(passes)]
+        return cls(served[0], served[0].encoder.passes(), served[1],
+                   torch.stack([proj(model.long_pos) for proj in long_projs]).to(dtype), latent_start,
+                   served[2], torch.stack([p(model.short_pos) for p in short_projs], dim=1).to(dtype),
                    causal_mask(model.cfg.short_memory_steps, model.long_pos.device))
 
 
@@ -441,23 +454,40 @@ class MultiStreamDetector(_FromCheckpoint):
 
     The model is moved to `device` (default: where its parameters are) and put in eval mode.
     `max_streams` caps the streams served at once (state for them is allocated up front);
-    None grows the state as streams join. `int8=True` quantises the Linear layers (CPU).
-    Call `refresh_weights()` after changing the model's weights.
+    None grows the state as streams join. `precision`: fp32 (exact) | bf16 | fp16 (CUDA) |
+    int8 (CPU) | auto (module notes); `int8=True` is `precision="int8"`. The model given is
+    moved to `device` in fp32 (whatever its dtype); the detector serves a copy in the
+    precision. Call `refresh_weights()` after changing the model's weights.
     """
 
     def __init__(self, model: MALT, device: Optional[str | torch.device] = None,
-                 max_streams: Optional[int] = None, int8: bool = False):
+                 max_streams: Optional[int] = None, int8: bool = False, precision: str = "fp32"):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if int8 and self.device.type != "cpu":
-            raise VidpipeError(f"int8 streaming runs on the CPU only, not on {self.device}")
-        self.source_model = model.to(self.device).eval()
-        self.cfg, self.int8 = model.cfg, int8
-        self.dtype = torch.float32                    # of the state and the constants
+        if int8 and precision not in ("fp32", "int8"):
+            raise VidpipeError(f"int8=True is precision='int8': it contradicts precision='{precision}'")
+        self.precision = resolve_precision("int8" if int8 else precision, self.device, int8_ok=True)
+        self.source_model = model.to(self.device, torch.float32).eval()
+        self.cfg = model.cfg
+        self.dtype = self._state_dtype()              # of the state and the constants
         self._slots = _Slots(max_streams)
         # Grid steps kept: the L in the long memory plus those still in the short memory
         # (at most ceil(S / stride)), which enter the long memory later.
         self.ring_size = num_long_tokens(self.cfg) + -(-self.cfg.short_memory_steps // self.cfg.long_memory_stride)
         self.refresh_weights()
+
+    def _state_dtype(self) -> torch.dtype:
+        if self.precision == "int8":   # around the int8 Linear layers: bf16 where native, else fp32
+            return torch.bfloat16 if device_capabilities(self.device).bf16 else torch.float32
+        return DTYPES[self.precision]
+
+    @property
+    def int8(self) -> bool:
+        return self.precision == "int8"
+
+    def describe_precision(self) -> str:
+        """What runs, for the records: e.g. 'int8 Linear layers, the rest bfloat16'."""
+        rest = str(self.dtype).replace("torch.", "")
+        return f"int8 Linear layers, the rest {rest}" if self.int8 else rest
 
     @property
     def streams(self) -> list[Hashable]:
@@ -494,7 +524,7 @@ class MultiStreamDetector(_FromCheckpoint):
     def refresh_weights(self) -> None:
         """The model's weights changed: recompute what depends on them; every stream
         restarts at position 0."""
-        self.constants = _Constants.of(self.source_model, self.int8)
+        self.constants = _Constants.of(self.source_model, self.precision, self.dtype)
         self.state = StreamState.zeros(self._row_shapes(), self.device, self.dtype)
         self.state.grow(self._slots.rows_needed())
         self.schedule = EncoderSchedule(self.constants, self.state, self.cfg, self.ring_size)
@@ -586,7 +616,7 @@ class MultiStreamDetector(_FromCheckpoint):
 
     def _as_tensor(self, x) -> torch.Tensor:
         x = x if isinstance(x, torch.Tensor) else np.asarray(x)
-        return torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        return torch.as_tensor(x, device=self.device).to(self.dtype)
 
     def _check_dims(self, rgb: torch.Tensor, flow: torch.Tensor) -> None:
         if rgb.shape[-1] != self.cfg.rgb_dim or flow.shape[-1] != self.cfg.flow_dim:
@@ -603,8 +633,9 @@ class OnlineDetector(_FromCheckpoint):
     before a new stream, `refresh_weights()` after changing the model's weights.
     """
 
-    def __init__(self, model: MALT, device: Optional[str | torch.device] = None, int8: bool = False):
-        self.multistream = MultiStreamDetector(model, device, max_streams=1, int8=int8)
+    def __init__(self, model: MALT, device: Optional[str | torch.device] = None, int8: bool = False,
+                 precision: str = "fp32"):
+        self.multistream = MultiStreamDetector(model, device, max_streams=1, int8=int8, precision=precision)
         self.multistream.add_stream(0)
         self.cfg, self.device = self.multistream.cfg, self.multistream.device
 
@@ -662,13 +693,33 @@ def _stacked_linear(projs: list[nn.Linear]) -> nn.Linear:
     return stacked.eval()
 
 
-def _quantized(model: MALT, *linears: nn.Linear) -> tuple[nn.Module, ...]:
+def _quantized(dtype: torch.dtype, *modules: nn.Module) -> list[nn.Module]:
     """Copies with every Linear as torch's dynamic int8 Linear (weights int8 per tensor,
-    activations quantised per call; fbgemm / oneDNN kernels, VNNI where the CPU has it)."""
+    activations quantised per call; fbgemm / oneDNN kernels, VNNI where the CPU has it) and
+    everything else in `dtype`. The int8 kernels take and give fp32: in a bf16 model each
+    one converts at its edges (`_Float32Edges`)."""
     with warnings.catch_warnings():          # torch marks eager quantisation deprecated (-> torchao)
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         # (a bare Linear is wrapped: quantize_dynamic swaps submodules only)
-        quantized = quantize_dynamic(nn.ModuleList([copy.deepcopy(m) for m in (model, *linears)]),
-                                     {nn.Linear}, dtype=torch.qint8)
-        return tuple(quantized)
+        quantized = quantize_dynamic(nn.ModuleList([copy.deepcopy(m) for m in modules]),
+                                     {nn.Linear: per_channel_dynamic_qconfig})
+    if dtype != torch.float32:
+        quantized.to(dtype)                  # norms, positions, latent queries (int8 weights stay)
+        for parent in list(quantized.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, DynamicLinear):
+                    setattr(parent, name, _Float32Edges(child, dtype))
+    return list(quantized)
+
+
+class _Float32Edges(nn.Module):
+    """An fp32-only module inside a `dtype` model: x -> module(x in fp32) in `dtype`."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float()).to(self.dtype)

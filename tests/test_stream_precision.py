@@ -1,0 +1,107 @@
+"""The streaming detector's precision: each value runs; fp32 is exact; bf16 and int8 stay
+within 0.05 of fp32 per step; int8 quantises every Linear; `auto` follows the capabilities."""
+import numpy as np
+import pytest
+import torch
+
+from model_helpers import offline_probs, random_video, tiny_model
+from vidpipe.core import precision as precision_module
+from vidpipe.core.errors import VidpipeError
+from vidpipe.core.precision import Capabilities
+from vidpipe.malt.stream import MultiStreamDetector, OnlineDetector
+
+BOUND = 0.05         # per-step probability, |precision - fp32| (docs/malt.md)
+STEPS = 60
+
+
+def decisive_model():
+    """The tiny model with logits 5x (not the helpers' 30x): outputs far from uniform (mean
+    top-bottom spread 0.75) without amplifying every rounding 30-fold."""
+    model = tiny_model(d_model=64, ffn_dim=64)
+    with torch.no_grad():
+        model.classifier.weight.div_(6.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def video_and_reference():
+    model = decisive_model()
+    rgb, flow = random_video(STEPS, model.cfg, seed=9)
+    return model, rgb, flow, offline_probs(model, rgb, flow, range(STEPS))
+
+
+def streamed(detector: MultiStreamDetector, rgb, flow, streams: int = 2) -> list[np.ndarray]:
+    """The video through `streams` streams at once (stream b starts b steps late, so the
+    batches mix positions); each stream's outputs (T, C+1). (int8 quantises activations per
+    call, over the batch: a stream's rounding depends on its batch mates.)"""
+    for b in range(streams):
+        detector.add_stream(b)
+    outputs = {b: [] for b in range(streams)}
+    for t in range(len(rgb) + streams - 1):
+        out = detector.step({b: (rgb[t - b], flow[t - b]) for b in range(streams) if 0 <= t - b < len(rgb)})
+        for b, probs in out.items():
+            outputs[b].append(probs)
+    return [np.stack(outputs[b]) for b in range(streams)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "auto"])
+def test_each_precision_runs_within_its_bound_of_fp32(video_and_reference, precision):
+    model, rgb, flow, reference = video_and_reference
+    detector = MultiStreamDetector(model, "cpu", max_streams=2, precision=precision)
+    for probs in streamed(detector, rgb, flow):
+        error = np.abs(probs - reference).max()
+        if detector.precision == "fp32":
+            assert error < 1e-5                                   # exact: the offline model
+        else:
+            assert 0 < error <= BOUND
+            assert (probs.argmax(1) == reference.argmax(1)).mean() >= 0.9
+        assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_bf16_runs_every_product_in_bf16_and_leaves_the_model_alone():
+    model = decisive_model()
+    detector = OnlineDetector(model, precision="bf16").multistream
+    assert detector.dtype == torch.bfloat16 and detector.describe_precision() == "bfloat16"
+    assert {p.dtype for p in detector.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}     # served: a copy
+
+
+def test_a_model_given_in_bf16_is_served():
+    """timm-style modules take a dtype: a bf16 model builds a detector (it failed before)."""
+    model = decisive_model().to(torch.bfloat16)
+    rgb, flow = random_video(6, model.cfg)
+    detector = OnlineDetector(model, precision="bf16")
+    assert all(np.isfinite(detector.step(r, f)).all() for r, f in zip(rgb, flow))
+
+
+def test_int8_quantises_every_linear_and_int8_true_is_its_alias():
+    model = decisive_model()
+    for detector in (OnlineDetector(model, int8=True).multistream, MultiStreamDetector(model, precision="int8")):
+        assert detector.precision == "int8" and detector.int8
+        linears = [m for m in detector.model.modules() if type(m).__name__ == "Linear"]
+        assert linears and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
+        assert not any(isinstance(m, torch.nn.Linear) for m in detector.model.modules())
+    assert isinstance(model.classifier, torch.nn.Linear)           # the model given is untouched
+    with pytest.raises(VidpipeError, match="contradicts"):
+        MultiStreamDetector(model, int8=True, precision="bf16")
+
+
+@pytest.mark.parametrize("bf16, vnni, precision, dtype", [
+    (True, True, "int8", torch.bfloat16),        # Zen 4, Sapphire Rapids: int8 Linear, bf16 rest
+    (False, True, "int8", torch.float32),        # Cascade Lake, Alder Lake: int8 Linear, fp32 rest
+    (True, False, "bf16", torch.bfloat16),
+    (False, False, "fp32", torch.float32),       # AVX2 only: fp32, exact
+])
+def test_auto_follows_the_cpu_capabilities(monkeypatch, bf16, vnni, precision, dtype):
+    fake = Capabilities("cpu", bf16=bf16, fp16=False, int8=vnni, source="fake")
+    monkeypatch.setattr(precision_module, "cpu_capabilities", lambda: fake)
+    detector = MultiStreamDetector(decisive_model(), "cpu", precision="auto")
+    assert (detector.precision, detector.dtype) == (precision, dtype)
+    rgb, flow = random_video(5, detector.cfg)
+    detector.add_stream("a")
+    assert np.isfinite(detector.step({"a": (rgb[0], flow[0])})["a"]).all()
+
+
+def test_a_precision_the_cpu_cannot_run_is_a_one_line_error():
+    with pytest.raises(VidpipeError, match="fp16"):
+        MultiStreamDetector(decisive_model(), "cpu", precision="fp16")
