@@ -1,15 +1,11 @@
-"""MALT model: shapes for every ablation, causality, decoder sharing, config errors, info.
-Windows: test_window.py."""
+"""MALT model: shapes for every ablation, causality, decoder sharing (windows: test_window.py;
+config checks: test_malt_config.py; model-info: test_info.py)."""
 import numpy as np
 import pytest
 import torch
 
-from vidpipe.malt.config import Config, validate_model_config
-from vidpipe.malt.info import model_info
-from vidpipe.malt.model import MALT, Decoder, TransformerStack, layer_kwargs
+from vidpipe.malt.model import Decoder, TransformerStack, layer_kwargs
 from vidpipe.malt.window import num_long_tokens, window_indices
-from vidpipe.core.config import load_config
-from vidpipe.core.errors import VidpipeError
 from model_helpers import offline_probs, random_video, tiny_config, tiny_model
 
 
@@ -120,52 +116,3 @@ def test_recurrent_decoder_has_one_stage_of_parameters_cascaded_has_n(num_branch
     assert count(cascaded) == num_branches * one_stage
     assert len({id(s) for s in recurrent.stage_stacks()}) == 1
     assert len({id(s) for s in cascaded.stage_stacks()}) == num_branches
-
-
-@pytest.mark.parametrize("override, key", [
-    ("model.num_branches=5", "model.num_branches"),
-    ("model.num_branches=0", "model.num_branches"),
-    ("model.branch_queries=[32]", "model.branch_queries"),
-    ("model.branch_queries=[16, 16]", "model.branch_queries"),   # aux loss needs 32 = short memory
-    ("model.branch_layers=[1, 0]", "model.branch_layers"),
-    ("model.sparse_k=0", "model.sparse_k"),
-    ("model.num_heads=7", "model.num_heads"),
-    ("model.long_memory_stride=3", "model.long_memory_stride"),
-    ("model.dropout=1.5", "model.dropout"),
-])
-def test_invalid_model_config_is_a_one_line_error_naming_the_key(override, key):
-    cfg = load_config(Config, None, [override]).model
-    with pytest.raises(VidpipeError) as info:
-        MALT(cfg)
-    message = str(info.value)
-    assert key in message and "\n" not in message
-
-
-def test_aux_query_count_is_free_when_aux_loss_is_off():
-    cfg = load_config(Config, None, ["model.branch_queries=[16, 16]", "model.aux_loss=false"]).model
-    validate_model_config(cfg)
-
-
-def test_model_info_counts_blocks_and_shows_recurrent_is_smaller():
-    cfg = tiny_config(num_branches=3)
-    info = model_info(cfg)
-    total = info.params.pop("total")
-    assert total == sum(info.params.values()) == count(MALT(cfg))
-    assert info.decoder_params["cascaded"] == 3 * info.decoder_params["recurrent"]
-    assert 0 < info.macs_per_step < info.macs_per_window
-    # The encoder's work is spread over each cycle of long_memory_stride steps.
-    assert 0 < info.macs_min_step <= info.macs_per_step <= info.macs_max_step < info.macs_per_window
-
-
-def test_model_info_cli(capsys):
-    from vidpipe.pipeline.cli import main
-    main(["model-info", "--set", "model.d_model=32", "--set", "model.ffn_dim=32",
-          "--set", "model.long_memory_steps=64", "--set", "model.short_memory_steps=8",
-          "--set", "model.branch_queries=[8, 4]", "--set", "model.rgb_dim=8", "--set", "model.flow_dim=8"])
-    out = capsys.readouterr().out
-    assert "encoder branch 2" in out and "recurrent" in out and "cascaded" in out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["model-info", "--set", "model.num_branches=9"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "model.num_branches" in err and "\n" not in err
