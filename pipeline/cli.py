@@ -376,13 +376,16 @@ def model_info(config_path: str | None, overrides: tuple[str, ...], params_only:
 @click.option("--merge-gap", default=None, type=float,
               help="Merge same-class segments separated by at most this (seconds; default 0.5).")
 @device_option()
-@click.option("--int8", is_flag=True, help="Dynamic int8 linear layers for the model (CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"]), default="fp32",
+              show_default=True, help="The model's: fp32 (exact), bf16, fp16 (GPU), int8 (CPU: int8 linear "
+                                      "layers), auto (the fastest the hardware has: docs/malt.md).")
+@click.option("--int8", is_flag=True, help="= --precision int8.")
 @click.option("--no-picture", is_flag=True, help="Skip the PNG timeline.")
 @click.option("--rgb-weights", default=None, help="Weights file the RGB features were made with.")
 @click.option("--flow-weights", default=None, help="Weights file the flow features were made with.")
 @click.option("--raft-weights", default=None, help="RAFT weights file the flow was made with.")
 def detect(source_args, source_opts, checkpoint, out, cache, live, events, render, reconnect,
-           timeout_s, threshold, class_threshold, min_duration, merge_gap, device, int8,
+           timeout_s, threshold, class_threshold, min_duration, merge_gap, device, precision, int8,
            no_picture, rgb_weights, flow_weights, raft_weights) -> None:
     """Online action detection on videos, streams or folders, several at once -> timeline
     JSON / CSV / PNG per source; exit 1 when a source failed, 130 on Ctrl-C (after writing)."""
@@ -397,7 +400,7 @@ def detect(source_args, source_opts, checkpoint, out, cache, live, events, rende
     weights = {k: v for k, v in (("rgb", rgb_weights), ("flow", flow_weights),
                                  ("raft", raft_weights)) if v}
     detections = run_detect(
-        sources, checkpoint, out=out, cache=cache, device=device, int8=int8, live=live,
+        sources, checkpoint, out=out, cache=cache, device=device, int8=int8, precision=precision, live=live,
         settings=command_line_rules(threshold, class_threshold, min_duration, merge_gap),
         picture=not no_picture, weights=weights, events=events, render=render,
         reconnect=reconnect, timeout_s=timeout_s)

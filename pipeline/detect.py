@@ -86,11 +86,13 @@ class Source:
 
 def detect(sources: str | Path | Iterable[str | Path], checkpoint: str | Path,
            out: str | Path | None = None, cache: str | Path | None = None,
-           device: str | None = None, int8: bool = False, **options) -> list[Detection]:
+           device: str | None = None, int8: bool = False, precision: str = "fp32",
+           **options) -> list[Detection]:
     """Detect actions in every source (video files, URLs, devices, folders of videos, ids of
-    videos in `cache`) at once; `options` are `DetectOptions` fields. Returns one
+    videos in `cache`) at once; `options` are `DetectOptions` fields; `precision` the
+    model's (malt.stream: fp32 | bf16 | fp16 | int8 | auto; `int8=True` = "int8"). Returns one
     `Detection` per source done; raises after writing them when a source failed."""
-    detector = Detector.from_checkpoint(checkpoint, device=device, int8=int8)
+    detector = Detector.from_checkpoint(checkpoint, device=device, int8=int8, precision=precision)
     return detector.run_many(sources, out=out, cache=cache, **options)
 
 
@@ -102,11 +104,12 @@ class Detector:
     batched detector.
     """
 
-    def __init__(self, model, checkpoint, checkpoint_path: str | Path, device, int8: bool = False):
+    def __init__(self, model, checkpoint, checkpoint_path: str | Path, device, int8: bool = False,
+                 precision: str = "fp32"):
         from vidpipe.malt.stream import MultiStreamDetector
 
         self.checkpoint, self.checkpoint_path, self.device = checkpoint, str(checkpoint_path), device
-        self.batched = MultiStreamDetector(model, device, int8=int8)
+        self.batched = MultiStreamDetector(model, device, int8=int8, precision=precision)
         self.class_names: list[str] = list(checkpoint.class_names)
         self.feature_settings: dict = checkpoint.feature_settings
         self.step_seconds = float(self.feature_settings["step_seconds"])
@@ -115,15 +118,15 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None,
-                        int8: bool = False) -> "Detector":
-        """The detector of a trained checkpoint; device None: CUDA when present; `int8`:
-        dynamic int8 linear layers (CPU)."""
+                        int8: bool = False, precision: str = "fp32") -> "Detector":
+        """The detector of a trained checkpoint; device None: CUDA when present; `precision`:
+        fp32 (exact) | bf16 | fp16 (CUDA) | int8 (CPU) | auto (malt.stream); `int8=True` = "int8"."""
         from vidpipe.core.device import resolve_device
         from vidpipe.malt.checkpoint import load_model
 
         device = resolve_device(device)
         model, checkpoint = load_model(path, device)
-        return cls(model, checkpoint, path, device, int8=int8)
+        return cls(model, checkpoint, path, device, int8=int8, precision=precision)
 
     def step(self, rgb: np.ndarray, flow: np.ndarray) -> np.ndarray:
         """The next step's rgb (Dr,) and flow (Df,) vectors -> its probabilities (C+1,)."""
@@ -346,7 +349,9 @@ class _Batch:
                       "config": self.detector.checkpoint.config.get("model", {})},
             "feature_settings": self.detector.feature_settings,
             "device": str(self.detector.device),
-            "int8": self.detector.batched.int8,
+            "precision": {"model": self.detector.batched.precision,
+                          "runs": self.detector.batched.describe_precision(),
+                          "features": self.detector.feature_settings.get("precision", "fp32")},
             "rules": self.options.rules,
             "ended_by": run.ended_by, "error": run.error, "reconnects": run.reconnects,
             "timings": run.timings(),

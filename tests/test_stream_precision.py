@@ -105,3 +105,29 @@ def test_auto_follows_the_cpu_capabilities(monkeypatch, bf16, vnni, precision, d
 def test_a_precision_the_cpu_cannot_run_is_a_one_line_error():
     with pytest.raises(VidpipeError, match="fp16"):
         MultiStreamDetector(decisive_model(), "cpu", precision="fp16")
+
+
+# -- vidpipe detect --precision ------------------------------------------------------------------
+def test_detect_records_the_precision_that_ran_in_the_timeline(tmp_path, capsys):
+    import json
+
+    from detect_helpers import tiny_cache, tiny_checkpoint
+    from vidpipe.pipeline.cli import main
+
+    data, store = tiny_cache(tmp_path, num_videos=1, duration_s=3.0)
+    checkpoint = tiny_checkpoint(tmp_path / "run" / "last.pt", store)
+    video = store.video_ids()[0]
+    for precision in ("fp32", "bf16", "int8"):
+        main(["detect", video, "--cache", str(store.root), "--checkpoint", str(checkpoint), "--device", "cpu",
+              "--precision", precision, "--no-picture", "--out", str(tmp_path / precision)])
+        [timeline] = (tmp_path / precision).glob("*.json")
+        record = json.loads(timeline.read_text())["metadata"]["precision"]
+        assert record["model"] == precision and record["features"] == "fp32"
+        assert record["runs"] == {"fp32": "float32", "bf16": "bfloat16"}.get(precision, record["runs"])
+        assert precision != "int8" or record["runs"].startswith("int8 Linear layers, the rest ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["detect", video, "--cache", str(store.root), "--checkpoint", str(checkpoint),
+              "--int8", "--precision", "bf16", "--out", str(tmp_path / "both")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.startswith("error: ") and "contradicts" in error
+    assert len(error.splitlines()) == 1
