@@ -226,7 +226,12 @@ def classify(text: str, cache: CacheIndex | None, render: bool = False) -> list[
     if path.is_dir():
         from vidpipe.pipeline.extract import find_videos
 
-        videos = find_videos(text)
+        videos = []
+        for job in find_videos(text):
+            if job.unlisted:
+                log.warning("%s: %s", job.path, job.unlisted)
+            else:
+                videos.append(job)
         if not videos:
             raise VidpipeError(f"{path}: no video files found")
         return [_file_source(v.path, v.video_id, cache, render) for v in videos]

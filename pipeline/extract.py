@@ -46,6 +46,7 @@ class VideoJob:
     path: Path                 # the file
     relative: str              # its path relative to the input folder (posix)
     video_id: str
+    unlisted: str | None = None   # a folder that could not be listed: why (its videos are unknown)
 
 
 @dataclass
@@ -90,14 +91,17 @@ def load_settings(config: str | Path | None = None, overrides: tuple[str, ...] |
 
 
 def find_videos(input_dir: str | Path) -> list[VideoJob]:
-    """Video files under `input_dir` (by extension, sorted), with unique cache ids."""
+    """Video files under `input_dir` (by extension, sorted), with unique cache ids; then a
+    job with `unlisted` set for each folder that could not be listed."""
     root = require_input(input_dir)
+    unlisted: list[tuple[Path, str]] = []
     if root.is_file():
         paths, root = [root], root.parent
     elif root.is_dir():
+        files, unlisted = _walk(root)
         # Hidden names are metadata, not videos (macOS '._clip.mp4', editors' temporaries).
-        named = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
-                       and not p.name.startswith(".") and not p.is_dir())
+        named = sorted(p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS
+                       and not p.name.startswith("."))
         paths = [p for p in named if _is_regular(p)]
     else:
         raise VidpipeError(f"{input_dir}: {_not_regular(root)}")
@@ -110,7 +114,25 @@ def find_videos(input_dir: str | Path) -> list[VideoJob]:
         if counts[job.video_id] > 1:
             digest = hashlib.sha1(job.relative.encode()).hexdigest()[:8]
             job.video_id = f"{job.video_id}-{digest}"
+    jobs += [VideoJob(folder, folder.relative_to(root).as_posix() + "/", "", unlisted=why)
+             for folder, why in unlisted]   # reported with the bad files, never skipped unsaid
     return jobs
+
+
+def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under `root` (symbolic links to folders not followed) and the folders that
+    could not be listed, with why."""
+    unlisted: list[tuple[Path, str]] = []
+    files: list[Path] = []
+
+    def failed(exc: OSError) -> None:
+        unlisted.append((Path(exc.filename), f"cannot list the folder ({exc.strerror or exc}): "
+                                             "its videos are not read"))
+    for folder, _, names in os.walk(root, onerror=failed):
+        files += [Path(folder) / name for name in names]
+    if unlisted and unlisted[0][0] == root:
+        raise VidpipeError(f"{root}: {unlisted[0][1]}")
+    return files, sorted(unlisted)
 
 
 def _is_regular(path: Path) -> bool:
@@ -164,6 +186,10 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
 
     pending = []
     for job in jobs:
+        if job.unlisted:
+            summary.failed.append((job.relative, f"{job.path}: {job.unlisted}"))
+            log.warning("failed: %s", summary.failed[-1][1])
+            continue
         try:
             job_print = fingerprint(job.path)
         except OSError:

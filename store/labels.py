@@ -196,6 +196,13 @@ def read_annotations(path: str | Path) -> Annotations:
 
 def _segment(video: str, label: str, start: str | float, end: str | float,
              where: str) -> Segment:
+    # JSON gives any type: true is not 1 s, {"name": ...} is not a class name
+    if not isinstance(label, str):
+        raise VidpipeError(f"{where}: label must be a class name (a string), got {label!r}")
+    for value in (start, end):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise VidpipeError(f"{where}: start/end must be numbers of seconds, "
+                               f"got {start!r}, {end!r}")
     label = label.strip()
     if not video.strip() or not label:
         raise VidpipeError(f"{where}: empty video name or label")
@@ -310,7 +317,7 @@ def _read_json(path: Path) -> Annotations:
             if not isinstance(seg, dict) or not {"label", "start_s", "end_s"} <= set(seg):
                 raise VidpipeError(f"{seg_where}: expected "
                                    '{"label": ..., "start_s": ..., "end_s": ...}')
-            _collect(annotations, _segment(video, str(seg["label"]), seg["start_s"],
+            _collect(annotations, _segment(video, seg["label"], seg["start_s"],
                                            seg["end_s"], seg_where))
         if "split" in entry:
             _add_split(annotations.splits, video, str(entry["split"]), where)
@@ -338,7 +345,7 @@ def _read_activitynet(path: Path, database: dict) -> Annotations:
             segment = item.get("segment") if isinstance(item, dict) else None
             if not (isinstance(segment, list) and len(segment) == 2 and "label" in item):
                 raise VidpipeError(f'{item_where}: expected {{"segment": [start, end], "label": ...}}')
-            _collect(annotations, _segment(video, str(item["label"]), segment[0], segment[1],
+            _collect(annotations, _segment(video, item["label"], segment[0], segment[1],
                                            item_where))
         if subset:
             if subset not in split_of:
