@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: install test demo bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.linked
 
 # torch and torchvision are installed together, first, so that pip resolves a matching pair
 # from the registry (the standard build runs on CPU). 2.13.0 is excluded because some build
@@ -14,7 +14,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "torch>=2.2,!=2.13.0" "torchvision>=0.17"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev]" $(EDITABLE)
+	touch $@
+
+# The editable install is strict: build/__editable__.vidpipe-*/vidpipe/ holds a link to each
+# source file under its import name (vidpipe/malt/model.py -> malt/model.py), a folder that
+# editors and static analysers (pyright/Pylance, jedi, mypy) follow; the default mode maps
+# the folders through an import hook, which they do not run. Edits show at once; a module
+# added or removed needs the links made again, which this rule does whenever a package
+# folder changes (`make install`, `make test`).
+EDITABLE := --config-settings editable_mode=strict
+PACKAGE_DIRS := vidpipe core store extractors malt pipeline configs
+
+$(VENV)/.linked: $(VENV)/.installed $(PACKAGE_DIRS)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . $(EDITABLE)
 	touch $@
 
 # Test-only reference implementations (tests/test_feature_recipes.py compares vidpipe's features with
@@ -43,4 +56,4 @@ bench: install
 	$(BIN)/python bench/streams.py
 
 clean:
-	rm -rf $(VENV) $(REFIMPL) demo_out .pytest_cache
+	rm -rf $(VENV) $(REFIMPL) build demo_out .pytest_cache

@@ -287,3 +287,16 @@ def test_a_truncated_video_gets_our_message_only_not_libav_console_noise(tmp_pat
         for _ in VideoSource(str(cut)).chunks():
             pass
     assert "partial file" not in capfd.readouterr().err
+
+
+def test_the_editable_install_is_a_tree_static_analysers_can_follow(tmp_path):
+    """pyright/Pylance, jedi and mypy look for `vidpipe/malt/model.py` under the folders on
+    sys.path; they do not run setuptools' import-hook finder, so with the default editable
+    install "go to definition" found nothing. `make install` installs in strict mode: a tree
+    of links named as the package is (Makefile)."""
+    done = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"],
+                          cwd=tmp_path, capture_output=True, text=True, check=True)
+    found = [Path(entry) / "vidpipe" / "malt" / "model.py" for entry in json.loads(done.stdout)
+             if entry and (Path(entry) / "vidpipe" / "malt" / "model.py").is_file()]
+    assert found, "no sys.path entry holds vidpipe/malt/model.py: run `make install`"
+    assert found[0].samefile(REPO / "malt" / "model.py")   # this checkout's file, not a copy

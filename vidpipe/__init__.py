@@ -17,7 +17,13 @@ core <- store <- extractors, malt <- pipeline <- this module.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
+
+# Run from the checkout's root, Python finds this folder (vidpipe/ holds only this file) before
+# the installed package; its other folders (core/, malt/, ...) are then found through the
+# install: the strict editable install's link tree (Makefile), or a wheel's vidpipe/.
+__path__ = pkgutil.extend_path(__path__, __name__)
 
 # public name -> (module, attribute)
 _API = {
