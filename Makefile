@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo readme-figures bench clean
 
 install: $(VENV)/.installed $(VENV)/.linked
 
@@ -47,6 +47,11 @@ test: install $(REFIMPL)/.installed
 
 demo: install
 	$(BIN)/vidpipe demo --out demo_out
+
+# The README's demo figures, its two pictures and docs/demo_figures.json (which
+# tests/test_demo.py checks them against), from one run of the demo and of its live detection.
+readme-figures: install
+	$(BIN)/python scripts/readme_figures.py
 
 bench: install
 	$(BIN)/python bench/model.py

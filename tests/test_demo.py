@@ -1,17 +1,25 @@
-"""The demo end to end, smaller: synthetic videos -> features -> MALT -> mAP -> timeline."""
+"""The demo end to end, smaller: synthetic videos -> features -> MALT -> mAP -> timeline;
+and the README's demo figures, which `make readme-figures` writes from one run."""
+import importlib.util
 import json
 import logging
+from pathlib import Path
 
 import matplotlib.image
 
 from vidpipe.pipeline.demo import SUMMARY_FILE, DemoSettings, run_demo
 from vidpipe.pipeline.timeline import Timeline
 
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("readme_figures", REPO / "scripts" / "readme_figures.py")
+figures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(figures)
+STALE = "the demo no longer prints the figures the README quotes: run `make readme-figures`"
+
 
 def test_small_demo_learns_well_above_chance(tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, logger="vidpipe")
-    result = run_demo(tmp_path, DemoSettings(num_videos=16, duration_s=16.0, epochs=40),
-                      progress=False)
+    result = run_demo(tmp_path, DemoSettings(**figures.CHECK_DEMO), progress=False)
     # Chance is each class's share of the steps (~0.17 here; measured mAP 0.58); the floor leaves room for
     # run-to-run noise of a few held-out videos while still proving that it learns.
     assert result.chance_mAP < 0.25
@@ -31,6 +39,20 @@ def test_small_demo_learns_well_above_chance(tmp_path, caplog, capsys):
     assert any("per-frame mAP on 4 held-out videos" in line for line in logged)
     assert any(line.startswith("# ") and "live detection" in line for line in logged)
     assert capsys.readouterr().out == ""
+    # The run that wrote the README's figures ran this demo too: if this one now prints other
+    # figures, `make demo` prints other figures than the README's.
+    record = json.loads(figures.RECORD.read_text())
+    assert figures.figure_lines(result.summary()) == record["check"]["figures"], STALE
+
+
+def test_the_readme_quotes_what_the_recorded_demo_printed():
+    """The README's demo block and decision line are those of the run in docs/demo_figures.json
+    (the script writes both; a hand edit of either shows here)."""
+    record = json.loads(figures.RECORD.read_text())
+    printed, decision = figures.readme_quotes((REPO / "README.md").read_text())
+    assert printed == record["printed"] and decision == record["decision"], STALE
+    assert printed[0].startswith("per-frame mAP on held-out videos: ")
+    assert record["check"]["settings"] == figures.CHECK_DEMO
 
 
 def test_a_rerun_keeps_what_later_commands_wrote_into_the_folder(tmp_path):
