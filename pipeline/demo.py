@@ -7,7 +7,10 @@
   4. train the small MALT of configs/demo.yaml on the training videos;
   5. evaluate per-frame mAP on the held-out videos, with the model of the last epoch (the
      test videos choose nothing, so the figure is honest);
-  6. run `detect` on a held-out video as a live stream (decoded and featurised anew, step
+  6. `vidpipe calibrate` the event rules on the run's validation videos (a fifth of the
+     training videos, held out of training) and score the held-out videos' events with the
+     default rules and the calibrated ones (`pipeline.score`);
+  7. run `detect` on a held-out video as a live stream (decoded and featurised anew, step
      by step), printing events as they are decided and writing its timeline JSON/CSV/PNG.
 
 Everything lands in one folder: data/, cache/, run/, detections/, demo_summary.json.
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEMO_CONFIG = "demo"  # the shipped configs/demo.yaml, by name
 SUMMARY_FILE = "demo_summary.json"
+VALIDATION = "data.val_fraction=0.2"   # training videos held out to calibrate the event rules on
+MIN_TRAIN_FOR_VALIDATION = 5            # fewer training videos: none held out, no calibration
 
 
 @dataclass
@@ -58,6 +63,8 @@ class DemoResult:
     selection: str                  # which videos chose that model (none: the last epoch's)
     summary_file: str               # this result as JSON
     seconds: dict[str, float]       # wall time per stage, and total
+    events: dict[str, dict] = field(default_factory=dict)  # held-out event metrics: "default"
+                                    # rules and those "calibrated" on the validation videos
 
     def summary(self) -> str:
         """The lines `vidpipe demo` ends with."""
@@ -67,6 +74,7 @@ class DemoResult:
             f"timeline JSON:    {self.timeline_json}",
             f"model:            {self.checkpoint}",
             f"model selection:  {self.selection}",
+            *_event_lines(self.events),
             f"done in {self.seconds['total']:.0f} s; summary in {self.summary_file}"])
 
 
@@ -113,19 +121,22 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> DemoResult:
     log.info("vidpipe demo -> %s/", out)
     data = _generate(out, settings, progress, clock)
     store, labels = _features_and_labels(out, data, settings, progress, clock)
-    checkpoint = _train(out / "run", store, settings, progress, clock)
+    validate = len(data.train) >= MIN_TRAIN_FOR_VALIDATION
+    checkpoint = _train(out / "run", store, settings, progress, clock, validate)
     report = _evaluate(checkpoint, store, settings.device)
     chance = _chance_map(labels, labels.split("test"))
     clock.stage("eval", f"per-frame mAP on {report['num_videos']} held-out videos: "
                         f"{report['mAP']:.3f} (chance {chance:.3f})")
-    detection = _detect_held_out(out, data, checkpoint, settings.device)
+    events = _calibrate(checkpoint, store, settings.device, clock) if validate else {}
+    detection = _detect_held_out(out, data, checkpoint, settings.device, store, labels)
     clock.stage("detect", f"timeline of {data.test[0]}: {detection.files['png']}")
     result = DemoResult(mAP=float(report["mAP"]), chance_mAP=chance,
                         per_class_AP={k: float(v["AP"]) for k, v in report["per_class"].items()},
                         timeline_json=str(detection.files["json"]),
                         timeline_png=str(detection.files["png"]), checkpoint=str(checkpoint),
                         selection=report["selection"],
-                        summary_file=str(out / SUMMARY_FILE), seconds=clock.total())
+                        summary_file=str(out / SUMMARY_FILE), seconds=clock.total(),
+                        events=events)
     write_text_atomically(out / SUMMARY_FILE, json.dumps(asdict(result), indent=2))
     return result
 
@@ -178,13 +189,13 @@ def _features_and_labels(out: Path, data, settings: DemoSettings, progress: bool
 
 
 def _train(run_dir: Path, store, settings: DemoSettings, progress: bool,
-           clock: _StageClock) -> Path:
+           clock: _StageClock, validate: bool) -> Path:
     """Train configs/demo.yaml afresh (data and cache are reused); the last epoch's model."""
     from vidpipe.malt.train import remove_run, train
 
     remove_run(run_dir)   # the previous demo's run, not what other commands wrote beside it
-    overrides = [*([f"train.epochs={settings.epochs}"] if settings.epochs else []),
-                 *settings.overrides]
+    overrides = [*([VALIDATION] if validate else []),
+                 *([f"train.epochs={settings.epochs}"] if settings.epochs else []), *settings.overrides]
     train(DEMO_CONFIG, store.root, run_dir, overrides=overrides, device=settings.device,
           progress=progress)
     clock.stage("train", f"trained MALT (configs/{DEMO_CONFIG}.yaml) -> {run_dir}")
@@ -198,7 +209,7 @@ def _evaluate(checkpoint: Path, store, device: str) -> dict:
                     out=checkpoint.parent / "eval_test.json")
 
 
-def _detect_held_out(out: Path, data, checkpoint: Path, device: str):
+def _detect_held_out(out: Path, data, checkpoint: Path, device: str, store, labels):
     """Live detection on the first held-out video; the picture compares it with the truth."""
     from vidpipe.pipeline.detect import detect
 
@@ -207,7 +218,10 @@ def _detect_held_out(out: Path, data, checkpoint: Path, device: str):
                           device=device, picture=False)
     # the demo knows the truth: add it to the timeline, so the picture (drawn once, here)
     # compares the two
-    detection.timeline.metadata["ground_truth"] = _ground_truth(data.annotations, held_out.name)
+    video_id = data.test[0]
+    truth = labels.segments(video_id, store.timestamps(video_id), float(store.settings["step_seconds"]))
+    detection.timeline.metadata["ground_truth"] = [
+        {"label": s.label, "start_s": s.start_s, "end_s": s.end_s} for s in truth]
     detection.timeline.save_json(detection.files["json"])
     detection.files["png"] = detection.timeline.save_png(detection.files["json"].with_suffix(".png"))
     return detection
@@ -221,8 +235,33 @@ def _chance_map(labels, video_ids: list[str]) -> float:
     return float(positive[positive > 0].mean())
 
 
-def _ground_truth(annotations: Path, video: str) -> list[dict]:
-    from vidpipe.store.labels import read_annotations
+def _calibrate(checkpoint: Path, store, device: str, clock: _StageClock) -> dict[str, dict]:
+    """`vidpipe calibrate` on the run's validation videos (never the held-out ones), then the
+    event metrics of the held-out videos with the default rules and with the chosen ones."""
+    from vidpipe.pipeline.calibrate import calibrate
+    from vidpipe.pipeline.score import checkpoint_probabilities, score_probabilities
+    from vidpipe.pipeline.timeline import TimelineSettings
 
-    return [{"label": s.label, "start_s": s.start_s, "end_s": s.end_s}
-            for s in read_annotations(annotations).segments if s.video == video]
+    rules = calibrate(checkpoint, store.root, split="val", device=device)
+    held_out = checkpoint_probabilities(checkpoint, store.root, None, "test", device)
+    events = {name: _event_figures(score_probabilities(held_out, rule_set)) for name, rule_set in
+              (("default", TimelineSettings()), ("calibrated", TimelineSettings(**rules["settings"])))}
+    clock.stage("calibrate", f"event rules chosen on {len(rules['calibration']['videos'])} validation "
+                             f"videos; " + _event_lines(events)[-1].strip())
+    return events
+
+
+def _event_figures(report: dict) -> dict:
+    return {"segment_F1@0.25": report["f1"]["0.25"], "segment_F1@0.50": report["f1"]["0.50"],
+            "edit": report["edit"], "start_mAP_1_10s": report["start_mAP"],
+            "start_latency_median_s": report["latency_s"]["median"],
+            "false_starts_per_hour": report["false_starts_per_hour"]}
+
+
+def _event_lines(events: dict[str, dict]) -> list[str]:
+    if not events:
+        return []
+    before, after = events["default"], events["calibrated"]
+    pairs = ", ".join(f"{key} {before[key]:.3f} -> {after[key]:.3f}" for key in before)
+    return ["event metrics on held-out videos (default rules -> rules calibrated on validation videos):",
+            f"  {pairs}"]

@@ -30,9 +30,12 @@ def test_small_demo_learns_well_above_chance(tmp_path, caplog, capsys):
     assert matplotlib.image.imread(result.timeline_png).shape[:2] == (700, 1600)
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert summary["mAP"] == result.mAP
-    # the held-out videos chose nothing: the model is the last epoch's, and the demo says so
-    assert summary["selection"].startswith("none") and result.checkpoint.endswith("last.pt")
-    assert "model selection:  none (no validation split" in result.summary()
+    # the held-out videos chose nothing: the model is the last epoch's; a fifth of the
+    # training videos were held out as validation videos, and the event rules chosen on them
+    assert summary["selection"].startswith("validation videos held out of split 'train'")
+    assert result.checkpoint.endswith("last.pt")
+    assert set(summary["events"]) == {"default", "calibrated"}
+    assert "event metrics on held-out videos (default rules -> rules calibrated" in result.summary()
     assert result.summary().startswith("per-frame mAP on held-out videos")
     # each stage is logged as it ends (live events included); nothing is printed
     logged = [r.getMessage() for r in caplog.records]
