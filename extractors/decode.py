@@ -52,6 +52,7 @@ BATCH_CHUNKS = 32          # ...and at most this many chunks per get_batch
 THREADED_DECODE_PIXELS = 640 * 360   # smaller frames decode faster on one thread
 TRUNCATED_SECONDS = 0.5    # missing video beyond this (and 3 frames) means a truncated file
 STREAM_TIMEOUT_S = 10.0   # a URL silent this long (opening or reading) has failed
+MAX_PIXELS = 4096 * 4096  # pixel budget per frame (16.8 MP): a larger declared size is refused
 NETWORK_ERRORS = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset",
                   errno.ETIMEDOUT: "connection timed out", errno.EHOSTUNREACH: "host unreachable",
                   errno.ENETUNREACH: "network unreachable", errno.EPIPE: "connection closed"}
@@ -129,11 +130,15 @@ class VideoSource:
     Iterate (or call `chunks()`) to decode; each iteration decodes from the start (the first
     one reads the container the probe opened; a later one opens the source again).
     `timeout_s`: how long a URL may stay silent, opening or reading, before it has failed.
+    `max_pixels`: the pixel budget of one frame. A video whose header declares larger frames
+    is refused before any of it is decoded (a few hundred KB of H.264 can declare 16000x16000
+    frames, 384 MB each: a decompression bomb); FFmpeg's decoders get the same budget, so not
+    even the probe decodes a larger frame.
     """
 
     def __init__(self, path_or_url: str | os.PathLike, fps: float = 24.0, chunk: int = 6,
                  backend: str = "auto", options: dict[str, str] | None = None,
-                 timeout_s: float = STREAM_TIMEOUT_S):
+                 timeout_s: float = STREAM_TIMEOUT_S, max_pixels: int = MAX_PIXELS):
         if backend not in BACKENDS:
             raise VidpipeError(f"decoder backend '{backend}': choose one of {', '.join(BACKENDS)}")
         if fps <= 0 or chunk < 1:
@@ -143,6 +148,7 @@ class VideoSource:
         self.chunk = int(chunk)
         self.options = dict(options or {})
         self.timeout_s = float(timeout_s)
+        self.max_pixels = int(max_pixels)
         self._opened: av.container.InputContainer | None = None   # the probe's, until decoded
         self.info = self._probe()
         if backend == "decord" and (decord is None or not self.info.is_file):
@@ -168,6 +174,7 @@ class VideoSource:
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:
                 raise VidpipeError(f"{self.path}: video stream has no frame size (corrupt file?)")
+            self._check_pixel_budget(ctx.width, ctx.height)
             rate = stream.average_rate or stream.guessed_rate
             info = VideoInfo(path=self.path, width=ctx.width, height=ctx.height,
                              codec=ctx.name, native_fps=float(rate) if rate else None,
@@ -178,13 +185,22 @@ class VideoSource:
         self._opened = container
         return info
 
+    def _check_pixel_budget(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise VidpipeError(
+                f"{self.path}: declares {width}x{height} frames ({width * height / 1e6:.1f} MP), over "
+                f"the pixel budget of {self.max_pixels / 1e6:.1f} MP per frame: refused before "
+                "decoding (a decompression bomb?); for a genuine video this large raise max_pixels "
+                "(extract: --set max_pixels=N, detect: --max-pixels N)")
+
     def _take_container(self) -> av.container.InputContainer:
         """The probe's container the first time (one open per source), a new one after."""
         container, self._opened = self._opened, None
         return container if container is not None else self._open_container()
 
     def _open_container(self) -> av.container.InputContainer:
-        kwargs: dict[str, Any] = {"options": self.options}
+        # the decoders' own budget: the probe's trial decode never allocates a larger frame
+        kwargs: dict[str, Any] = {"options": {**self.options, "max_pixels": str(self.max_pixels)}}
         if self.path.startswith("/dev/video"):
             kwargs["format"] = "v4l2"
         if "://" in self.path:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vidpipe.extractors.backbone import file_sha256
-from vidpipe.extractors.decode import Chunk, VideoSource
+from vidpipe.extractors.decode import MAX_PIXELS, Chunk, VideoSource
 from vidpipe.extractors.flow import FLOW_CLIP, FlowStream, flow_estimator, tvl1_expected_time
 from vidpipe.extractors.flow_methods import FLOW_METHODS, FlowMethodName, flow_method
 from vidpipe.extractors.rgb import RGBStream, resize_short_side
@@ -55,6 +55,7 @@ class FeatureSettings:
     seed: int = 0
     batch_size: int = 16                 # steps per CNN batch
     decoder: Literal["auto", "decord", "pyav"] = "auto"   # same frames either way
+    max_pixels: int = MAX_PIXELS         # a video declaring larger frames is refused unread (a bomb)
     precision: str = "fp32"              # the CNNs' products: fp32 | bf16 | fp16 (CUDA) | auto
                                          # (core.precision); recorded: a bf16 cache is another cache
     recipe: str | None = None            # a named recipe reproducing public features (extractors.tsn)
@@ -77,6 +78,8 @@ class FeatureSettings:
         problems += self._recipe_problems()
         if self.precision not in ("fp32", "bf16", "fp16", "auto"):
             problems.append(f"precision must be fp32, bf16, fp16 (CUDA) or auto (got {self.precision})")
+        if self.max_pixels < 1:
+            problems.append(f"max_pixels must be >= 1 (got {self.max_pixels})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         files = [key for key in ("rgb_weights", "flow_weights", "raft_weights") if getattr(self, key)]
@@ -272,7 +275,7 @@ class TwoStreamExtractor:
     def source(self, path_or_url: str | Path) -> VideoSource:
         """A `VideoSource` with this extractor's sampling (fps, chunk, decoder)."""
         return VideoSource(path_or_url, fps=self.settings.fps, chunk=self.settings.chunk,
-                           backend=self.settings.decoder)
+                           backend=self.settings.decoder, max_pixels=self.settings.max_pixels)
 
     def stream(self, source: VideoSource | str | Path, batch_size: int | None = None) -> Iterator[Step]:
         """Steps as they are computed, `batch_size` steps at a time (1 for the lowest latency)."""

@@ -365,6 +365,9 @@ def model_info(config_path: str | None, overrides: tuple[str, ...], params_only:
 @click.option("--timeout", "timeout_s", default=10.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Seconds a URL may stay silent before it has failed.")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+              help="Pixel budget of one frame (default 4096x4096 = 16777216): a video declaring "
+                   "larger frames is refused before decoding.")
 @click.option("--threshold", default=None, type=float,
               help="Probability at which a class starts (default 0.5). Any of --threshold, "
                    "--class-threshold, --min-duration, --merge-gap replaces the checkpoint's "
@@ -385,8 +388,8 @@ def model_info(config_path: str | None, overrides: tuple[str, ...], params_only:
 @click.option("--flow-weights", default=None, help="Weights file the flow features were made with.")
 @click.option("--raft-weights", default=None, help="RAFT weights file the flow was made with.")
 def detect(source_args, source_opts, checkpoint, out, cache, live, events, render, reconnect,
-           timeout_s, threshold, class_threshold, min_duration, merge_gap, device, precision, int8,
-           no_picture, rgb_weights, flow_weights, raft_weights) -> None:
+           timeout_s, max_pixels, threshold, class_threshold, min_duration, merge_gap, device, precision,
+           int8, no_picture, rgb_weights, flow_weights, raft_weights) -> None:
     """Online action detection on videos, streams or folders, several at once -> timeline
     JSON / CSV / PNG per source; exit 1 when a source failed, 130 on Ctrl-C (after writing)."""
     sources = [*source_args, *source_opts]
@@ -403,7 +406,8 @@ def detect(source_args, source_opts, checkpoint, out, cache, live, events, rende
         sources, checkpoint, out=out, cache=cache, device=device, int8=int8, precision=precision, live=live,
         settings=command_line_rules(threshold, class_threshold, min_duration, merge_gap),
         picture=not no_picture, weights=weights, events=events, render=render,
-        reconnect=reconnect, timeout_s=timeout_s)
+        reconnect=reconnect, timeout_s=timeout_s,
+        **({"max_pixels": max_pixels} if max_pixels is not None else {}))
     if any(d.interrupted for d in detections):
         raise click.exceptions.Abort()   # exit 130, as shells expect after Ctrl-C
 

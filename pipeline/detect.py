@@ -34,7 +34,7 @@ import numpy as np
 
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
 from vidpipe.core.settings import differing_keys
-from vidpipe.extractors.decode import STREAM_TIMEOUT_S, VideoSource, is_stream
+from vidpipe.extractors.decode import MAX_PIXELS, STREAM_TIMEOUT_S, VideoSource, is_stream
 from vidpipe.pipeline.live import Engine, EventLog, Plan, SourceRun, SourceWorker
 from vidpipe.pipeline.render import Renderer
 from vidpipe.pipeline.timeline import Timeline, TimelineSettings
@@ -71,6 +71,7 @@ class DetectOptions:
     render: str | Path | None = None           # mp4 of the video with the decisions drawn
     reconnect: int = 0                         # reopen a dropped URL/device up to N times in a row
     timeout_s: float = STREAM_TIMEOUT_S        # a URL silent this long has failed
+    max_pixels: int = MAX_PIXELS               # a video declaring larger frames is refused unread
     weights: dict[str, str] = field(default_factory=dict)   # {"rgb"|"flow"|"raft": file}
 
 
@@ -305,11 +306,11 @@ class _Batch:
                         cached=lambda: _cached_features(store, source.cache_id),
                         info={"features": f"cache {store.root}", "cache_id": source.cache_id})
         settings = self.detector.feature_settings
-        timeout = self.options.timeout_s
+        timeout, max_pixels = self.options.timeout_s, self.options.max_pixels
 
         def open_video() -> VideoSource:
             return VideoSource(source.text, fps=settings["fps"], chunk=settings["chunk"],
-                               timeout_s=timeout)
+                               timeout_s=timeout, max_pixels=max_pixels)
         return Plan(source.text, source.name, open_video, info={"features": "stream"},
                     stream=source.kind == "stream")
 

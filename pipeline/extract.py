@@ -184,21 +184,7 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
     store = FeatureStore.open_or_create(out_dir, extractor.settings_record())
     summary = ExtractSummary(str(out_dir), rank, world_size)
 
-    pending = []
-    for job in jobs:
-        if job.unlisted:
-            summary.failed.append((job.relative, f"{job.path}: {job.unlisted}"))
-            log.warning("failed: %s", summary.failed[-1][1])
-            continue
-        try:
-            job_print = fingerprint(job.path)
-        except OSError:
-            job_print = None   # unreadable: decoding will say why
-        if job_print is not None and _cached_print(store, job.video_id) == job_print:
-            summary.skipped.append(job.relative)
-            log.debug("skipped %s: cached, unchanged", job.relative)
-        else:
-            pending.append((job, job_print))
+    pending = _pending(jobs, store, summary)
 
     show = progress and rank == 0
     videos_bar = progress_bar(total=len(pending), enabled=show, unit="video", desc="videos")
@@ -235,6 +221,28 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
 
 
 # -- helpers --------------------------------------------------------------------------------
+def _pending(jobs: list[VideoJob], store: FeatureStore,
+             summary: ExtractSummary) -> list[tuple[VideoJob, str | None]]:
+    """(job, fingerprint) of the videos to extract; cached unchanged ones are counted as
+    skipped, folders that could not be listed as failed."""
+    pending = []
+    for job in jobs:
+        if job.unlisted:
+            summary.failed.append((job.relative, f"{job.path}: {job.unlisted}"))
+            log.warning("failed: %s", summary.failed[-1][1])
+            continue
+        try:
+            job_print = fingerprint(job.path)
+        except OSError:
+            job_print = None   # unreadable: decoding will say why
+        if job_print is not None and _cached_print(store, job.video_id) == job_print:
+            summary.skipped.append(job.relative)
+            log.debug("skipped %s: cached, unchanged", job.relative)
+        else:
+            pending.append((job, job_print))
+    return pending
+
+
 def _all_ranks(summary: ExtractSummary) -> ExtractSummary:
     """Under torchrun, wait for every rank and sum their summaries (each rank reports the
     whole job; a rank with failures no longer ends before the others, which torchrun would

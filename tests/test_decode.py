@@ -204,3 +204,72 @@ def test_a_refused_connection_is_named_as_such(scheme):
     with pytest.raises(VidpipeError) as error:
         VideoSource(url)
     assert str(error.value) == f"{url}: cannot open the stream: connection refused"
+
+
+# -- decompression bombs: the pixel budget ---------------------------------------------------
+@pytest.mark.parametrize("backend", ["auto", "decord", "pyav"])
+def test_a_frame_size_over_the_pixel_budget_is_refused_from_the_header(videos, backend):
+    path = videos["mp4-h264-30fps-odd-size"]                  # 321x199 = 63879 pixels
+    with pytest.raises(VidpipeError) as error:
+        VideoSource(path, backend=backend, max_pixels=321 * 199 - 1)
+    message = str(error.value)
+    assert message.startswith(f"{path}: declares 321x199 frames (0.1 MP), over the pixel budget")
+    assert "\n" not in message and "max_pixels" in message
+    assert len(list(VideoSource(path, backend=backend, max_pixels=321 * 199))) > 0   # at the budget: read
+
+
+BOMB_SIDE = 4352   # 18.9 MP: over the default budget of 4096x4096 = 16.8 MP; 57 KB of H.264
+
+OPEN_BOMB = """
+import resource, sys
+from vidpipe.extractors.decode import VideoSource
+from vidpipe.core.errors import VidpipeError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    VideoSource(sys.argv[1], backend=sys.argv[2])
+except VidpipeError as error:
+    print(error)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """A small file declaring frames over the default budget (black frames: tiny on disk)."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.mp4"
+    code = ("import av, sys\nwith av.open(sys.argv[1], 'w') as c:\n"
+            "    s = c.add_stream('libx264', rate=1, options={'preset': 'ultrafast', 'crf': '51'})\n"
+            f"    s.width = s.height = {BOMB_SIDE}\n    s.pix_fmt = 'yuv420p'\n"
+            f"    f = av.VideoFrame({BOMB_SIDE}, {BOMB_SIDE}, 'yuv420p')\n"
+            "    [p.update(bytes(p.buffer_size)) for p in f.planes]\n"
+            "    c.mux(s.encode(f)); c.mux(s.encode())\n")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)   # the encoder's memory is its own
+    assert path.stat().st_size < 200_000
+    return path
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_a_decompression_bomb_is_refused_before_any_frame_is_decoded(bomb, backend):
+    run = subprocess.run([sys.executable, "-c", OPEN_BOMB, str(bomb), backend],
+                         capture_output=True, text=True, timeout=120)
+    message, grown_mb = run.stdout.strip().splitlines()
+    assert message == (f"{bomb}: declares {BOMB_SIDE}x{BOMB_SIDE} frames (18.9 MP), over the pixel "
+                       "budget of 16.8 MP per frame: refused before decoding (a decompression bomb?); "
+                       "for a genuine video this large raise max_pixels (extract: --set max_pixels=N, "
+                       "detect: --max-pixels N)")
+    # one declared frame is 28 MB as YUV 4:2:0 (57 MB as RGB): not even the probe decoded one
+    assert int(grown_mb) < BOMB_SIDE * BOMB_SIDE * 1.5 / 2**20
+
+
+def test_extract_reports_a_video_over_the_budget_with_the_bad_files(tmp_path):
+    from extract_helpers import tiny_settings
+    from vidpipe.pipeline.extract import extract_folder
+
+    (tmp_path / "videos").mkdir()
+    make_video(tmp_path / "videos" / "small.mp4", frames=24, size=(64, 48))
+    big = make_video(tmp_path / "videos" / "big.mp4", frames=24, size=(96, 64))
+    summary = extract_folder(tmp_path / "videos", tmp_path / "cache", tiny_settings(max_pixels=64 * 48),
+                             device="cpu", progress=False)
+    assert summary.extracted == ["small.mp4"]
+    ((name, why),) = summary.failed
+    assert name == "big.mp4" and why.startswith(f"{big}: declares 96x64 frames")

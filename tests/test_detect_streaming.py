@@ -9,6 +9,7 @@ from extract_helpers import make_video
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.extractors.decode import VideoSource
+from vidpipe.pipeline.cli import main
 from vidpipe.pipeline.detect import detect
 from vidpipe.pipeline.timeline import Timeline
 
@@ -48,3 +49,17 @@ def test_a_truncated_file_keeps_every_decodable_step_offline_as_live(checkpoint,
     assert len(offline.timestamps) == len(live.timestamps) == expected
     assert offline.metadata["ended_by"] == "error"
     np.testing.assert_allclose(offline.probs, live.probs, atol=1e-5)
+
+
+def test_detect_refuses_a_video_over_the_pixel_budget_in_one_line(checkpoint, tmp_path, capsys):
+    video = make_video(tmp_path / "big.mp4", frames=24, size=(96, 64))
+    with pytest.raises(VidpipeError, match=r"big.mp4: declares 96x64 frames .* over the pixel budget"):
+        detect(video, checkpoint, out=tmp_path / "api", max_pixels=96 * 64 - 1, picture=False)
+    with pytest.raises(SystemExit) as exit_code:
+        main(["detect", str(video), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "cli"),
+              "--max-pixels", str(96 * 64 - 1), "--no-picture"])
+    error = capsys.readouterr().err
+    assert exit_code.value.code == 2 and error.startswith(f"error: {video}: declares 96x64 frames")
+    assert error.count("\n") == 1
+    (detection,) = detect(video, checkpoint, out=tmp_path / "ok", max_pixels=96 * 64, picture=False)
+    assert len(detection.timeline.timestamps) == 4                  # 1 s: 4 steps of 0.25 s
