@@ -59,10 +59,12 @@ Precision (`precision=`, `core.precision`): fp32 is exact (the 1e-5 above). bf16
 fp16 on CUDA): a copy of the model, the state and the cached constants in that dtype, so
 every matrix product runs in it (torch's softmax and layer norm accumulate in fp32 inside
 their kernels; the output softmax is fp32). int8 (CPU): every Linear layer, the fused
-projections included, becomes torch's dynamic int8 Linear (weights int8, activations
-quantised per call, VNNI kernels where the CPU has them); the rest (state, attention, norms)
-runs in bf16 where the CPU multiplies bf16 natively, else fp32. The constants W p + b are
-computed in fp32, then rounded to the state's dtype. `auto`: int8 where the CPU has VNNI,
+projections included, becomes torch's dynamic int8 Linear (weights int8 per output channel,
+activations quantised per call, VNNI kernels where the CPU has them); the rest (state,
+attention, norms) runs in bf16 where the CPU multiplies bf16 natively, else fp32. In both,
+the input heads (fusion, <1% of the multiply-adds) stay fp32: they standardise raw,
+heavy-tailed features, which bf16 or one int8 scale per call would round away. The
+constants W p + b are computed in fp32, then rounded to the state's dtype. `auto`: int8 where the CPU has VNNI,
 else bf16 where it has native bf16 (CUDA: bf16, else fp16), else fp32. The per-step
 probabilities stay within 0.05 of fp32 (tests/test_stream_precision.py); bench/streams.py
 reports the speed, docs/malt.md the accuracy.
@@ -212,6 +214,12 @@ class _Constants:
             served = _quantized(dtype, *served)
         elif dtype != torch.float32:
             served = [copy.deepcopy(m).to(dtype) for m in served]
+        if served[0] is not model:
+            # The input heads stay fp32 (<1% of the multiply-adds): raw features are
+            # heavy-tailed and standardised inside the head (x - mean), which bf16 inputs or
+            # one int8 scale per call would round away (most of the error, measured).
+            for head in ("long_fusion", "short_fusion"):
+                setattr(served[0], head, _Float32Edges(copy.deepcopy(getattr(model, head)), dtype))
         latent_start = [None if start is None else tuple(t.to(dtype) for t in start) for start in _latent_starts(passes)]
         return cls(served[0], served[0].encoder.passes(), served[1],
                    torch.stack([proj(model.long_pos) for proj in long_projs]).to(dtype), latent_start,
@@ -616,7 +624,7 @@ class MultiStreamDetector(_FromCheckpoint):
 
     def _as_tensor(self, x) -> torch.Tensor:
         x = x if isinstance(x, torch.Tensor) else np.asarray(x)
-        return torch.as_tensor(x, device=self.device).to(self.dtype)
+        return torch.as_tensor(x, dtype=torch.float32, device=self.device)   # the input heads are fp32
 
     def _check_dims(self, rgb: torch.Tensor, flow: torch.Tensor) -> None:
         if rgb.shape[-1] != self.cfg.rgb_dim or flow.shape[-1] != self.cfg.flow_dim:
@@ -715,11 +723,11 @@ def _quantized(dtype: torch.dtype, *modules: nn.Module) -> list[nn.Module]:
 
 
 class _Float32Edges(nn.Module):
-    """An fp32-only module inside a `dtype` model: x -> module(x in fp32) in `dtype`."""
+    """An fp32 module inside a `dtype` model: inputs -> module(inputs in fp32) in `dtype`."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.module, self.dtype = module, dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.float()).to(self.dtype)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.module(*(x.float() for x in inputs)).to(self.dtype)

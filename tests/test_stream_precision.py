@@ -58,11 +58,17 @@ def test_each_precision_runs_within_its_bound_of_fp32(video_and_reference, preci
         assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
-def test_bf16_runs_every_product_in_bf16_and_leaves_the_model_alone():
+def input_heads(model) -> list[torch.nn.Module]:
+    return [model.long_fusion, model.short_fusion]
+
+
+def test_bf16_runs_every_product_but_the_input_heads_in_bf16_and_leaves_the_model_alone():
     model = decisive_model()
     detector = OnlineDetector(model, precision="bf16").multistream
     assert detector.dtype == torch.bfloat16 and detector.describe_precision() == "bfloat16"
-    assert {p.dtype for p in detector.model.parameters()} == {torch.bfloat16}
+    heads = {id(p) for head in input_heads(detector.model) for p in head.parameters()}
+    assert {p.dtype for p in detector.model.parameters() if id(p) not in heads} == {torch.bfloat16}
+    assert {p.dtype for head in input_heads(detector.model) for p in head.parameters()} == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float32}     # served: a copy
 
 
@@ -78,9 +84,13 @@ def test_int8_quantises_every_linear_and_int8_true_is_its_alias():
     model = decisive_model()
     for detector in (OnlineDetector(model, int8=True).multistream, MultiStreamDetector(model, precision="int8")):
         assert detector.precision == "int8" and detector.int8
-        linears = [m for m in detector.model.modules() if type(m).__name__ == "Linear"]
+        heads = {id(m) for head in input_heads(detector.model) for m in head.modules()}
+        linears = [m for m in detector.model.modules() if type(m).__name__ == "Linear" and id(m) not in heads]
         assert linears and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
-        assert not any(isinstance(m, torch.nn.Linear) for m in detector.model.modules())
+        stacked = (detector.constants.long_proj, detector.constants.short_proj)   # (bf16 rest: wrapped)
+        assert all(isinstance(getattr(m, "module", m), torch.ao.nn.quantized.dynamic.Linear) for m in stacked)
+        assert [type(m) for head in input_heads(detector.model) for m in head.modules()
+                if "Linear" in type(m).__name__] == [torch.nn.Linear, torch.nn.Linear]    # fp32 input heads
     assert isinstance(model.classifier, torch.nn.Linear)           # the model given is untouched
     with pytest.raises(VidpipeError, match="contradicts"):
         MultiStreamDetector(model, int8=True, precision="bf16")

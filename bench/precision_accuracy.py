@@ -1,7 +1,7 @@
-"""What int8 streaming costs in accuracy: test-split mAP of a trained checkpoint, streamed in
-fp32 and in int8 (malt.stream, `int8=True`), beside the offline forward's.
+"""What each streaming precision costs in accuracy: test-split mAP of a trained checkpoint,
+streamed in fp32, bf16 and int8 (malt.stream `precision=`), beside the offline forward's.
 
-    .venv/bin/python bench/int8_accuracy.py RUN/last.pt CACHE [--split test]
+    .venv/bin/python bench/precision_accuracy.py RUN/last.pt CACHE [--split test] [--precisions fp32,bf16,int8]
 
 e.g. on the demo's outputs (`vidpipe demo --out demo`): `demo/run/last.pt demo/cache`.
 Every test video is one stream of a single MultiStreamDetector; the videos step together.
@@ -24,9 +24,9 @@ from vidpipe.store.cache import FeatureStore
 from conditions import measured   # bench/conditions.py: machine and load, before and after
 
 
-def stream_videos(model, videos: dict, int8: bool) -> tuple[dict[str, np.ndarray], float]:
+def stream_videos(model, videos: dict, precision: str) -> tuple[dict[str, np.ndarray], float]:
     """Probabilities (T, C+1) of every video, all streamed at once; and the seconds it took."""
-    detector = MultiStreamDetector(model, "cpu", max_streams=len(videos), int8=int8)
+    detector = MultiStreamDetector(model, "cpu", max_streams=len(videos), precision=precision)
     for name in videos:
         detector.add_stream(name)
     probs = {name: [] for name in videos}
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("cache")
     parser.add_argument("--split", default=None, help="default: the checkpoint's test split")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precisions", default="fp32,bf16,int8")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,19 +60,20 @@ def main() -> None:
                                 ambiguous=np.concatenate([v.ambiguous for v in videos.values()]))
 
     offline = {name: predict_offline(model, v.rgb, v.flow) for name, v in videos.items()}
-    fp32, fp32_s = stream_videos(model, videos, int8=False)
-    int8, int8_s = stream_videos(model, videos, int8=True)
+    streamed = {precision: stream_videos(model, videos, precision) for precision in args.precisions.split(",")}
     steps = sum(len(v.rgb) for v in videos.values())
     print(f"{args.checkpoint} on {len(videos)} '{split}' videos ({steps} steps) of {args.cache}, "
           f"streamed together, {torch.get_num_threads()} threads")
     print(f"{'':<16}{'mAP':>8}{'mcAP':>8}{'max |p - offline|':>19}{'stream-steps/s':>16}")
     print(f"{'offline':<16}{report(offline)['mAP']:>8.4f}{report(offline)['mcAP']:>8.4f}")
-    for name, probs, seconds in [("streaming fp32", fp32, fp32_s), ("streaming int8", int8, int8_s)]:
+    for precision, (probs, seconds) in streamed.items():
         result = report(probs)
         error = max(np.abs(probs[v] - offline[v]).max() for v in videos)
-        print(f"{name:<16}{result['mAP']:>8.4f}{result['mcAP']:>8.4f}{error:>19.2e}{steps / seconds:>16.1f}")
+        print(f"{'streaming ' + precision:<16}{result['mAP']:>8.4f}{result['mcAP']:>8.4f}{error:>19.2e}"
+              f"{steps / seconds:>16.1f}")
+    print("targets: mAP within 0.5 points of offline fp32 for each precision, max |p - offline| <= 0.05")
 
 
 if __name__ == "__main__":
-    with measured("bench/int8_accuracy.py"):
+    with measured("bench/precision_accuracy.py"):
         main()
