@@ -22,16 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.events import VideoEvents, event_report, f1_from_counts
-from vidpipe.pipeline.score import LabelledProbs, apply_rules, score_probabilities
+from vidpipe.pipeline.score import LabelledProbs, apply_rules, score_probabilities, write_json
 from vidpipe.pipeline.timeline import TimelineSettings
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,11 @@ def rules_path(checkpoint: str | Path) -> Path:
 
 
 def objective_value(report: dict, objective: str) -> float:
-    """Higher is better: F1@0.25, start p-mAP over the offsets, or minus the median latency."""
-    if objective == "f1":
-        return report["f1"]["0.25"]
-    if objective == "start-ap":
-        return report["start_mAP"]
-    return -report["latency_s"]["median"]
+    """Higher is better: F1@0.25, start p-mAP over the offsets, or minus the median latency;
+    -inf where the metric has no data (no start matched, no true start)."""
+    value = {"f1": report["f1"]["0.25"], "start-ap": report["start_mAP"],
+             "latency": -report["latency_s"]["median"]}[objective]
+    return -math.inf if math.isnan(value) else float(value)
 
 
 # --- the search -------------------------------------------------------------------------------
@@ -164,11 +163,22 @@ def calibrate(checkpoint: str | Path, cache: str | Path, labels: str | Path | No
     rules = {"format": RULES_FORMAT, "version": 1,
              "checkpoint": {"file": Path(checkpoint).name, "sha256": _sha256(checkpoint)},
              "settings": asdict(settings), "calibration": record}
-    write_text_atomically(rules_path(checkpoint), json.dumps(rules, indent=2))
-    log.info("event rules (%s on %d videos of split '%s': %.3f, default rules %.3f) -> %s",
-             objective, len(data.videos), data.split, record["value"], record["default_value"],
-             rules_path(checkpoint))
+    write_json(rules, rules_path(checkpoint))   # a metric without data (-inf) as null
+    log.info("event rules (%s on %d videos of split '%s': %s) -> %s", objective, len(data.videos),
+             data.split, _versus_defaults(record), rules_path(checkpoint))
     return rules
+
+
+def _shown(value: float | None, objective: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "no data"
+    return f"median start latency {-value:.2f} s" if objective == "latency" else f"{value:.3f}"
+
+
+def _versus_defaults(record: dict) -> str:
+    objective = record["objective"]
+    return (f"{_shown(record['value'], objective)}, default rules "
+            f"{_shown(record['default_value'], objective)}")
 
 
 def checkpoint_rules(checkpoint: str | Path) -> tuple[TimelineSettings, str]:
@@ -189,8 +199,7 @@ def checkpoint_rules(checkpoint: str | Path) -> tuple[TimelineSettings, str]:
                     "calibrate` again)", path, checkpoint)
         return TimelineSettings(), "default rules"
     return settings, (f"calibrated rules {path} ({record['objective']} on split "
-                      f"'{record['split']}': {record['value']:.3f}, default rules "
-                      f"{record['default_value']:.3f})")
+                      f"'{record['split']}': {_versus_defaults(record)})")
 
 
 def _sha256(path: str | Path) -> str:
@@ -207,7 +216,7 @@ def describe_rules(rules: dict, path: str | Path) -> str:
     record, settings = rules["calibration"], TimelineSettings(**rules["settings"])
     lines = [f"{path}: event rules chosen on {len(record['videos'])} videos of split "
              f"'{record['split']}' in {record['seconds']:g} s",
-             f"{record['objective']}: {record['value']:.3f} (default rules: {record['default_value']:.3f})"
+             f"{record['objective']}: {_versus_defaults(record)}"
              + ("; the default rules are kept" if record["kept_defaults"] else "")]
     names = sorted(settings.class_thresholds) or ["every class"]
     lines += [f"  {name}: start {settings.start_threshold_of(name):g}, end {settings.end_threshold_of(name):g}"

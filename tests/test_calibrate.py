@@ -122,6 +122,9 @@ def test_calibration_beats_the_default_rules_where_they_miss():
     assert record["default_value"] == 0.0 and record["value"] > 0.9
     assert score_probabilities(data, settings)["f1"]["0.25"] == pytest.approx(record["value"])
     assert all(0.2 < settings.start_threshold_of(n) <= 0.4 for n in NAMES[1:])
+    settings, record = search_rules(data, "latency")    # the defaults match no start at all
+    assert record["default_value"] == -np.inf and -1.0 < record["value"] < 0
+    assert score_probabilities(data, settings)["latency_s"]["matched"] >= 10
 
 
 def test_a_version_1_timeline_without_events_cannot_be_scored(setup, tmp_path, capsys):
