@@ -24,6 +24,7 @@ import numpy as np
 
 from vidpipe.core.atomic import atomic_path, write_text_atomically
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.log import progress_bar
 from vidpipe.malt.events import DetectedStart, VideoEvents, event_report
 from vidpipe.pipeline.timeline import Event, Timeline, TimelineSettings, run_segmenter
 from vidpipe.store.labels import LabelSet, Segment
@@ -150,6 +151,7 @@ def checkpoint_probabilities(checkpoint: str | Path, cache: str | Path,
     check_compatible(ckpt, store, label_set.class_names, checkpoint, source)
     split, video_ids = split_videos(label_set, ckpt.model_config(str(checkpoint)), split, source)
     step_seconds = float(store.settings["step_seconds"])
+    log.info("streaming detector on %d videos of split '%s'", len(video_ids), split)
     videos = []
     for group in range(0, len(video_ids), STREAMS_PER_BATCH):
         ids = video_ids[group:group + STREAMS_PER_BATCH]
@@ -199,7 +201,8 @@ def stream_probabilities(model, videos: dict[str, tuple[np.ndarray, np.ndarray]]
     for key in videos:
         detector.add_stream(key)
     rows: dict[str, list[np.ndarray]] = {key: [] for key in videos}
-    for t in range(max((len(rgb) for rgb, _ in videos.values()), default=0)):
+    steps = max((len(rgb) for rgb, _ in videos.values()), default=0)
+    for t in progress_bar(range(steps), desc=f"{len(videos)} streams", unit="step", heartbeat_s=30):
         inputs = {key: (rgb[t], flow[t]) for key, (rgb, flow) in videos.items() if t < len(rgb)}
         for key, row in detector.step(inputs).items():
             rows[key].append(row)
