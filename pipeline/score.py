@@ -298,6 +298,11 @@ def event_evaluation(cache: str | Path, labels: str | Path | None = None, split:
         report.update(split=data.split, rules=asdict(settings), rules_source=rules)
         heading = f"event metrics of the streaming detector on split '{data.split}', {rules}"
     text = heading + "\n" + format_event_table(report)
+    if frame_report is not None:   # the two families side by side, one line
+        text += (f"\nframe mAP {100 * frame_report['mAP']:.2f} | start p-mAP {100 * report['start_mAP']:.1f} | "
+                 f"segment F1@0.25 {100 * report['f1']['0.25']:.1f} | edit {100 * report['edit']:.1f} | "
+                 f"start latency {report['latency_s']['median']:.2f} s | "
+                 f"{report['false_starts_per_hour']:.0f} false starts/h")
     if out is not None:
         write_json({**frame_report, "events": report} if frame_report else report, out)
         picture = picture or Path(out).with_suffix(".png")

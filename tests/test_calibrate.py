@@ -55,7 +55,7 @@ def test_eval_of_timelines_equals_eval_of_the_checkpoint(setup, tmp_path, capsys
     main(["eval", "--checkpoint", str(checkpoint), "--cache", str(store.root),
           "--out", str(tmp_path / "checkpoint.json")])
     printed = capsys.readouterr().out
-    assert "start p-AP" in printed and "segment F1@0.10" in printed and "mAP" in printed
+    assert "start p-AP" in printed and "segment F1@0.10" in printed and "frame mAP " in printed
     from_timelines = json.loads((tmp_path / "timelines.json").read_text())
     from_checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
     assert sorted(from_timelines["videos"]) == test_ids and "mAP" in from_checkpoint
