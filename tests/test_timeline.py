@@ -182,3 +182,26 @@ def test_no_start_event_reports_a_score_below_its_threshold():
         for event in start_events(probs, settings):
             expected = settings.class_thresholds.get(event.label, settings.threshold)
             assert event.threshold == expected and event.score >= event.threshold
+
+
+def test_hysteresis_keeps_a_class_on_down_to_its_end_threshold():
+    probs = np.array([[0.4, 0.6, 0.0], [0.55, 0.45, 0.0], [0.55, 0.45, 0.0], [0.7, 0.3, 0.0]])
+    ts = np.arange(4) * STEP
+    spans = lambda **rules: [(s.start_s, s.end_s) for s in find_segments(
+        probs, ts, NAMES, STEP, TimelineSettings(min_duration_s=0, merge_gap_s=0, **rules))]
+    assert spans(threshold=0.5) == [(0.0, 0.25)]                        # no hysteresis
+    assert spans(threshold=0.5, end_threshold=0.4) == [(0.0, 0.75)]     # on while >= 0.4
+    assert spans(threshold=0.5, class_end_thresholds={"Bounce": 0.3}) == [(0.0, 1.0)]
+    assert spans(threshold=0.5, end_threshold=0.6) == spans(threshold=0.5)   # capped at the start
+    with pytest.raises(VidpipeError, match="need 0 <= end"):
+        spans(threshold=0.5, class_end_thresholds={"Bounce": 0.6})
+
+
+def test_smoothing_averages_the_last_steps_causally():
+    probs = probs_from([0, 0, 1, 0, 0, 1, 1, 0, 0], high=0.9)   # a one-step blip, then two steps
+    ts = np.arange(9) * STEP
+    smoothed = find_segments(probs, ts, NAMES, STEP,
+                             TimelineSettings(smoothing_s=0.5, min_duration_s=0, merge_gap_s=0))
+    # scores over the last 2 steps: the blip's step reaches 0.45 (< 0.5); the pair reaches
+    # 0.45 then 0.9 then 0.45: on at step 6 only (the average lags, it never looks ahead)
+    assert [(s.label, s.start_s, s.end_s) for s in smoothed] == [("Bounce", 1.5, 1.75)]
