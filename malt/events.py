@@ -176,8 +176,7 @@ def event_report(videos: list[VideoEvents], class_names: list[str],
     {"start_ap": {offset: {"mean", "per_class"}}, "start_mAP" (mean over offsets),
      "f1": {overlap: F1}, "segment_counts": {overlap: [tp, fp, fn]}, "edit",
      "latency_s": {"median", "p90", "matched", "offset_s", "values"}, "false_starts_per_hour",
-     "num_videos",
-     "hours", "num_true_starts", "num_starts"}."""
+     "num_videos", "hours", "num_true_starts", "num_starts"}."""
     if not videos:
         raise ValueError("no videos to score")
     start_ap = {f"{offset:g}": _start_ap(videos, class_names, offset) for offset in offsets_s}
