@@ -289,6 +289,9 @@ def event_evaluation(cache: str | Path, labels: str | Path | None = None, split:
     from vidpipe.pipeline.calibrate import checkpoint_rules
 
     if timelines is not None:
+        if split is not None:
+            raise VidpipeError("--split chooses the videos of --checkpoint; --timelines scores "
+                               "every labelled video it has a timeline of")
         report = score_timelines(timelines, cache, labels)
         heading = f"event metrics of the timelines in {timelines} ({len(report['videos'])} labelled videos)"
     else:

@@ -138,3 +138,5 @@ def test_a_version_1_timeline_without_events_cannot_be_scored(setup, tmp_path, c
     assert Timeline.load(detection.files["json"]).events == []
     assert "records no events" in cli_error(capsys, ["eval", "--timelines", str(tmp_path),
                                                      "--cache", str(store.root)])
+    assert "--split chooses the videos of --checkpoint" in cli_error(
+        capsys, ["eval", "--timelines", str(tmp_path), "--cache", str(store.root), "--split", "test"])
