@@ -148,10 +148,15 @@ def calibrate(checkpoint: str | Path, cache: str | Path, labels: str | Path | No
               split: str = "val", objective: str = "f1", device: str | None = None) -> dict:
     """`vidpipe calibrate`: search the rules on a validation split, write them beside the
     checkpoint; returns the rules file's content."""
+    from vidpipe.malt.checkpoint import read_checkpoint
     from vidpipe.pipeline.score import checkpoint_probabilities
 
     if objective not in OBJECTIVES:
         raise VidpipeError(f"--objective {objective}: expected one of {', '.join(OBJECTIVES)}")
+    test_split = read_checkpoint(checkpoint).model_config(str(checkpoint)).data.test_split
+    if split == test_split:   # said before the model runs on every video of it
+        raise VidpipeError(f"--split {split}: the test split '{test_split}' never chooses rules; "
+                           "calibrate on validation videos (--split val)")
     started = time.perf_counter()
     data = checkpoint_probabilities(checkpoint, cache, labels, split, device)
     if data.split == data.test_split or set(data.test_videos) & {v.video_id for v in data.videos}:
