@@ -183,9 +183,10 @@ def check_detect(work: Workspace) -> str:
     notes = []
     for live in (False, True):
         [detection] = detect([work.clip()], checkpoint, out=work.root / f"detect_{live}", device="cuda",
-                             live=live, picture=False)
-        timings = detection.timeline.metadata["timings"]
-        notes.append(f"{'live' if live else 'file'} {timings['total_s']:.1f} s")
+                             precision="auto", live=live, picture=False)
+        metadata = detection.timeline.metadata
+        notes.append(f"{'live' if live else 'file'} {metadata['timings']['total_s']:.1f} s "
+                     f"({metadata['precision']['runs']})")
     return ", ".join(notes) + f" for {work.seconds:g} s of video"
 
 
