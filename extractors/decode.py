@@ -10,6 +10,9 @@ also for variable-frame-rate files):
     frame duration when the container does not say);
   - output frame k shows the source frame on screen at time k / fps, for every k with
     k / fps before the end;
+  - timestamps that jump back by more than RESTART_SECONDS (an encoder or camera restarting,
+    a looped stream: MPEG-TS starts again at 0) continue the clock one frame after the last
+    one, so no frame is dropped; each restart is kept in `VideoSource.restarts`;
   - frames are grouped in chunks of `chunk`; a trailing partial chunk is dropped, so a video
     of N output frames gives floor(N / chunk) steps, step i starting at i * chunk / fps.
 
@@ -25,6 +28,7 @@ refuses the second connection). A URL or device that fails after it opened raise
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,6 +40,8 @@ import numpy as np
 
 from vidpipe.core.errors import VidpipeError, first_line
 from vidpipe.core.paths import is_stream
+
+log = logging.getLogger(__name__)
 
 try:  # decord has no wheels for every platform; PyAV covers the rest
     import decord
@@ -52,6 +58,7 @@ BATCH_CHUNKS = 32          # ...and at most this many chunks per get_batch
 THREADED_DECODE_PIXELS = 640 * 360   # smaller frames decode faster on one thread
 TRUNCATED_SECONDS = 0.5    # missing video beyond this (and 3 frames) means a truncated file
 STREAM_TIMEOUT_S = 10.0   # a URL silent this long (opening or reading) has failed
+RESTART_SECONDS = 1.0     # a timestamp this far back is a restart (encoder, camera, looped stream)
 MAX_PIXELS = 4096 * 4096  # pixel budget per frame (16.8 MP): a larger declared size is refused
 NETWORK_ERRORS = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset",
                   errno.ETIMEDOUT: "connection timed out", errno.EHOSTUNREACH: "host unreachable",
@@ -159,6 +166,7 @@ class VideoSource:
             else ("decord" if backend == "auto" else backend)
         self.backend_used: str | None = None   # what decoded the last iteration (after fallback)
         self.decoded_end: float | None = None  # end of the last source frame, after iteration
+        self.restarts: list[dict] = []         # timestamp restarts of the last iteration
 
     def __repr__(self) -> str:
         return f"VideoSource({self.path!r}, fps={self.fps}, chunk={self.chunk}, backend={self.backend!r})"
@@ -239,8 +247,9 @@ class VideoSource:
         """A file whose frames stop well before its declared duration is truncated."""
         if last_start is None:
             raise VidpipeError(f"{self.path}: no decodable video frames (corrupt or truncated file)")
-        declared = self.info.duration
-        if self.info.is_file and declared is not None and declared - last_start > self._truncation_gap():
+        declared = self.info.duration   # (of the last timestamp segment only, after a restart)
+        if self.info.is_file and declared is not None and not self.restarts \
+                and declared - last_start > self._truncation_gap():
             raise VidpipeError(f"{self.path}: truncated or corrupt: frames stop at {last_start:.2f} s "
                                f"of the {declared:.2f} s the container declares")
 
@@ -251,6 +260,7 @@ class VideoSource:
     def chunks(self) -> Iterator[Chunk]:
         """Decode from the start; decord falls back to PyAV (same frames) if it fails."""
         self.decoded_end = None
+        self.restarts = []
         if self.backend == "pyav":
             yield from self._pyav_chunks(first_step=0)
             return
@@ -289,10 +299,15 @@ class VideoSource:
                 stream.thread_type = "AUTO"
             first = None
             previous = None
+            shift = 0.0       # added to the timestamps after a restart
             try:
                 for frame in container.decode(stream):
                     if frame.pts is not None and frame.time_base is not None:
-                        time = float(frame.pts * frame.time_base)
+                        raw = float(frame.pts * frame.time_base)
+                        time = raw + shift
+                        if previous is not None and time < previous - RESTART_SECONDS:
+                            shift = previous + self._frame_seconds - raw
+                            time = self._restarted(raw + shift, raw, first)
                     else:  # raw streams without timestamps: one nominal frame after the last
                         time = (previous if previous is not None else 0.0) + self._frame_seconds
                     first = time if first is None else first
@@ -317,6 +332,14 @@ class VideoSource:
             yield from self._group(shown, first_step, "pyav")
         self._check_complete(state["last"])
         self.decoded_end = self._end_of(state["last"])
+
+    def _restarted(self, time: float, source_time: float, first: float) -> float:
+        """Note a timestamp restart: the frame at `source_time` (seconds, as the container
+        says) is shown at `time`, one frame after the last. Returns `time`."""
+        self.restarts.append({"at_s": round(time - first, 6), "source_time_s": round(source_time - first, 6)})
+        log.warning("%s: timestamps restart at %.2f s (back to %.2f s: an encoder or camera "
+                    "restart?); continuing the clock", self.path, time - first, source_time - first)
+        return time
 
     def _decord_chunks(self) -> Iterator[Chunk]:
         """Random access: indices of the shown frames from the demuxed timestamps, then
@@ -357,12 +380,15 @@ class VideoSource:
         pts: list[int] = []
         with self._take_container() as container:
             stream = container.streams.video[0]
+            restart = RESTART_SECONDS / stream.time_base   # in the stream's ticks
             try:
                 for packet in container.demux(stream):
                     if packet.size == 0:   # flush packet
                         continue
                     if packet.pts is None:
                         raise _DecordFailed("packets without timestamps")
+                    if pts and packet.dts is not None and packet.dts < pts[-1] - restart:
+                        raise _DecordFailed("timestamps restart: PyAV continues the clock")
                     pts.append(packet.pts)
             except av.error.FFmpegError as exc:
                 raise _DecordFailed(f"demuxing: {_describe(exc)}") from None

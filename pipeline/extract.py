@@ -294,6 +294,7 @@ def _video_attrs(job: VideoJob, job_print: str | None, source: VideoSource,
         "height": info.height,
         "codec": info.codec,
         "decoder": source.backend_used,
+        "timestamp_restarts": source.restarts,   # continued on the step clock (extractors.decode)
         "extracted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extractor.run_record(),
     }

@@ -64,6 +64,11 @@ class Reconnected:
 
 
 @dataclass
+class Restarted:
+    restart: dict                           # a timestamp restart (VideoSource.restarts), on the step clock
+
+
+@dataclass
 class Ended:
     how: str                                # "eof" | "error"
     error: str | None = None
@@ -160,9 +165,13 @@ class SourceWorker(threading.Thread):
     def _featurise(self, video, offset: int) -> Iterator[Step]:
         ready: dict[int, float] = {}
         shown: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        noted: list[dict] = []
 
         def chunks():
             for chunk in video.chunks():
+                for restart in video.restarts[len(noted):]:   # continued on the step clock
+                    noted.append(restart)
+                    self._send(Restarted({**restart, "at_s": restart["at_s"] + shift}))
                 ready[chunk.index] = time.perf_counter()
                 if self.render:
                     shown[chunk.index] = (chunk.frames, chunk.times)
@@ -313,6 +322,8 @@ class Engine:
                 elif isinstance(message, Opened):
                     self.runs[key].info.update(message.info)
                     self._announce(key)
+                elif isinstance(message, Restarted):
+                    self.runs[key].info.setdefault("timestamp_restarts", []).append(message.restart)
                 elif isinstance(message, Reconnected):
                     self.runs[key].reconnects.append({"at_s": message.at_s, "error": message.error})
                     log.warning("%s: reconnected, continuing at %s", self.runs[key].plan.source,

@@ -273,3 +273,61 @@ def test_extract_reports_a_video_over_the_budget_with_the_bad_files(tmp_path):
     assert summary.extracted == ["small.mp4"]
     ((name, why),) = summary.failed
     assert name == "big.mp4" and why.startswith(f"{big}: declares 96x64 frames")
+
+
+# -- timestamps that restart (an encoder or camera restarting, a looped stream) --------------
+@pytest.fixture(scope="module")
+def restarted_ts(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    """Two MPEG-TS segments (4 s and 3 s at 24 fps), each starting at pts 0, one after the
+    other in one file -> (file, the frames of both in order)."""
+    from detect_helpers import to_mpegts
+
+    folder = tmp_path_factory.mktemp("restart")
+    parts = [to_mpegts(make_video(folder / f"{n}.mp4", frames=frames, size=(64, 48), seed=n),
+                       folder / f"{n}.ts") for n, frames in ((1, 96), (2, 72))]
+    joined = folder / "restarted.ts"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    frames = [image for part in parts for image in decode_all(part)[1]]
+    return joined, frames
+
+
+def assert_continues_on_the_step_clock(chunks, frames) -> None:
+    assert len(chunks) == 28                                   # 7 s of 0.25 s steps: none dropped
+    np.testing.assert_array_equal([c.start for c in chunks], np.arange(28) * 0.25)
+    decoded = np.concatenate([c.frames for c in chunks])      # 24 fps in, 24 fps out: frame by frame
+    assert len(decoded) == len(frames)
+    for got, expected in zip(decoded, frames):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_a_file_whose_timestamps_restart_continues_on_the_step_clock(restarted_ts, backend):
+    path, frames = restarted_ts
+    source = VideoSource(path, backend=backend)
+    chunks = list(source)
+    assert_continues_on_the_step_clock(chunks, frames)
+    assert source.restarts == [{"at_s": 4.0, "source_time_s": 0.0}]
+
+
+def test_a_live_stream_whose_timestamps_restart_continues_on_the_step_clock(restarted_ts):
+    from detect_helpers import LiveServer
+
+    path, frames = restarted_ts
+    with LiveServer([(path.read_bytes(), "close")]) as server:
+        source = VideoSource(server.url)
+        chunks = list(source)
+    assert_continues_on_the_step_clock(chunks, frames)
+    assert source.restarts == [{"at_s": 4.0, "source_time_s": 0.0}]
+
+
+def test_extract_keeps_every_step_of_a_file_whose_timestamps_restart_and_notes_it(restarted_ts, tmp_path):
+    from extract_helpers import tiny_settings
+    from vidpipe.pipeline.extract import extract_folder
+    from vidpipe.store.cache import FeatureStore
+
+    path, _ = restarted_ts
+    summary = extract_folder(path, tmp_path / "cache", tiny_settings(), device="cpu", progress=False)
+    assert summary.ok and summary.steps == 28
+    store = FeatureStore.open(tmp_path / "cache")
+    np.testing.assert_allclose(store.read("restarted.ts").timestamps, np.arange(28) * 0.25)
+    assert store.attrs("restarted.ts")["timestamp_restarts"] == [{"at_s": 4.0, "source_time_s": 0.0}]

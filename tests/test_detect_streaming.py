@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from detect_helpers import tiny_cache, tiny_checkpoint
+from detect_helpers import LiveServer, tiny_cache, tiny_checkpoint, to_mpegts
 from extract_helpers import make_video
 
 from vidpipe.core.errors import VidpipeError
@@ -63,3 +63,27 @@ def test_detect_refuses_a_video_over_the_pixel_budget_in_one_line(checkpoint, tm
     assert error.count("\n") == 1
     (detection,) = detect(video, checkpoint, out=tmp_path / "ok", max_pixels=96 * 64, picture=False)
     assert len(detection.timeline.timestamps) == 4                  # 1 s: 4 steps of 0.25 s
+
+
+@pytest.fixture(scope="module")
+def restarted_ts(tmp_path_factory):
+    """Two MPEG-TS segments (4 s and 3 s), each starting at pts 0, joined in one file."""
+    folder = tmp_path_factory.mktemp("restart")
+    parts = [to_mpegts(make_video(folder / f"{n}.mp4", frames=frames, size=(64, 48), seed=n),
+                       folder / f"{n}.ts") for n, frames in ((1, 96), (2, 72))]
+    joined = folder / "restarted.ts"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    return joined
+
+
+def test_timestamps_that_restart_continue_on_the_step_clock_in_files_and_streams(
+        checkpoint, restarted_ts, tmp_path):
+    (from_file,) = detect(restarted_ts, checkpoint, out=tmp_path / "file", picture=False)
+    with LiveServer([(restarted_ts.read_bytes(), "close")]) as server:
+        (from_stream,) = detect(server.url, checkpoint, out=tmp_path / "stream", picture=False)
+    for detection in (from_file, from_stream):
+        timeline = detection.timeline
+        assert detection.ended_by == "eof"
+        np.testing.assert_allclose(timeline.timestamps, np.arange(28) * 0.25)   # 7 s: none dropped
+        assert timeline.metadata["video"]["timestamp_restarts"] == [{"at_s": 4.0, "source_time_s": 0.0}]
+    np.testing.assert_allclose(from_file.timeline.probs, from_stream.timeline.probs, atol=1e-5)
