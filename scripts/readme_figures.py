@@ -7,7 +7,7 @@ what those commands print:
     mAP and chance level, event metrics, where the timeline picture is);
   - README.md between `<!-- decision -->` markers: the first start decision detect printed;
   - docs/demo_timeline.png (the demo's timeline picture) and docs/detect_render.png (a frame
-    of the review video, one second into the first decided action);
+    of the review video, half a second after the first start was decided);
   - docs/demo_figures.json, the record tests/test_demo.py holds the README to. It also keeps
     the figures of the smaller demo that test runs anyway (CHECK_DEMO, a minute): when the
     code no longer prints those, it no longer prints the README's, and the test says to run
@@ -76,14 +76,21 @@ def run(*argv: str) -> str:
     return "".join(lines)
 
 
-def first_start(detect_output: str) -> tuple[str, float]:
-    """The first start decision detect printed for the first video, and its time (s)."""
-    pattern = re.compile(rf"^{re.escape(LIVE_VIDEOS[0])}  (\d\d):(\d\d):(\d\d\.\d\d)  start  .*$", re.M)
-    match = pattern.search(detect_output)
+def first_start(detect_output: str) -> str:
+    """The first start decision detect printed for the first video."""
+    match = re.search(rf"^{re.escape(LIVE_VIDEOS[0])}  \S+  start  .*$", detect_output, re.M)
     if match is None:
         raise SystemExit(f"detect printed no start decision for {LIVE_VIDEOS[0]}")
-    hours, minutes, seconds = match.groups()
-    return match.group(0), int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return match.group(0)
+
+
+def decided_at(events: Path, timeline: Path) -> float:
+    """Video time (s) at which the first video's first start was decided: the end of the
+    step the events file says it was decided at."""
+    source = f"{OUT}/data/videos/{LIVE_VIDEOS[0]}"
+    event = next(e for e in map(json.loads, events.read_text().splitlines())
+                 if e["source"] == source and e["event"] == "start")
+    return (event["step"] + 1) * json.loads(timeline.read_text())["step_seconds"]
 
 
 def save_frame(video: Path, time_s: float, png: Path) -> None:
@@ -114,10 +121,12 @@ def main() -> None:
     videos = [f"{OUT}/data/videos/{name}" for name in LIVE_VIDEOS]
     detect_output = run(vidpipe, "detect", *videos, "--checkpoint", f"{OUT}/run/last.pt", "--live",
                         "--events", f"{OUT}/events.jsonl", "--render", f"{OUT}/review.mp4")
-    decision, decided_at = first_start(detect_output)
+    decision = first_start(detect_output)
     picture = next(line for line in summary.splitlines() if line.startswith("timeline picture:"))
     shutil.copyfile(REPO / picture.split(":", 1)[1].strip(), TIMELINE_PNG)
-    save_frame(REPO / OUT / f"{LIVE_VIDEOS[0]}.review.mp4", decided_at + 1.0, RENDER_PNG)
+    shown = decided_at(REPO / OUT / "events.jsonl",
+                       REPO / OUT / "run" / "detections" / f"{LIVE_VIDEOS[0]}.timeline.json")
+    save_frame(REPO / OUT / f"{LIVE_VIDEOS[0]}.review.mp4", shown + 0.5, RENDER_PNG)
     print("$ the check demo of tests/test_demo.py", CHECK_DEMO, flush=True)
     record = {
         "command": f"vidpipe demo --out {OUT}", "printed": quoted_lines(summary),
