@@ -29,6 +29,7 @@ from vidpipe.malt.model import MALT
 from vidpipe.malt.window import window_indices
 from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.precision import autocast, resolve_precision
 from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
 
@@ -174,12 +175,15 @@ def check_compatible(checkpoint: Checkpoint, store: FeatureStore, class_names: l
 
 def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | None = None,
              split: str | None = None, out: str | Path | None = None,
-             device: str | None = None, batch_size: int = 64, protocol: str = "sliding") -> dict:
-    """`vidpipe eval`: metrics of a checkpoint on a split of a cache (default: its test split).
+             device: str | None = None, batch_size: int = 64, protocol: str = "sliding",
+             precision: str = "fp32") -> dict:
+    """`vidpipe eval`: metrics of a checkpoint on a split of a cache (default: its test split),
+    the model run in `precision` (fp32 | bf16 | fp16 | auto: autocast, core.precision).
 
     Returns {"mAP", "mcAP", "num_frames" (scored, ambiguous ones left out), "num_videos",
-    "protocol", "per_class", "checkpoint", "cache", "split", "epoch", "selection" (which videos
-    chose the run's best.pt), "selected_on_test"} and writes it as JSON to `out` when given.
+    "protocol", "precision" (what ran), "per_class", "checkpoint", "cache", "split", "epoch",
+    "selection" (which videos chose the run's best.pt), "selected_on_test"} and writes it as
+    JSON to `out` when given.
     """
     if protocol not in PROTOCOLS:
         raise VidpipeError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -204,8 +208,10 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     if (first.rgb.shape[1], first.flow.shape[1]) != (model.cfg.rgb_dim, model.cfg.flow_dim):
         raise VidpipeError(f"{cache}: features are {first.rgb.shape[1]}+{first.flow.shape[1]}-dim, "
                            f"{checkpoint} expects {model.cfg.rgb_dim}+{model.cfg.flow_dim}")
-    report = evaluate_videos(model, videos, ckpt.class_names, batch_size, protocol)
-    report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch,
+    ran = resolve_precision(precision, next(model.parameters()).device)
+    with autocast(next(model.parameters()).device, ran):
+        report = evaluate_videos(model, videos, ckpt.class_names, batch_size, protocol)
+    report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch, precision=ran,
                   selection=describe_selection(config), selected_on_test=config.train.select_on_test)
     if out is not None:   # NaN (no class with a positive step) is not JSON: written as null.
         write_text_atomically(out, json.dumps(_nan_to_none(report), indent=2))

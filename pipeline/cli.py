@@ -279,9 +279,12 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
 @path_option("--picture", type=OUT_FILE,
              help="PNG of start p-mAP vs offset and the latency histogram (default with --out: OUT.png).")
 @click.option("--frames-only", is_flag=True, help="Per-frame metrics only (no event metrics).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32",
+              show_default=True, help="The model's (docs/malt.md, 'Precision'); auto: bf16 for the frame "
+                                      "metrics, the detector's auto (int8 on VNNI CPUs) for the events.")
 def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | None,
                  out: str | None, device: str | None, batch_size: int, protocol: str,
-                 **event_options) -> None:
+                 precision: str, **event_options) -> None:
     """Per-frame mAP (THUMOS protocol) and mcAP (TVSeries protocol) of a checkpoint, and the
     event metrics (action starts, segments, latency) of what detect emits."""
     from vidpipe.pipeline.score import event_evaluation
@@ -298,7 +301,7 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
     from vidpipe.malt.metrics import format_table
 
     report = evaluate(checkpoint, cache, labels=labels, split=split, out=out, device=device,
-                      batch_size=batch_size, protocol=protocol)
+                      batch_size=batch_size, protocol=protocol, precision=precision)
     click.echo(f"{checkpoint} (epoch {report['epoch']}); model selection of its run: "
                f"{report['selection']}")
     click.echo(format_table(report))
@@ -307,7 +310,7 @@ def eval_command(checkpoint: str, cache: str, labels: str | None, split: str | N
                + (f"; written to {out}" if out else ""))
     if not event_options["frames_only"]:
         click.echo(event_evaluation(cache, labels, split, checkpoint=checkpoint, device=device,
-                                    out=out, picture=picture, frame_report=report)[1])
+                                    out=out, picture=picture, frame_report=report, precision=precision)[1])
 
 
 @cli.command()

@@ -137,9 +137,10 @@ def _check_timeline(timeline: Timeline, path: Path, label_set: LabelSet, source:
 
 def checkpoint_probabilities(checkpoint: str | Path, cache: str | Path,
                              labels: str | Path | None, split: str | None,
-                             device: str | None = None) -> LabelledProbs:
+                             device: str | None = None, precision: str = "fp32") -> LabelledProbs:
     """Streaming-detector probabilities of every video of `split` (default: the checkpoint's
-    test split; 'val': its validation videos) with their ground truth."""
+    test split; 'val': its validation videos) with their ground truth; the detector in
+    `precision` (malt.stream)."""
     from vidpipe.malt.checkpoint import load_model
     from vidpipe.malt.data import resolve_labels
     from vidpipe.malt.evaluate import check_compatible
@@ -156,7 +157,7 @@ def checkpoint_probabilities(checkpoint: str | Path, cache: str | Path,
     for group in range(0, len(video_ids), STREAMS_PER_BATCH):
         ids = video_ids[group:group + STREAMS_PER_BATCH]
         features = {v: store.read(v) for v in ids}
-        probs = stream_probabilities(model, {v: (f.rgb, f.flow) for v, f in features.items()})
+        probs = stream_probabilities(model, {v: (f.rgb, f.flow) for v, f in features.items()}, precision)
         for v in ids:
             timestamps = np.asarray(features[v].timestamps, np.float64)
             duration = float(timestamps[-1] + step_seconds) if len(timestamps) else 0.0
@@ -192,12 +193,13 @@ def split_videos(label_set: LabelSet, config, split: str | None, source: str) ->
     return split, video_ids
 
 
-def stream_probabilities(model, videos: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+def stream_probabilities(model, videos: dict[str, tuple[np.ndarray, np.ndarray]],
+                         precision: str = "fp32") -> dict[str, np.ndarray]:
     """{video: (rgb (T, Dr), flow (T, Df))} -> {video: probabilities (T, C+1)}, each video one
     stream of `malt.stream.MultiStreamDetector`, stepped together (causal, as `detect`)."""
     from vidpipe.malt.stream import MultiStreamDetector
 
-    detector = MultiStreamDetector(model)
+    detector = MultiStreamDetector(model, precision=precision)
     for key in videos:
         detector.add_stream(key)
     rows: dict[str, list[np.ndarray]] = {key: [] for key in videos}
@@ -280,7 +282,8 @@ def plot_event_report(report: dict, path: str | Path) -> Path:
 def event_evaluation(cache: str | Path, labels: str | Path | None = None, split: str | None = None,
                      checkpoint: str | Path | None = None, timelines: str | Path | None = None,
                      device: str | None = None, out: str | Path | None = None,
-                     picture: str | Path | None = None, frame_report: dict | None = None) -> tuple[dict, str]:
+                     picture: str | Path | None = None, frame_report: dict | None = None,
+                     precision: str = "fp32") -> tuple[dict, str]:
     """`vidpipe eval`'s event part: the report of `timelines` (a folder of detect's files) or
     of `checkpoint` on `split` of the cache (with its rules: calibrated, else the defaults);
     writes `out` (JSON: `frame_report` with the event report under "events", or the event
@@ -296,7 +299,7 @@ def event_evaluation(cache: str | Path, labels: str | Path | None = None, split:
         heading = f"event metrics of the timelines in {timelines} ({len(report['videos'])} labelled videos)"
     else:
         settings, rules = checkpoint_rules(checkpoint)
-        data = checkpoint_probabilities(checkpoint, cache, labels, split, device)
+        data = checkpoint_probabilities(checkpoint, cache, labels, split, device, precision)
         report = score_probabilities(data, settings)
         report.update(split=data.split, rules=asdict(settings), rules_source=rules)
         heading = f"event metrics of the streaming detector on split '{data.split}', {rules}"

@@ -1,4 +1,6 @@
 """The one precision setting: `auto` by capability (faked), the refusals, what autocast does."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,21 @@ def test_a_config_saved_with_train_amp_reads_as_its_precision():
 
     assert saved_config({"train": {"amp": True}}).train.precision == "fp16"
     assert saved_config({"train": {"amp": False}}).train.precision == "fp32"
+
+
+def test_eval_runs_the_model_in_the_precision_asked_and_says_so(tmp_path, capsys):
+    from train_helpers import random_cache, write_config
+    from vidpipe.malt.evaluate import evaluate
+    from vidpipe.malt.train import train
+    from vidpipe.pipeline.cli import main
+
+    cache = random_cache(tmp_path / "cache", num_train=2, num_test=2, steps=40)
+    train(write_config(tmp_path / "c.yaml", train={"epochs": 2}), cache, tmp_path / "run", progress=False)
+    checkpoint = tmp_path / "run" / "last.pt"
+    reports = {p: evaluate(checkpoint, cache, device="cpu", precision=p) for p in ("fp32", "bf16")}
+    assert {p: r["precision"] for p, r in reports.items()} == {"fp32": "fp32", "bf16": "bf16"}
+    assert abs(reports["bf16"]["mAP"] - reports["fp32"]["mAP"]) < 0.02
+    main(["eval", "--checkpoint", str(checkpoint), "--cache", str(cache), "--precision", "bf16",
+          "--out", str(tmp_path / "eval.json")])
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["precision"] == "bf16" and abs(written["mAP"] - reports["bf16"]["mAP"]) < 1e-6
