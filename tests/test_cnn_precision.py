@@ -78,3 +78,13 @@ def test_a_record_from_before_precision_was_recorded_is_fp32():
 def test_precisions_the_cnns_cannot_run_are_one_line_errors(precision, message):
     with pytest.raises(VidpipeError, match=message):
         TwoStreamExtractor(tiny_settings(precision=precision), device="cpu")
+
+
+def test_extract_precision_on_the_command_line_is_recorded_in_the_cache(clip, tmp_path):
+    from vidpipe.pipeline.cli import main
+    from vidpipe.store.cache import FeatureStore
+
+    main(["extract", str(clip), "--out", str(tmp_path / "cache"), "--random-init", "--precision", "bf16",
+          "--rgb-backbone", "resnet18", "--flow-backbone", "resnet18", "--flow", "dis",
+          "--set", "resize=56", "--set", "crop=48", "--no-progress"])
+    assert FeatureStore.open(tmp_path / "cache").settings["precision"] == "bf16"
