@@ -35,7 +35,7 @@ def load_config(cls: type[T], path: str | Path | None = None,
     """Load `cls` from a YAML file (or defaults when `path` is None), then apply overrides.
 
     Overrides are `dotted.key=value` strings; the value is parsed as YAML
-    (`model.sparse_k=290`, `model.sparse_k=null`, `train.amp=false`).
+    (`model.sparse_k=290`, `model.sparse_k=null`, `train.select_on_test=false`).
     """
     data = read_config_file(path) if path is not None else {}
     config = from_dict(cls, data, str(path) if path is not None else "defaults")
