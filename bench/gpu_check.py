@@ -30,6 +30,7 @@ from conditions import measured   # bench/conditions.py: machine and load, befor
 CHECKS = ("raft", "cnn", "train", "detect", "torchrun")
 BOUND = 0.02          # relative error per feature vector (tests/test_cnn_precision.py)
 TRAIN_OVERRIDES = ["train.epochs=1", "train.precision=fp16"]
+DEVICE = "cuda"       # every check runs here (a dry run of the plumbing may set "cpu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +112,7 @@ class Workspace:
             from vidpipe.store.cache import FeatureStore
             from vidpipe.store.labels import LABELS_FILE, LabelSet, VideoLabels
 
-            record = TwoStreamExtractor(self.settings(), "cuda").settings_record()
+            record = TwoStreamExtractor(self.settings(), DEVICE).settings_record()
             store = FeatureStore.open_or_create(self.root / "cache", record)
             rng, labels, steps = np.random.default_rng(0), {}, 200
             for video_id in ("v0", "v1", "v2"):
@@ -130,7 +131,7 @@ class Workspace:
 def check_raft(work: Workspace) -> str:
     from vidpipe.extractors.features import TwoStreamExtractor
 
-    extractor = TwoStreamExtractor(work.settings(), "cuda")
+    extractor = TwoStreamExtractor(work.settings(), DEVICE)
     started = time.perf_counter()
     rgb, flow, _ = extractor.extract(work.clip())
     seconds = time.perf_counter() - started
@@ -145,7 +146,7 @@ def check_cnn(work: Workspace) -> str:
     from vidpipe.core.precision import autocast
     from vidpipe.extractors.tsn import RECIPES, TSNFlowStream, TSNRGBStream
 
-    cuda, rng = torch.device("cuda"), np.random.default_rng(0)
+    cuda, rng = torch.device(DEVICE), np.random.default_rng(0)
     frames = torch.from_numpy(rng.integers(0, 256, (4, 240, 320, 3), dtype=np.uint8))
     images = torch.from_numpy(rng.integers(0, 256, (4, 5, 2, 256, 256), dtype=np.uint8))
     errors = {}
@@ -169,7 +170,7 @@ def check_train(work: Workspace) -> str:
     from vidpipe.pipeline.demo import DEMO_CONFIG
 
     history = train(DEMO_CONFIG, work.training_cache(), work.root / "run", overrides=TRAIN_OVERRIDES,
-                    device="cuda", progress=False)
+                    device=DEVICE, progress=False)
     assert np.isfinite(history[-1]["train_loss"]), "non-finite loss"
     return f"demo config, 1 epoch, train.precision=fp16 (GradScaler): loss {history[-1]['train_loss']:.3f}"
 
@@ -182,7 +183,7 @@ def check_detect(work: Workspace) -> str:
         check_train(work)
     notes = []
     for live in (False, True):
-        [detection] = detect([work.clip()], checkpoint, out=work.root / f"detect_{live}", device="cuda",
+        [detection] = detect([work.clip()], checkpoint, out=work.root / f"detect_{live}", device=DEVICE,
                              precision="auto", live=live, picture=False)
         metadata = detection.timeline.metadata
         notes.append(f"{'live' if live else 'file'} {metadata['timings']['total_s']:.1f} s "
@@ -198,7 +199,7 @@ def check_torchrun(work: Workspace) -> str:
     overrides = [part for key in TRAIN_OVERRIDES for part in ("--set", key)]
     command = [torchrun, "--standalone", "--nproc-per-node", "1", "--no-python", vidpipe, "train",
                "--config", str(DEMO_CONFIG), "--cache", str(work.training_cache()),
-               "--out", str(work.root / "run_ddp"), "--device", "cuda", *overrides]
+               "--out", str(work.root / "run_ddp"), "--device", DEVICE, *overrides]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**os.environ})
     assert result.returncode == 0, (result.stderr.strip().splitlines() or ["no output"])[-1]
     return "torchrun --nproc-per-node 1 vidpipe train --device cuda (NCCL), 1 epoch fp16"
