@@ -16,6 +16,7 @@ A source that fails does not stop the others.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import IO, Callable, Iterator
 import numpy as np
 
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.stop import join_threads, stopped_by
 from vidpipe.pipeline.render import Renderer
 from vidpipe.pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
 
@@ -100,9 +102,13 @@ class SourceWorker(threading.Thread):
 
     def run(self) -> None:
         try:
-            steps = self._cached_steps() if self.plan.cached else self._decoded_steps()
-            for step in steps:
-                self._send(step)
+            # closed here, in this thread, as soon as the run stops: its decoder with it
+            with contextlib.closing(self._cached_steps() if self.plan.cached
+                                    else self._decoded_steps()) as steps:
+                for step in steps:
+                    if self.stop.is_set():
+                        return
+                    self._send(step)
             self._send(Ended("eof"))
         except VidpipeError as exc:
             self._send(Ended("error", str(exc)))
@@ -298,15 +304,17 @@ class Engine:
                     self._step(batch)
                 else:
                     self.arrived.wait(0.1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:   # Ctrl-C, or SIGTERM (core.stop)
             self.stop.set()
-            log.warning("# interrupted: writing what was decided so far")
+            log.warning("# %s: writing what was decided so far", stopped_by())
             for key in sorted(self.active):
                 self._end(key, Ended("interrupt"))
         finally:
             self.stop.set()
             for key in self.active:   # only after an unexpected error: free the detector
                 self.detector.remove_stream(key)
+            # no worker may outlive the run: one still in native code at exit aborts
+            join_threads(list(self.workers.values()))
 
     def _collect(self) -> dict[int, Step]:
         """The next step of every source that has one; other messages handled on the way."""
