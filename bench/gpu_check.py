@@ -172,7 +172,7 @@ def check_train(work: Workspace) -> str:
     history = train(DEMO_CONFIG, work.training_cache(), work.root / "run", overrides=TRAIN_OVERRIDES,
                     device=DEVICE, progress=False)
     assert np.isfinite(history[-1]["train_loss"]), "non-finite loss"
-    return f"demo config, 1 epoch, train.precision=fp16 (GradScaler): loss {history[-1]['train_loss']:.3f}"
+    return f"demo config, 1 epoch, {' '.join(TRAIN_OVERRIDES[1:])}: loss {history[-1]['train_loss']:.3f}"
 
 
 def check_detect(work: Workspace) -> str:
