@@ -89,8 +89,8 @@ from vidpipe.malt.model import MALT, EncoderPass, causal_mask
 from vidpipe.malt.window import (is_grid_step, long_memory_newest, long_memory_steps,
                                  next_long_memory_change, num_long_tokens)
 
-__all__ = ["EncoderSchedule", "EncodingRows", "MultiStreamDetector", "OnlineDetector",
-           "StreamState"]
+__all__ = ["EncoderSchedule", "EncodingRows", "FromCheckpoint", "MultiStreamDetector",
+           "OnlineDetector", "StreamState"]
 
 
 # -- slot bookkeeping: which streams are served, and their row in the state -------------------
@@ -446,18 +446,25 @@ def _decode_newest(constants: _Constants, state: StreamState, slots: torch.Tenso
 
 # -- the detectors -------------------------------------------------------------------------------
 
-class _FromCheckpoint:
-    """`from_checkpoint`, shared by the many-stream and the one-stream detector."""
+class FromCheckpoint:
+    """The one `from_checkpoint` of every detector: this module's and `vidpipe.Detector`."""
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Optional[str | torch.device] = None, **kwargs):
-        """The detector of a trained checkpoint (malt.checkpoint.load_model); None: cuda when present."""
+        """The detector of a trained checkpoint (malt.checkpoint.load_model; device None: cuda
+        when present); `kwargs` go to the detector."""
         from vidpipe.malt.checkpoint import load_model
-        model, _ = load_model(path, device)
+        model, checkpoint = load_model(path, device)
+        return cls.from_loaded(model, checkpoint, path, **kwargs)
+
+    @classmethod
+    def from_loaded(cls, model: MALT, checkpoint, path: str | Path, **kwargs):
+        """The detector of a loaded checkpoint's model (a detector that needs more of the
+        checkpoint, e.g. its class names, overrides this)."""
         return cls(model, **kwargs)
 
 
-class MultiStreamDetector(_FromCheckpoint):
+class MultiStreamDetector(FromCheckpoint):
     """One MALT serving many independent streams; the streams that have a new step run as one batch.
 
     The model is moved to `device` (default: where its parameters are) and put in eval mode.
@@ -633,7 +640,7 @@ class MultiStreamDetector(_FromCheckpoint):
                                f"from a different extractor than the model was trained on?")
 
 
-class OnlineDetector(_FromCheckpoint):
+class OnlineDetector(FromCheckpoint):
     """Feed one step of features at a time; get that step's class probabilities.
 
     A `MultiStreamDetector` serving one stream: the same code and numbers. The model is moved

@@ -25,8 +25,7 @@ Python API: `Detector.from_checkpoint(path).step(rgb, flow)` / `.run(source)`.
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -34,8 +33,9 @@ import numpy as np
 
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
 from vidpipe.core.settings import differing_keys
-from vidpipe.extractors.decode import MAX_PIXELS, STREAM_TIMEOUT_S, VideoSource, is_stream
-from vidpipe.pipeline.live import Engine, EventLog, Plan, SourceRun, SourceWorker
+from vidpipe.extractors.decode import VideoSource, is_stream
+from vidpipe.malt.stream import FromCheckpoint
+from vidpipe.pipeline.live import DetectOptions, Engine, EventLog, Plan, Signals, SourceRun, SourceWorker
 from vidpipe.pipeline.render import Renderer
 from vidpipe.pipeline.timeline import Timeline, TimelineSettings
 from vidpipe.store.cache import FeatureStore, video_id_from_path
@@ -57,22 +57,6 @@ class Detection:
     @property
     def interrupted(self) -> bool:
         return self.ended_by == "interrupt"
-
-
-@dataclass
-class DetectOptions:
-    """How `Detector.run` / `detect` treat their sources (the CLI's options)."""
-    settings: TimelineSettings | None = None   # event rules; None: the checkpoint's calibrated
-                                               # rules (`vidpipe calibrate`), else the defaults
-    rules: str = "rules as given"              # where the rules came from (timeline metadata)
-    live: bool = False                         # log each decision (and featurise step by step)
-    picture: bool = True                       # write the PNG timeline
-    events: str | Path | None = None           # JSONL file the start/end events are appended to
-    render: str | Path | None = None           # mp4 of the video with the decisions drawn
-    reconnect: int = 0                         # reopen a dropped URL/device up to N times in a row
-    timeout_s: float = STREAM_TIMEOUT_S        # a URL silent this long has failed
-    max_pixels: int = MAX_PIXELS               # a video declaring larger frames is refused unread
-    weights: dict[str, str] = field(default_factory=dict)   # {"rgb"|"flow"|"raft": file}
 
 
 @dataclass(frozen=True)
@@ -97,20 +81,23 @@ def detect(sources: str | Path | Iterable[str | Path], checkpoint: str | Path,
     return detector.run_many(sources, out=out, cache=cache, **options)
 
 
-class Detector:
+class Detector(FromCheckpoint):
     """A trained MALT as an online detector: `step` one source by hand, or `run` sources.
 
-    `step(rgb, flow)` feeds this detector's own stream (its state kept between calls,
-    `reset()` forgets it); `run`/`run_many` serve their sources as further streams of the same
-    batched detector.
+    `Detector.from_checkpoint(path, device=None, int8=False, precision="fp32")`: device None:
+    CUDA when present; `precision`: fp32 (exact) | bf16 | fp16 (CUDA) | int8 (CPU) | auto
+    (malt.stream); `int8=True` = "int8". `step(rgb, flow)` feeds this detector's own stream
+    (its state kept between calls, `restart()` forgets it); `run`/`run_many` serve their
+    sources as further streams of the same `multistream` detector.
     """
 
-    def __init__(self, model, checkpoint, checkpoint_path: str | Path, device, int8: bool = False,
+    def __init__(self, model, checkpoint, checkpoint_path: str | Path, int8: bool = False,
                  precision: str = "fp32"):
         from vidpipe.malt.stream import MultiStreamDetector
 
-        self.checkpoint, self.checkpoint_path, self.device = checkpoint, str(checkpoint_path), device
-        self.batched = MultiStreamDetector(model, device, int8=int8, precision=precision)
+        self.checkpoint, self.checkpoint_path = checkpoint, str(checkpoint_path)
+        self.multistream = MultiStreamDetector(model, int8=int8, precision=precision)
+        self.device = self.multistream.device
         self.class_names: list[str] = list(checkpoint.class_names)
         self.feature_settings: dict = checkpoint.feature_settings
         self.step_seconds = float(self.feature_settings["step_seconds"])
@@ -118,28 +105,20 @@ class Detector:
         self._extractor = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | None = None,
-                        int8: bool = False, precision: str = "fp32") -> "Detector":
-        """The detector of a trained checkpoint; device None: CUDA when present; `precision`:
-        fp32 (exact) | bf16 | fp16 (CUDA) | int8 (CPU) | auto (malt.stream); `int8=True` = "int8"."""
-        from vidpipe.core.device import resolve_device
-        from vidpipe.malt.checkpoint import load_model
-
-        device = resolve_device(device)
-        model, checkpoint = load_model(path, device)
-        return cls(model, checkpoint, path, device, int8=int8, precision=precision)
+    def from_loaded(cls, model, checkpoint, path: str | Path, **kwargs) -> "Detector":
+        return cls(model, checkpoint, path, **kwargs)
 
     def step(self, rgb: np.ndarray, flow: np.ndarray) -> np.ndarray:
         """The next step's rgb (Dr,) and flow (Df,) vectors -> its probabilities (C+1,)."""
         if self._own_stream is None:
             self._own_stream = object()
-            self.batched.add_stream(self._own_stream)
-        return self.batched.step({self._own_stream: (rgb, flow)})[self._own_stream]
+            self.multistream.add_stream(self._own_stream)
+        return self.multistream.step({self._own_stream: (rgb, flow)})[self._own_stream]
 
-    def reset(self) -> None:
-        """Forget what `step` has seen."""
+    def restart(self) -> None:
+        """Forget what `step` has seen: the next step is step 0 of a new stream."""
         if self._own_stream is not None:
-            self.batched.remove_stream(self._own_stream)
+            self.multistream.remove_stream(self._own_stream)
             self._own_stream = None
 
     def run(self, source: str | Path, out: str | Path | None = None,
@@ -278,21 +257,19 @@ class _Batch:
 
     def run(self) -> tuple[list[Detection], list[str]]:
         """Every source to its end -> (detections, failures), in the order given."""
-        stop, arrived = threading.Event(), threading.Event()
+        signals = Signals()
         plans = {key: self._plan(source) for key, source in enumerate(self.sources)}
         extractor = (self.detector.extractor(self.options.weights)
                      if any(p.open_video for p in plans.values()) else None)
-        workers = {key: SourceWorker(plan, extractor, self.detector.step_seconds,
-                                     self.options.live, self.options.render is not None,
-                                     self.options.reconnect, stop, arrived)
+        workers = {key: SourceWorker(plan, extractor, self.detector.step_seconds, self.options, signals)
                    for key, plan in plans.items()}
         runs = {key: SourceRun(plan, self.detector.class_names, self.detector.step_seconds,
                                self.options.settings, self._renderer(plan))
                 for key, plan in plans.items()}
         events = EventLog(self.options.events) if self.options.events else None
         try:
-            Engine(self.detector.batched, workers, runs, self._write, self.options.live, events,
-                   stop, arrived).run()
+            Engine(self.detector.multistream, workers, runs, self._write, self.options, signals,
+                   events).run()
         finally:
             if events is not None:
                 events.close()
@@ -355,8 +332,8 @@ class _Batch:
                       "config": self.detector.checkpoint.config.get("model", {})},
             "feature_settings": self.detector.feature_settings,
             "device": str(self.detector.device),
-            "precision": {"model": self.detector.batched.precision,
-                          "runs": self.detector.batched.describe_precision(),
+            "precision": {"model": self.detector.multistream.precision,
+                          "runs": self.detector.multistream.describe_precision(),
                           "features": self.detector.feature_settings.get("precision", "fp32")},
             "rules": self.options.rules,
             "ended_by": run.ended_by, "error": run.error, "reconnects": run.reconnects,

@@ -31,6 +31,7 @@ import numpy as np
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.core.stop import join_threads, stopped_by
+from vidpipe.extractors.decode import MAX_PIXELS, STREAM_TIMEOUT_S
 from vidpipe.pipeline.render import Renderer
 from vidpipe.pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
 
@@ -40,10 +41,36 @@ QUEUE_STEPS = 32            # steps a worker may run ahead of the detector
 BACKOFF_S = (0.5, 30.0)     # first reconnect delay, doubled per failed attempt up to the cap
 
 
+# --- what the engine and its workers share -------------------------------------------------
+
+@dataclass
+class DetectOptions:
+    """How `Detector.run` / `detect` treat their sources (the CLI's options)."""
+    settings: TimelineSettings | None = None   # event rules; None: the checkpoint's calibrated
+                                               # rules (`vidpipe calibrate`), else the defaults
+    rules: str = "rules as given"              # where the rules came from (timeline metadata)
+    live: bool = False                         # someone watches: each decision is logged as it
+                                               # is made and no step waits for later ones
+    picture: bool = True                       # write the PNG timeline
+    events: str | Path | None = None           # JSONL file the start/end events are appended to
+    render: str | Path | None = None           # mp4 of the video with the decisions drawn
+    reconnect: int = 0                         # reopen a dropped URL/device up to N times in a row
+    timeout_s: float = STREAM_TIMEOUT_S        # a URL silent this long has failed
+    max_pixels: int = MAX_PIXELS               # a video declaring larger frames is refused unread
+    weights: dict[str, str] = field(default_factory=dict)   # {"rgb"|"flow"|"raft": file}
+
+
+@dataclass
+class Signals:
+    """What the engine and its workers tell each other across threads."""
+    stop: threading.Event = field(default_factory=threading.Event)      # set once: every worker ends
+    arrived: threading.Event = field(default_factory=threading.Event)   # a worker queued something
+
+
 # --- what workers send ---------------------------------------------------------------------
 
 @dataclass
-class Step:
+class SourceStep:
     """One feature step of a source, and when its chunk was complete."""
     index: int                              # step number in the source (continues on reconnect)
     timestamp: float                        # step start, seconds of video
@@ -92,12 +119,11 @@ class Plan:
 class SourceWorker(threading.Thread):
     """Decodes and featurises one source into `self.queue` (steps, then one `Ended`)."""
 
-    def __init__(self, plan: Plan, extractor, step_seconds: float, one_by_one: bool,
-                 render: bool, reconnect: int, stop: threading.Event, arrived: threading.Event):
+    def __init__(self, plan: Plan, extractor, step_seconds: float, options: DetectOptions,
+                 signals: Signals):
         super().__init__(name=f"detect-{plan.name}", daemon=True)
         self.plan, self.extractor, self.step_seconds = plan, extractor, step_seconds
-        self.one_by_one, self.render, self.reconnect = one_by_one, render, reconnect
-        self.stop, self.arrived = stop, arrived
+        self.options, self.signals = options, signals
         self.queue: queue.Queue = queue.Queue(QUEUE_STEPS)
 
     def run(self) -> None:
@@ -106,7 +132,7 @@ class SourceWorker(threading.Thread):
             with contextlib.closing(self._cached_steps() if self.plan.cached
                                     else self._decoded_steps()) as steps:
                 for step in steps:
-                    if self.stop.is_set():
+                    if self.signals.stop.is_set():
                         return
                     self._send(step)
             self._send(Ended("eof"))
@@ -116,21 +142,21 @@ class SourceWorker(threading.Thread):
             self._send(Ended("error", f"{self.plan.source}: unexpected {type(exc).__name__}: {exc}"))
 
     def _send(self, message) -> None:
-        while not self.stop.is_set():
+        while not self.signals.stop.is_set():
             try:
                 self.queue.put(message, timeout=0.1)
-                self.arrived.set()
+                self.signals.arrived.set()
                 return
             except queue.Full:
                 continue
 
-    def _cached_steps(self) -> Iterator[Step]:
+    def _cached_steps(self) -> Iterator[SourceStep]:
         timestamps, rgb, flow = self.plan.cached()
         self._send(Opened(self.plan.info))
         for index, (timestamp, rgb_vec, flow_vec) in enumerate(zip(timestamps, rgb, flow)):
-            yield Step(index, float(timestamp), rgb_vec, flow_vec, time.perf_counter())
+            yield SourceStep(index, float(timestamp), rgb_vec, flow_vec, time.perf_counter())
 
-    def _decoded_steps(self) -> Iterator[Step]:
+    def _decoded_steps(self) -> Iterator[SourceStep]:
         """Steps of the source; a stream that drops is opened again (`reconnect` tries in a
         row) and continues the step grid where it stopped."""
         from vidpipe.extractors.decode import StreamLost
@@ -154,21 +180,21 @@ class SourceWorker(threading.Thread):
         """Open the source again after `lost`, with back-off -> (video, tries so far in a
         row); raise when out of tries."""
         error = lost
-        while failures < self.reconnect and not self.stop.is_set():
+        reconnect = self.options.reconnect
+        while failures < reconnect and not self.signals.stop.is_set():
             failures += 1
             delay = min(BACKOFF_S[0] * 2 ** (failures - 1), BACKOFF_S[1])
-            log.warning("%s; reconnecting in %g s (try %d of %d)", error, delay, failures,
-                        self.reconnect)
-            if self.stop.wait(delay):
+            log.warning("%s; reconnecting in %g s (try %d of %d)", error, delay, failures, reconnect)
+            if self.signals.stop.wait(delay):
                 break
             try:
                 return self.plan.open_video(), failures
             except VidpipeError as exc:
                 error = exc
-        tries = f" (gave up after {self.reconnect} reconnect tries)" if self.reconnect else ""
+        tries = f" (gave up after {reconnect} reconnect tries)" if reconnect else ""
         raise VidpipeError(f"{error}{tries}")
 
-    def _featurise(self, video, offset: int) -> Iterator[Step]:
+    def _featurise(self, video, offset: int) -> Iterator[SourceStep]:
         ready: dict[int, float] = {}
         shown: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         noted: list[dict] = []
@@ -179,19 +205,19 @@ class SourceWorker(threading.Thread):
                     noted.append(restart)
                     self._send(Restarted({**restart, "at_s": restart["at_s"] + shift}))
                 ready[chunk.index] = time.perf_counter()
-                if self.render:
+                if self.options.render is not None:
                     shown[chunk.index] = (chunk.frames, chunk.times)
                 yield chunk
-                if self.stop.is_set():
+                if self.signals.stop.is_set():
                     return
 
         # batching steps delays each decision until the batch is full: not for live use
-        batch = 1 if self.one_by_one or self.plan.stream else None
+        batch = 1 if self.options.live or self.plan.stream else None
         shift = offset * self.step_seconds            # continues the grid after a reconnect
         for step in self.extractor.stream_chunks(chunks(), batch_size=batch):
             frames, times = shown.pop(step.index, (None, None))
-            yield Step(offset + step.index, step.timestamp + shift, step.rgb, step.flow,
-                       ready.pop(step.index), frames, None if times is None else times + shift)
+            yield SourceStep(offset + step.index, step.timestamp + shift, step.rgb, step.flow,
+                             ready.pop(step.index), frames, None if times is None else times + shift)
 
 
 # --- the decisions of one source -----------------------------------------------------------
@@ -213,7 +239,7 @@ class SourceRun:
         self.ended_by: str | None = None
         self.error: str | None = None
 
-    def decide(self, step: Step, row: np.ndarray, decided: float, model_seconds: float) -> list[Event]:
+    def decide(self, step: SourceStep, row: np.ndarray, decided: float, model_seconds: float) -> list[Event]:
         events = self.segmenter.step(step.timestamp, row)
         self.model_seconds += model_seconds
         self.latencies.append(decided - step.ready)
@@ -283,49 +309,49 @@ class Engine:
     (`malt.stream.MultiStreamDetector`) until each has ended; calls `write(key, run)` as each
     one ends."""
 
-    def __init__(self, detector, workers: dict[int, SourceWorker], runs: dict[int, SourceRun],
-                 write: Callable[[int, SourceRun], None], live: bool, events: EventLog | None,
-                 stop: threading.Event, arrived: threading.Event):
-        self.detector, self.workers, self.runs, self.write = detector, workers, runs, write
-        self.live, self.events, self.stop, self.arrived = live, events, stop, arrived
+    def __init__(self, multistream, workers: dict[int, SourceWorker], runs: dict[int, SourceRun],
+                 write: Callable[[int, SourceRun], None], options: DetectOptions, signals: Signals,
+                 events: EventLog | None = None):
+        self.multistream, self.workers, self.runs, self.write = multistream, workers, runs, write
+        self.options, self.signals, self.events = options, signals, events
         self.active = set(workers)
         self.several = len(workers) > 1       # say which source a line is about, as it happens
 
     def run(self) -> None:
         for key in self.workers:
-            self.detector.add_stream(key)
+            self.multistream.add_stream(key)
         for worker in self.workers.values():
             worker.start()
         try:
             while self.active:
-                self.arrived.clear()
+                self.signals.arrived.clear()
                 batch = self._collect()
                 if batch:
                     self._step(batch)
                 else:
-                    self.arrived.wait(0.1)
+                    self.signals.arrived.wait(0.1)
         except KeyboardInterrupt:   # Ctrl-C, or SIGTERM (core.stop)
-            self.stop.set()
+            self.signals.stop.set()
             log.warning("# %s: writing what was decided so far", stopped_by())
             for key in sorted(self.active):
                 self._end(key, Ended("interrupt"))
         finally:
-            self.stop.set()
+            self.signals.stop.set()
             for key in self.active:   # only after an unexpected error: free the detector
-                self.detector.remove_stream(key)
+                self.multistream.remove_stream(key)
             # no worker may outlive the run: one still in native code at exit aborts
             join_threads(list(self.workers.values()))
 
-    def _collect(self) -> dict[int, Step]:
+    def _collect(self) -> dict[int, SourceStep]:
         """The next step of every source that has one; other messages handled on the way."""
-        batch: dict[int, Step] = {}
+        batch: dict[int, SourceStep] = {}
         for key in sorted(self.active):
             while key in self.active and key not in batch:
                 try:
                     message = self.workers[key].queue.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(message, Step):
+                if isinstance(message, SourceStep):
                     batch[key] = message
                 elif isinstance(message, Opened):
                     self.runs[key].info.update(message.info)
@@ -340,9 +366,9 @@ class Engine:
                     self._end(key, message)
         return batch
 
-    def _step(self, batch: dict[int, Step]) -> None:
+    def _step(self, batch: dict[int, SourceStep]) -> None:
         tick = time.perf_counter()
-        rows = self.detector.step({key: (step.rgb, step.flow) for key, step in batch.items()})
+        rows = self.multistream.step({key: (step.rgb, step.flow) for key, step in batch.items()})
         decided = time.perf_counter()
         for key, step in batch.items():
             run = self.runs[key]
@@ -356,10 +382,10 @@ class Engine:
             log.warning("%s", ended.error)
         self.write(key, run)    # before it leaves `active`: Ctrl-C while writing writes again
         self.active.discard(key)
-        self.detector.remove_stream(key)
+        self.multistream.remove_stream(key)
 
     def _announce(self, key: int) -> None:
-        if self.live:
+        if self.options.live:
             run = self.runs[key]
             log.info("# %s: live detection, %d classes, step %g s (Ctrl-C stops and writes "
                      "what it has)", run.plan.source, len(run.segmenter.class_names) - 1,
@@ -374,4 +400,4 @@ class Engine:
                 line += f"  (decided {latency * 1000:.0f} ms after the chunk's last frame)"
             if self.several:
                 line = f"{run.plan.name}  {line}"
-            log.log(logging.INFO if self.live else logging.DEBUG, "%s", line)
+            log.log(logging.INFO if self.options.live else logging.DEBUG, "%s", line)

@@ -172,7 +172,7 @@ def test_python_api_detector(setup, tmp_path):
     assert isinstance(detection, Detection) and detection.ended_by == "eof"
     np.testing.assert_allclose(detection.timeline.probs, offline(checkpoint, store, "synth_001.mp4"),
                                atol=1e-5)
-    detector.reset()   # its own stream starts again; the run's stream did not disturb it
+    detector.restart()   # its own stream starts again; the run's stream did not disturb it
     np.testing.assert_allclose(detector.step(features.rgb[0], features.flow[0]), rows[0], atol=1e-5)
     # --int8: the same detector with dynamic int8 linear layers, close to fp32, not equal
     int8 = vidpipe.Detector.from_checkpoint(checkpoint, device="cpu", int8=True)
