@@ -4,6 +4,7 @@ User mistakes raise `VidpipeError`; `main` prints them as one line and exits wit
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -66,6 +67,44 @@ def set_option(example: str):
     """The repeatable `--set KEY=VALUE` override of a config value; `example` shows one."""
     return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                         help=f"Override a config value, e.g. --set {example} (repeatable).")
+
+
+def event_rule_options(command):
+    """`--threshold`, `--class-threshold`, `--min-duration`, `--merge-gap`, handed to the
+    command as one `settings` (TimelineSettings; None when none is given)."""
+    @functools.wraps(command)
+    def with_settings(*args, threshold, class_threshold, min_duration, merge_gap, **kwargs):
+        from vidpipe.pipeline.calibrate import command_line_rules
+        settings = command_line_rules(threshold, class_threshold, min_duration, merge_gap)
+        return command(*args, settings=settings, **kwargs)
+    options = [  # in the order --help shows them
+        click.option("--threshold", default=None, type=float,
+                     help="Probability at which a class starts (default 0.5). Any of --threshold, "
+                          "--class-threshold, --min-duration, --merge-gap replaces the checkpoint's "
+                          "calibrated rules (`vidpipe calibrate`) by these options and the defaults."),
+        click.option("--class-threshold", multiple=True, metavar="NAME=VALUE",
+                     help="Threshold for one class (repeatable)."),
+        click.option("--min-duration", default=None, type=float,
+                     help="Drop segments shorter than this (seconds; default 0.5)."),
+        click.option("--merge-gap", default=None, type=float,
+                     help="Merge same-class segments separated by at most this (seconds; default 0.5).")]
+    for option in reversed(options):
+        with_settings = option(with_settings)
+    return with_settings
+
+
+def feature_weights_options(command):
+    """`--rgb-weights`, `--flow-weights`, `--raft-weights`: the local weights files a
+    checkpoint's features were made with, handed to the command as one `weights` dict."""
+    @functools.wraps(command)
+    def with_weights(*args, rgb_weights, flow_weights, raft_weights, **kwargs):
+        given = (("rgb", rgb_weights), ("flow", flow_weights), ("raft", raft_weights))
+        return command(*args, weights={kind: path for kind, path in given if path}, **kwargs)
+    for kind, help in reversed([("rgb", "Weights file the RGB features were made with."),
+                                ("flow", "Weights file the flow features were made with."),
+                                ("raft", "RAFT weights file the flow was made with.")]):
+        with_weights = path_option(f"--{kind}-weights", help=help)(with_weights)
+    return with_weights
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -371,46 +410,28 @@ def model_info(config_path: str | None, overrides: tuple[str, ...], params_only:
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Pixel budget of one frame (default 4096x4096 = 16777216): a video declaring "
                    "larger frames is refused before decoding.")
-@click.option("--threshold", default=None, type=float,
-              help="Probability at which a class starts (default 0.5). Any of --threshold, "
-                   "--class-threshold, --min-duration, --merge-gap replaces the checkpoint's "
-                   "calibrated rules (`vidpipe calibrate`) by these options and the defaults.")
-@click.option("--class-threshold", multiple=True, metavar="NAME=VALUE",
-              help="Threshold for one class (repeatable).")
-@click.option("--min-duration", default=None, type=float,
-              help="Drop segments shorter than this (seconds; default 0.5).")
-@click.option("--merge-gap", default=None, type=float,
-              help="Merge same-class segments separated by at most this (seconds; default 0.5).")
+@event_rule_options
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"]), default="fp32",
               show_default=True, help="The model's: fp32 (exact), bf16, fp16 (GPU), int8 (CPU: int8 linear "
                                       "layers), auto (the fastest the hardware has: docs/malt.md).")
 @click.option("--int8", is_flag=True, help="= --precision int8.")
-@click.option("--no-picture", is_flag=True, help="Skip the PNG timeline.")
-@click.option("--rgb-weights", default=None, help="Weights file the RGB features were made with.")
-@click.option("--flow-weights", default=None, help="Weights file the flow features were made with.")
-@click.option("--raft-weights", default=None, help="RAFT weights file the flow was made with.")
-def detect(source_args, source_opts, checkpoint, out, cache, live, events, render, reconnect,
-           timeout_s, max_pixels, threshold, class_threshold, min_duration, merge_gap, device, precision,
-           int8, no_picture, rgb_weights, flow_weights, raft_weights) -> None:
+@click.option("--no-picture", "picture", is_flag=True, flag_value=False, default=True,
+              help="Skip the PNG timeline.")
+@feature_weights_options
+def detect(source_args, source_opts, checkpoint, **options) -> None:
     """Online action detection on videos, streams or folders, several at once -> timeline
     JSON / CSV / PNG per source; exit 1 when a source failed, 130 on Ctrl-C (after writing)."""
     sources = [*source_args, *source_opts]
     if not sources:
         raise click.UsageError("give at least one SOURCE (argument or --source)")
     require_checkpoint_file(checkpoint)
-    require_sources(sources, cache_given=cache is not None)
-    from vidpipe.pipeline.calibrate import command_line_rules
+    require_sources(sources, cache_given=options["cache"] is not None)
     from vidpipe.pipeline.detect import detect as run_detect
 
-    weights = {k: v for k, v in (("rgb", rgb_weights), ("flow", flow_weights),
-                                 ("raft", raft_weights)) if v}
-    detections = run_detect(
-        sources, checkpoint, out=out, cache=cache, device=device, int8=int8, precision=precision, live=live,
-        settings=command_line_rules(threshold, class_threshold, min_duration, merge_gap),
-        picture=not no_picture, weights=weights, events=events, render=render,
-        reconnect=reconnect, timeout_s=timeout_s,
-        **({"max_pixels": max_pixels} if max_pixels is not None else {}))
+    if options["max_pixels"] is None:          # the library's budget (extractors.decode)
+        del options["max_pixels"]
+    detections = run_detect(sources, checkpoint, **options)   # detect's keywords, DetectOptions'
     if any(d.interrupted for d in detections):
         raise click.exceptions.Abort()   # exit 130, as shells expect after Ctrl-C
 

@@ -71,3 +71,21 @@ def test_shared_options_are_one_declaration_each():
     assert all(o.multiple and o.metavar == "KEY=VALUE" and o.opts == ["--set"] for o in overrides)
     for name in ("cache", "labels"):
         assert declaration(by_command["train"][name]) == declaration(by_command["eval"][name])
+
+
+def test_detect_hands_every_option_to_the_library(tmp_path, monkeypatch):
+    """`detect` is thin: its options reach `pipeline.detect.detect` as the library's keywords
+    (DetectOptions' fields), the rule options as one `settings`, the weights as one dict."""
+    import vidpipe.pipeline.detect as detect_module
+
+    seen = {}
+    monkeypatch.setattr(detect_module, "detect", lambda sources, checkpoint, **kw: seen.update(kw) or [])
+    (tmp_path / "m.pt").write_bytes(b"x")
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    main(["detect", str(tmp_path / "a.mp4"), "--checkpoint", str(tmp_path / "m.pt"), "--live",
+          "--no-picture", "--reconnect", "2", "--min-duration", "1.5", "--flow-weights", "f.pth"])
+    assert seen["weights"] == {"flow": "f.pth"} and seen["picture"] is False and seen["live"] is True
+    assert seen["reconnect"] == 2 and seen["settings"].min_duration_s == 1.5
+    assert "max_pixels" not in seen                # not given: the library's own budget
+    from vidpipe.pipeline.live import DetectOptions
+    DetectOptions(**{k: v for k, v in seen.items() if k not in ("out", "cache", "device", "int8", "precision")})
