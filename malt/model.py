@@ -39,11 +39,12 @@ class FeatureFusion(nn.Module):
     (`train.normalize_features`, malt/train.py), so every user of the model sees the same input.
     """
 
-    def __init__(self, rgb_dim: int, flow_dim: int, d_model: int):
+    def __init__(self, rgb_dim: int, flow_dim: int, d_model: int, device=None, dtype=None):
         super().__init__()
-        self.register_buffer("shift", torch.zeros(rgb_dim + flow_dim))
-        self.register_buffer("scale", torch.ones(rgb_dim + flow_dim))
-        self.proj = nn.Linear(rgb_dim + flow_dim, d_model)
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("shift", torch.zeros(rgb_dim + flow_dim, **factory))
+        self.register_buffer("scale", torch.ones(rgb_dim + flow_dim, **factory))
+        self.proj = nn.Linear(rgb_dim + flow_dim, d_model, **factory)
         self.act = nn.ReLU()
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
