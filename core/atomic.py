@@ -7,19 +7,25 @@ On any error (or a kill) `final` is untouched; a killed writer's temporary file 
 recognisable by `is_stale_temporary` and removed by the next writer
 (`remove_stale_temporaries`). With `exclusive=True` the file is created only if it does
 not exist yet (a hard link, which fails when another writer got there first): two
-processes creating the same file concurrently cannot both win.
+processes creating the same file concurrently cannot both win. A write that fails for
+lack of space or quota (however the library writing `tmp` words it) leaves nothing and
+raises `DiskFull`: one line naming the file and the space left.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import os
 import re
+import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from vidpipe.core.errors import DiskFull
 
 TEMP_PREFIX = ".tmp-"
 
@@ -57,11 +63,45 @@ def remove_stale_temporaries(folder: str | Path) -> None:
                 temp.unlink(missing_ok=True)
 
 
+# How a full disk or quota reads once a library has wrapped the OSError: h5py ("errno = 28"),
+# torch.save ("[enforce fail at inline_container.cc] ... file write failed"), PyAV, numpy.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "errno = 28", "errno = 122",
+                   "file write failed")
+
+
+def disk_full(exc: BaseException, path: str | Path | None) -> DiskFull | None:
+    """`exc` as a one-line `DiskFull` naming `path` (None: unknown, the space left is the
+    current folder's) and the space left, when it is a write that failed for lack of space
+    or quota; None for any other error."""
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    if getattr(exc, "errno", None) not in DISK_FULL_ERRNOS and not any(
+            text in str(exc) for text in DISK_FULL_TEXTS):
+        return None
+    folder = Path(path).absolute().parent if path is not None else Path.cwd()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    why = "disk quota exceeded" if getattr(exc, "errno", None) == errno.EDQUOT else "no space left on the device"
+    return DiskFull(f"{path or 'a file'}: not written, {why} ({free} in {folder}); free some "
+                    "space or choose another folder, then rerun (what was finished is kept)")
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, suffix: str = "", exclusive: bool = False) -> Iterator[Path]:
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=suffix, dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=suffix, dir=final.parent)
+    except OSError as exc:
+        full = disk_full(exc, final)
+        if full is None:
+            raise
+        raise full from None
     os.close(fd)
     temp = Path(name)
     try:
@@ -76,8 +116,11 @@ def atomic_path(final: str | Path, suffix: str = "", exclusive: bool = False) ->
             temp.unlink()
         else:
             os.replace(temp, final)
-    except BaseException:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
+        full = disk_full(exc, final)
+        if full is not None:
+            raise full from None
         raise
 
 

@@ -18,3 +18,8 @@ def first_line(exc: BaseException) -> str:
     one-line error; its type name when it has no message."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class DiskFull(VidpipeError):
+    """A write failed for lack of space or quota (ENOSPC, EDQUOT): exit code 1, as for a batch
+    that could not finish; what was being written is removed, what was finished is kept."""

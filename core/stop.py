@@ -11,18 +11,14 @@ expect. A command raises `Interrupted` after its interrupt path, saying what it 
 A worker thread still running native code (a decoder, torch) when the interpreter
 finalises is stopped under it: glibc unwinds it, and C++ aborts ("terminate called without
 an active exception", exit 134). So stopped runs join their threads within a bound
-(`join_threads`) and, should one still be blocked in a read, end without finalising.
+(`join_threads`) and, should one still be blocked in a read (`blocked_threads`), the CLI
+ends without finalising.
 """
 from __future__ import annotations
 
-import logging
-import os
 import signal
-import sys
 import threading
 import time
-
-log = logging.getLogger(__name__)
 
 THREADS_JOIN_S = 5.0    # how long a stopped run waits for its threads to end
 
@@ -83,11 +79,12 @@ def what_was_kept(exc: BaseException) -> str | None:
 
 
 def join_threads(threads: list[threading.Thread], timeout_s: float = THREADS_JOIN_S) -> list[threading.Thread]:
-    """Join `threads` within `timeout_s` in all -> those still running (remembered: the
-    run then ends without finalising the interpreter under them, see `exit_stopped`)."""
+    """Join `threads` (those started) within `timeout_s` in all -> those still running
+    (remembered for `blocked_threads`)."""
     deadline = time.monotonic() + timeout_s
     for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.ident is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
     running = [thread for thread in threads if thread.is_alive()]
     _unjoined.extend(running)
     return running
@@ -96,20 +93,9 @@ def join_threads(threads: list[threading.Thread], timeout_s: float = THREADS_JOI
 _unjoined: list[threading.Thread] = []
 
 
-def exit_stopped(code: int) -> None:
-    """Exit a stopped run with `code`. A worker that outlived `join_threads` is blocked in
-    a read that no flag reaches: exit without finalising the interpreter under it, after
-    flushing what was written."""
+def blocked_threads() -> list[threading.Thread]:
+    """The threads that outlived `join_threads` and still run (blocked in a read that no
+    flag reaches): a stopped run then ends without finalising the interpreter under them."""
     running = [thread for thread in _unjoined if thread.is_alive()]
     _unjoined.clear()
-    if running:
-        log.debug("ending with %d threads blocked: %s", len(running),
-                  ", ".join(thread.name for thread in running))
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
-    sys.exit(code)
+    return running

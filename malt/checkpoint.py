@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import pickle
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -85,8 +86,12 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
     remove_stale_temporaries(Path(path).parent)
     data = asdict(checkpoint)
     data[INTEGRITY_KEY] = tensors_digest(data)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(data, tmp)
+    # Serialised in memory, then written in one go: torch's own writer words a full disk as
+    # "iostream error" / "enforce fail at inline_container.cc"; Python's says ENOSPC (DiskFull).
+    image = io.BytesIO()
+    torch.save(data, image)
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as file:
+        file.write(image.getbuffer())
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device | None = "cpu") -> Checkpoint:
@@ -123,7 +128,33 @@ def _checkpoint_from(data: Any, path: Path) -> Checkpoint:
     if tensors_digest(data) != stored:
         raise VidpipeError(f"{path}: damaged checkpoint: its tensors do not match the hash "
                            "stored with them; use another checkpoint or train again")
-    return Checkpoint(**data)
+    checkpoint = Checkpoint(**data)
+    _check_sizes(checkpoint, path)
+    return checkpoint
+
+
+def _check_sizes(checkpoint: Checkpoint, path: Path) -> None:
+    """The sizes its config declares against its class names and stored tensors, before
+    anything is allocated: the model is built on the meta device (shapes, no memory), so a
+    config declaring d_model 2^20 over small tensors is a line, not terabytes asked for."""
+    config = checkpoint.model_config(str(path)).model
+    inconsistent = f"{path}: damaged or inconsistent checkpoint:"
+    if config.num_classes != len(checkpoint.class_names):
+        raise VidpipeError(f"{inconsistent} its config declares {config.num_classes} classes "
+                           f"(background included) but it names {len(checkpoint.class_names)}; "
+                           "use another checkpoint or train again")
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in MALT(config).state_dict().items()}
+    stored = {name: tuple(getattr(t, "shape", ())) for name, t in checkpoint.model_state.items()}
+    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    misfit = [f"size mismatch for {name}: the file holds {list(stored[name])}, its config "
+              f"describes {list(shape)}" for name, shape in expected.items()
+              if name in stored and stored[name] != shape]
+    problems = misfit + [f"missing weight {name}" for name in missing[:3]] + \
+        [f"unexpected weight {name}" for name in unexpected[:3]]
+    if problems:
+        raise VidpipeError(f"{inconsistent} the weights do not fit the model its config "
+                           f"describes ({problems[0]}{f'; {len(problems) - 1} more' if len(problems) > 1 else ''})")
 
 
 def _describe(data: Any) -> str:

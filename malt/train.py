@@ -24,6 +24,7 @@ extend a finished run; any other change to the config is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.config import apply_overrides, to_dict
 from vidpipe.core.distributed import ProcessGroupEnv, distributed_env, process_device
 from vidpipe.core.errors import VidpipeError
+from vidpipe.core.lock import folder_lock
 from vidpipe.core.device import loader_workers
 from vidpipe.core.log import HEARTBEAT_S, progress_bar
 from vidpipe.core.precision import autocast, resolve_precision
@@ -153,10 +155,12 @@ def train(config: str | Path | None, cache: str | Path, out: str | Path,
     env = distributed_env()
     target = _setup_distributed(device, env)
     try:
-        run = _Run(out, store, label_set, labels_source, env, target, progress, log_every_s)
-        cfg, checkpoint, videos = _resolve_config(run, config, overrides, resume)
-        state = _build_state(run, cfg, checkpoint, init_from, videos.train)
-        return _train_epochs(run, cfg, state, videos)
+        # one run per folder (core.lock), held by rank 0, which alone writes it
+        with folder_lock(out, "train") if env.rank == 0 else contextlib.nullcontext():
+            run = _Run(out, store, label_set, labels_source, env, target, progress, log_every_s)
+            cfg, checkpoint, videos = _resolve_config(run, config, overrides, resume)
+            state = _build_state(run, cfg, checkpoint, init_from, videos.train)
+            return _train_epochs(run, cfg, state, videos)
     finally:
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -428,7 +432,7 @@ def _train_epochs(run: _Run, cfg: Config, state: _State, videos: _Videos) -> lis
     """Every remaining epoch: train, then (rank 0) evaluate and save."""
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text_atomically(run.out / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     windows = TrainWindows(videos.train, cfg.model, seed=cfg.train.seed,
                            long_memory_sampler=cfg.data.long_memory_sampler)
     iters_per_epoch = iterations_per_epoch(windows, cfg.train.batch_size, run.env.world_size)

@@ -5,14 +5,19 @@ User mistakes raise `VidpipeError`; `main` prints them as one line and exits wit
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from vidpipe.core.errors import BatchIncomplete, VidpipeError
+from vidpipe.core.atomic import disk_full
+from vidpipe.core.errors import BatchIncomplete, DiskFull, VidpipeError
 from vidpipe.core.log import configure_cli_logging, remove_cli_logging
 from vidpipe.core.memory import limit_malloc_arenas
+from vidpipe.core.stop import (Interrupted, blocked_threads, handle_stop_signals,
+                               restore_signals, stop_signal, stopped_by, what_was_kept)
 from vidpipe.extractors.flow_methods import FLOW_METHODS, flow_help
 from vidpipe.core.paths import require_checkpoint_file, require_input, require_sources
 
@@ -289,8 +294,13 @@ def train(config: str | None, cache: str, labels: str | None, out: str, resume: 
     shortcuts = [f"train.{key}={value!r}" for key, value in
                  (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
                  if value is not None]
-    history = train_model(config, cache, out, labels=labels, overrides=[*overrides, *shortcuts],
-                          resume=resume, device=device, init_from=init_from, log_every_s=log_every_s)
+    try:
+        history = train_model(config, cache, out, labels=labels, overrides=[*overrides, *shortcuts],
+                              resume=resume, device=device, init_from=init_from, log_every_s=log_every_s)
+    except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: saves are atomic, last.pt is whole
+        kept = (f"{out}/last.pt holds the last finished epoch; rerun the same command with "
+                "--resume to continue" if (Path(out) / "last.pt").is_file() else "no epoch had finished")
+        raise Interrupted(kept) from exc
     if history:
         click.echo(f"{out}: {len(history)} epochs; last: "
                    + ", ".join(f"{k}={v:.4g}" for k, v in history[-1].items()
@@ -432,8 +442,9 @@ def detect(source_args, source_opts, checkpoint, **options) -> None:
     if options["max_pixels"] is None:          # the library's budget (extractors.decode)
         del options["max_pixels"]
     detections = run_detect(sources, checkpoint, **options)   # detect's keywords, DetectOptions'
-    if any(d.interrupted for d in detections):
-        raise click.exceptions.Abort()   # exit 130, as shells expect after Ctrl-C
+    if any(d.interrupted for d in detections):   # exit 130 / 143, as shells expect
+        raise Interrupted(f"the timelines decided so far are written: "
+                          f"{', '.join(str(d.files['json']) for d in detections)}")
 
 
 
@@ -492,15 +503,24 @@ def cache_repair(cache: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one line `error: ...` on stderr and an exit code:
-    1 a batch finished with failures, 2 a user mistake, 130 interrupted."""
+    1 a batch finished with failures, 2 a user mistake, 130 Ctrl-C, 143 SIGTERM (stopped
+    after keeping what it had: SIGTERM takes Ctrl-C's path, core.stop)."""
+    previous_handlers = handle_stop_signals()
     try:
         cli.main(args=argv, standalone_mode=False)
-    except BatchIncomplete as exc:
+    except (BatchIncomplete, DiskFull) as exc:
         _fail(str(exc), 1)
     except VidpipeError as exc:
         _fail(str(exc), 2)
-    except click.exceptions.Abort:
-        _fail("interrupted", 130)
+    except OSError as exc:   # a full disk met outside core.atomic's writes
+        full = disk_full(exc, exc.filename)
+        if full is None:
+            raise
+        _fail(str(full), 1)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        kept = what_was_kept(exc)
+        click.echo(f"error: {stopped_by()}" + (f": {kept}" if kept else ""), err=True)
+        _exit_stopped(128 + stop_signal())
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         _fail(exc.format_message() + hint, exc.exit_code)
@@ -508,10 +528,22 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), exc.exit_code)
     finally:
         remove_cli_logging()
+        restore_signals(previous_handlers)
 
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _exit_stopped(code: int) -> None:
+    """Exit a stopped run; a worker still blocked in a read would abort the interpreter's
+    finalisation (core.stop): then exit at once, after flushing what was written."""
+    if blocked_threads():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

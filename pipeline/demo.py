@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vidpipe.core.atomic import write_text_atomically
+from vidpipe.core.lock import folder_lock
 from vidpipe.core.errors import VidpipeError
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _run_demo(Path(out), settings, progress)
+        with folder_lock(out, "demo"):   # one demo per folder (core.lock)
+            return _run_demo(Path(out), settings, progress)
     finally:
         torch.set_num_threads(threads)
 

@@ -32,6 +32,7 @@ from typing import Iterable
 import numpy as np
 
 from vidpipe.core.errors import BatchIncomplete, VidpipeError
+from vidpipe.core.lock import folder_lock
 from vidpipe.core.settings import differing_keys
 from vidpipe.extractors.decode import VideoSource, is_stream
 from vidpipe.malt.stream import FromCheckpoint
@@ -149,7 +150,8 @@ class Detector(FromCheckpoint):
                     raise
                 skipped.append(str(exc))
                 log.warning("skipped: %s", exc)
-        detections, failed = _Batch(self, _unique_names(sources), store, out_dir, options).run()
+        with folder_lock(out_dir, "detect"):   # one writer per output folder (core.lock)
+            detections, failed = _Batch(self, _unique_names(sources), store, out_dir, options).run()
         _report(detections, len(sources) + len(skipped), skipped + failed, out_dir,
                 single=len(texts) == 1 and len(sources) == 1)
         return detections

@@ -29,8 +29,9 @@ from vidpipe.extractors.decode import VIDEO_EXTENSIONS, Chunk, VideoSource
 from vidpipe.extractors.features import FeatureSettings, TwoStreamExtractor, stack_steps
 from vidpipe.core.config import load_config
 from vidpipe.core.distributed import distributed_env, process_device
-from vidpipe.core.errors import VidpipeError
+from vidpipe.core.errors import DiskFull, VidpipeError
 from vidpipe.core.memory import release_free_memory
+from vidpipe.core.stop import Interrupted, join_threads
 from vidpipe.core.log import progress_bar
 from vidpipe.core.paths import require_input
 from vidpipe.store.cache import FeatureStore, video_id_from_path
@@ -64,6 +65,13 @@ class ExtractSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def resume_hint(self, total: int) -> str:
+        """What an interrupted run kept, and how to go on."""
+        done = len(self.extracted) + len(self.skipped)
+        failed = f", {len(self.failed)} failed" if self.failed else ""
+        return (f"{self.out_dir}: {done} of {total} videos done ({len(self.extracted)} extracted "
+                f"now{failed}); rerun the same command to resume")
 
     def report(self) -> str:
         total = len(self.extracted) + len(self.skipped) + len(self.failed)
@@ -191,27 +199,25 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
     steps_bar = progress_bar(enabled=show, unit="step", desc="steps", position=1, leave=False)
     started = time.perf_counter()
     decoded = _decode_ahead([job for job, _ in pending], extractor, workers)
+    into = _Into(store, extractor, summary, steps_bar)
     try:
-        for (job, job_print), (source, chunks) in zip(pending, decoded):
+        deferred = []
+        for index, ((job, job_print), (source, chunks)) in enumerate(zip(pending, decoded)):
             videos_bar.set_postfix_str(job.relative[-40:])
-            try:
-                if isinstance(source, BaseException):
-                    raise source
-                steps = extractor.stream_chunks(chunks)
-                rgb, flow, timestamps = stack_steps(_counted(steps, steps_bar), job.path)
-                store.write(job.video_id, rgb, flow, timestamps,
-                            _video_attrs(job, job_print, source, extractor))
-                summary.extracted.append(job.relative)
-                summary.steps += len(timestamps)
-                log.info("extracted %s: %d steps", job.relative, len(timestamps))
-            except Exception as exc:  # a bad file must not stop the batch: record why
-                summary.failed.append((job.relative, _failure(job, exc)))
-                log.warning("failed: %s", summary.failed[-1][1])
-            finally:
-                if chunks is not None:
-                    chunks.close()   # stops its decoding if abandoned half-way
-                release_free_memory()   # bounds the heap's creep over long jobs (core.memory)
+            with store.claim(job.video_id) as claim:
+                if claim.take(wait=False):
+                    into.extract(job, job_print, source, chunks)
+                    videos_bar.update(1)
+                    continue
+            deferred.append((job, job_print))   # another extraction into this cache has it
+            decoded.abandon(index)
+        for job, job_print in deferred:   # when it is done: skipped, or ours if it failed or died
+            with store.claim(job.video_id) as claim:
+                claim.take(wait=True)
+                into.extract(job, job_print, *_open_video(extractor, job))
             videos_bar.update(1)
+    except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM (core.stop): finished videos are kept
+        raise Interrupted(summary.resume_hint(len(jobs))) from exc
     finally:
         decoded.close()
         videos_bar.close()
@@ -221,6 +227,51 @@ def extract_folder(input_dir: str | Path, out_dir: str | Path, settings: Feature
 
 
 # -- helpers --------------------------------------------------------------------------------
+@dataclass
+class _Into:
+    """Where claimed videos go: the store, through the extractor; outcomes in the summary."""
+    store: FeatureStore
+    extractor: TwoStreamExtractor
+    summary: ExtractSummary
+    steps_bar: Any
+
+    def extract(self, job: VideoJob, job_print: str | None, source: Any,
+                chunks: Iterator[Chunk] | None) -> None:
+        """Extract one claimed video, unless another extraction into the cache has just done it."""
+        try:
+            if job_print is not None and _cached_print(self.store, job.video_id) == job_print:
+                self.summary.skipped.append(job.relative)
+                log.debug("skipped %s: extracted by another run into this cache", job.relative)
+                return
+            if isinstance(source, BaseException):
+                raise source
+            steps = self.extractor.stream_chunks(chunks)
+            rgb, flow, timestamps = stack_steps(_counted(steps, self.steps_bar), job.path)
+            self.store.write(job.video_id, rgb, flow, timestamps,
+                             _video_attrs(job, job_print, source, self.extractor))
+            self.summary.extracted.append(job.relative)
+            self.summary.steps += len(timestamps)
+            log.info("extracted %s: %d steps", job.relative, len(timestamps))
+        except DiskFull:   # every next video would fail the same way: stop, keep what is done
+            raise
+        except Exception as exc:  # a bad file must not stop the batch: record why
+            self.summary.failed.append((job.relative, _failure(job, exc)))
+            log.warning("failed: %s", self.summary.failed[-1][1])
+        finally:
+            if chunks is not None:
+                chunks.close()   # stops its decoding if abandoned half-way
+            release_free_memory()   # bounds the heap's creep over long jobs (core.memory)
+
+
+def _open_video(extractor: TwoStreamExtractor, job: VideoJob) -> tuple[Any, Iterator[Chunk] | None]:
+    """(source, chunks) of one video, decoded here; (the error, None) when it cannot be opened."""
+    try:
+        source = extractor.source(job.path)
+    except Exception as exc:
+        return exc, None
+    return source, source.chunks()
+
+
 def _pending(jobs: list[VideoJob], store: FeatureStore,
              summary: ExtractSummary) -> list[tuple[VideoJob, str | None]]:
     """(job, fingerprint) of the videos to extract; cached unchanged ones are counted as
@@ -395,5 +446,12 @@ class _decode_ahead:
                 continue
         return False
 
+    def abandon(self, index: int) -> None:
+        """The consumer will not read this video's chunks: stop decoding it."""
+        if self.workers > 0:
+            self.abandoned.add(index)
+
     def close(self) -> None:
         self.stop.set()
+        if self.workers > 0:   # none may outlive the run (core.stop says why)
+            join_threads(self.threads)

@@ -25,7 +25,9 @@ The manifest can be rebuilt from the files (`check_cache(root, repair=True)`, th
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -36,13 +38,15 @@ import h5py
 import numpy as np
 
 from vidpipe.core.atomic import TEMP_PREFIX, atomic_path, remove_stale_temporaries
-from vidpipe.core.errors import VidpipeError, first_line
+from vidpipe.core.errors import DiskFull, VidpipeError, first_line
+from vidpipe.core.lock import Claim
 from vidpipe.core.settings import differing_keys
 
 FORMAT_VERSION = 2             # 2: every video file carries its settings and a checksum
 MANIFEST = "manifest.json"
 VIDEOS_DIR = "videos"
 DAMAGED_DIR = "damaged"        # where `repair` moves files it cannot vouch for
+CLAIMS_DIR = ".claims"         # per-video claims of running extractions (core.lock)
 DATASETS = ("rgb", "flow", "timestamps")
 SETTINGS_ATTR = "cache_settings"
 CHECKSUM_ATTR = "checksum"
@@ -158,12 +162,18 @@ class FeatureStore:
                     f"{root}: no {MANIFEST}, and its video files were made with other settings "
                     f"(differs in: {', '.join(differing_keys(others[0], settings))}); restore "
                     f"the manifest with `vidpipe cache repair {root}` or use another --out")
-            (root / VIDEOS_DIR).mkdir(parents=True, exist_ok=True)
+            created = [folder for folder in (root, root / VIDEOS_DIR) if not folder.exists()]
             try:
+                (root / VIDEOS_DIR).mkdir(parents=True, exist_ok=True)
                 with atomic_path(root / MANIFEST, exclusive=True) as temp:
                     temp.write_text(_manifest_text(settings))
             except FileExistsError:
                 pass   # another process created it first: its settings are compared below
+            except (DiskFull, OSError):   # a full disk: leave no empty cache behind
+                for folder in reversed(created):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()    # only if still empty
+                raise
         store = cls.open(root)
         if store.settings != settings:
             diff = differing_keys(store.settings, settings)
@@ -284,13 +294,22 @@ class FeatureStore:
                   "timestamps": np.asarray(timestamps, np.float64)}
         attrs = {"video_id": video_id, **(attrs or {}), SETTINGS_ATTR: self.settings,
                  CHECKSUM_ATTR: datasets_checksum(arrays)}
-        with atomic_path(self._path(video_id), suffix=".h5") as tmp:
-            with h5py.File(tmp, "w") as h5:
-                for name in DATASETS:
-                    h5.create_dataset(name, data=arrays[name])
-                for key, value in attrs.items():
-                    h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        # Built in memory, then written in one go: on a full disk the write fails cleanly in
+        # Python (core.atomic: DiskFull), not inside HDF5, whose failed flushes crash the process.
+        image = io.BytesIO()
+        with h5py.File(image, "w") as h5:
+            for name in DATASETS:
+                h5.create_dataset(name, data=arrays[name])
+            for key, value in attrs.items():
+                h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        with atomic_path(self._path(video_id), suffix=".h5") as tmp, open(tmp, "wb") as file:
+            file.write(image.getbuffer())
         return self._path(video_id)
+
+    def claim(self, video_id: str) -> Claim:
+        """A claim on one video (core.lock): two extractions into this cache share the work,
+        each video extracted by whichever claims it first."""
+        return Claim(self.root / CLAIMS_DIR / f"{video_id}.claim")
 
     def remove_stale_temporaries(self) -> None:
         """Delete what killed writers left behind (core.atomic.remove_stale_temporaries)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -355,3 +356,324 @@ def test_segments_past_the_end_of_their_video_are_counted_and_reported(labelled_
     main(["labels", str(csv_file), "--cache", str(labelled_cache), "--out", str(tmp_path / "l.h5")])
     assert "2 segment(s) cover no step of their video" in caplog.text
     assert "late.csv:3: [12, 14] s" in caplog.text
+
+
+# --- stop signals: SIGTERM takes Ctrl-C's path; nothing alive at exit --------------------------
+
+# A terminal's Ctrl-C reaches a process whose SIGINT is Python's; a shell's background job
+# (as CI may start pytest) would hand its children SIGINT ignored: restore it first.
+CLI_WITH_CTRL_C = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "from vidpipe.pipeline.cli import main; main()")
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """The CLI in a fresh interpreter (the exit status includes the interpreter's own exit),
+    stdout and stderr as one text stream."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", CLI_WITH_CTRL_C, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def signal_when(process: subprocess.Popen, text: str, signum: int, limit_s: float = 120) -> str:
+    """Send `signum` once `text` appears in the output; wait for the end -> all output."""
+    seen = []
+    deadline = time.monotonic() + limit_s
+    for line in process.stdout:
+        seen.append(line)
+        if text in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signum)
+    rest, _ = process.communicate(timeout=limit_s)
+    return "".join(seen) + rest
+
+
+@pytest.fixture(scope="module")
+def live_setup(tmp_path_factory):
+    """(checkpoint, MPEG-TS bytes of a 6-second synthetic video) for detect on a live source."""
+    from detect_helpers import tiny_cache, tiny_checkpoint, to_mpegts
+
+    root = tmp_path_factory.mktemp("live")
+    data, store = tiny_cache(root, num_videos=2, duration_s=6.0)
+    checkpoint = tiny_checkpoint(root / "run" / "best.pt", store)
+    return checkpoint, to_mpegts(data.videos_dir / "synth_001.mp4", root / "clip.ts").read_bytes()
+
+
+def test_sigint_and_sigterm_of_live_detect_write_everything_and_exit_cleanly(live_setup, tmp_path):
+    """20 runs (SIGINT and SIGTERM, one and two live sources, 4 at a time): each is stopped
+    after its first decided event, while its workers decode and featurise; each writes every
+    source's timeline (ended_by interrupt) and its review video, leaves no temporary file,
+    says what stopped it and exits 130 / 143: never killed by the signal, never SIGABRT
+    (a thread still running at interpreter exit)."""
+    from detect_helpers import LiveServer
+    from vidpipe.pipeline.timeline import Timeline
+
+    checkpoint, data = live_setup
+    runs = [(signal.SIGINT if index % 2 else signal.SIGTERM, 1 + (index % 4 >= 2))
+            for index in range(20)]
+
+    def run(index: int) -> str:
+        signum, sources = runs[index]
+        out = tmp_path / f"run{index}"
+        # every byte sent, then connected and silent: the worker is busy when the signal comes
+        servers = [LiveServer([(data, "stall")]) for _ in range(sources)]
+        for server in servers:
+            server.__enter__()
+        try:
+            process = start_cli("detect", *[s.url for s in servers], "--checkpoint", str(checkpoint),
+                                "--out", str(out), "--live", "--no-picture", "--timeout", "60",
+                                "--render", str(out / "review.mp4"))
+            output = signal_when(process, "  start  ", signum)
+        finally:
+            for server in servers:
+                server.__exit__()
+        where = f"run {index} ({signal.Signals(signum).name}, {sources} sources):\n{output}"
+        assert process.returncode == 128 + signum, where
+        last = output.strip().splitlines()[-1]
+        said = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        assert last.startswith(f"error: {said}") and "timeline" in last, where
+        timelines = sorted(out.glob("*.timeline.json"))
+        assert len(timelines) == sources, where
+        for saved in timelines:
+            timeline = Timeline.load(saved)
+            assert timeline.metadata["ended_by"] == "interrupt", where
+            review = saved.with_name(saved.name.replace(".timeline.json", ".review.mp4"))
+            if sources == 1:
+                review = out / "review.mp4"
+            assert review.is_file() == bool(len(timeline.timestamps)), where   # frames drawn: kept
+        assert not list(out.glob(".tmp-*")), where
+        return where
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(run, index) for index in range(len(runs))]:
+            future.result()
+
+
+def signal_once(process: subprocess.Popen, ready, signum: int, limit_s: float = 120) -> str:
+    """Send `signum` once `ready()` holds; wait for the end -> all output."""
+    deadline = time.monotonic() + limit_s
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=limit_s)
+    return output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_extract_says_how_many_are_done_and_resumes(videos, reference, tmp_path, signum):
+    cache = tmp_path / "cache"
+    process = start_cli("extract", str(videos), "--out", str(cache), *EXTRACT_OPTIONS)
+    output = signal_once(process, lambda: list(cache.glob("videos/v*.h5")), signum)
+    assert process.returncode == 128 + signum, output
+    said = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    done = cache_contents(cache)
+    assert output.strip().splitlines()[-1] == (
+        f"error: {said}: {cache}: {len(done)} of 3 videos done ({len(done)} extracted now); "
+        "rerun the same command to resume"), output
+    assert not list(cache.glob("videos/.tmp-*"))
+    resumed = extract_folder(videos, cache, fast_settings(), device="cpu", progress=False)
+    assert sorted(resumed.skipped) == sorted(done)
+    assert cache_contents(cache) == reference
+
+
+def test_sigterm_during_train_keeps_last_pt_and_says_how_to_resume(tmp_path):
+    cache = random_cache(tmp_path / "cache", steps=24)
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 200})
+    run = tmp_path / "run"
+    process = start_cli("train", "--config", str(config), "--cache", str(cache), "--out", str(run))
+    output = signal_once(process, lambda: (run / "last.pt").exists(), signal.SIGTERM)
+    assert process.returncode == 143, output
+    assert output.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM: {run}/last.pt holds the last finished epoch; rerun the same "
+        "command with --resume to continue"), output
+    assert not list(run.glob(".tmp-*"))
+    assert read_checkpoint(run / "last.pt").epoch >= 0   # whole: its tensor hash verifies
+
+
+# --- checkpoint sizes checked against the tensors before anything is built ----------------------
+
+def resaved(checkpoint: Path, to: Path, change) -> Path:
+    """The checkpoint with `change(data)` applied and a matching tensor hash (consistent bytes,
+    inconsistent sizes: only the size check can catch it)."""
+    data = torch.load(checkpoint, weights_only=True)
+    data["config"] = json.loads(json.dumps(data["config"]))
+    change(data)
+    data[INTEGRITY_KEY] = tensors_digest({k: v for k, v in data.items() if k != INTEGRITY_KEY})
+    torch.save(data, to)
+    return to
+
+
+def test_a_class_count_that_differs_from_the_class_names_is_one_line(checkpoint, tmp_path, capsys):
+    path = resaved(checkpoint, tmp_path / "names.pt", lambda data: data["class_names"].pop())
+    names = len(torch.load(path, weights_only=True)["class_names"])
+    message = assert_refused(path, f"damaged or inconsistent checkpoint: its config declares "
+                                   f"{names + 1} classes (background included) but it names {names}")
+    cache = checkpoint.parent.parent / "cache"
+    assert cli_error(capsys, ["eval", "--checkpoint", str(path), "--cache", str(cache)]) == f"error: {message}"
+
+
+def test_a_config_declaring_sizes_its_tensors_lack_is_refused_before_allocating(checkpoint, tmp_path):
+    """d_model 2^20 over 16-wide tensors: refused in a process whose heap is capped at 3 GB
+    (building that model would ask for terabytes; building the layers before the first
+    huge one, gigabytes)."""
+    path = resaved(checkpoint, tmp_path / "huge.pt",
+                   lambda data: data["config"]["model"].update(d_model=2 ** 20))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30)); "
+            "from vidpipe.pipeline.cli import main; main(sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", code, "eval", "--checkpoint", str(path), "--cache",
+                             str(checkpoint.parent.parent / "cache")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(
+        re.escape(f"error: {path}: damaged or inconsistent checkpoint: the weights do not fit the "
+                  "model its config describes (size mismatch for long_fusion.proj.weight: the file "
+                  "holds [16, ") + r"(\d+)\], its config describes \[1048576, \1\]; \d+ more\)",
+        result.stderr.strip()), result.stderr
+
+
+# --- a full disk -------------------------------------------------------------------------------
+
+# Run inside a mount namespace of its own (a user namespace too, so root is not needed): a
+# fresh tmpfs at DISK, filled up to FREE bytes left; the CLI runs with its output there, then
+# what it left is copied out (the tmpfs ends with the namespace).
+ON_A_FULL_DISK = r"""
+import json, os, shutil, subprocess, sys
+disk, free, copy_to, args = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+with open(os.path.join(disk, ".filler"), "wb") as filler:
+    left = shutil.disk_usage(disk).free - free
+    while left > 0:
+        left -= filler.write(b"\0" * min(left, 1 << 20))
+result = subprocess.run([sys.executable, "-m", "vidpipe.pipeline.cli", *args], capture_output=True, text=True)
+os.remove(os.path.join(disk, ".filler"))
+shutil.copytree(disk, copy_to)
+print(json.dumps({"rc": result.returncode, "err": result.stderr}))
+"""
+
+
+def on_a_full_disk(tmp_path: Path, free_bytes: int, *args: str) -> tuple[int, str, Path]:
+    """Run the CLI with DISK (in `args`) on a 4 MiB tmpfs with `free_bytes` left ->
+    (exit code, stderr, a copy of what DISK holds after)."""
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    args = [arg.replace("DISK", str(disk)) for arg in args]
+    script = (f"mount -t tmpfs -o size=4m tmpfs {disk} && exec {sys.executable} -c "
+              f"\"$0\" {disk} {free_bytes} {after} \"$@\"")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script,
+                             ON_A_FULL_DISK, *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report["rc"], report["err"], after
+
+
+def assert_one_disk_full_line(err: str, path: Path) -> None:
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.fullmatch(re.escape(f"error: {path}: not written, no space left on the device (")
+                        + r"\d+\.\d MiB free in .+\); free some space or choose another folder, "
+                          r"then rerun \(what was finished is kept\)", err.strip()), err
+
+
+def test_extract_into_a_new_cache_on_a_full_disk_leaves_no_cache(videos, tmp_path):
+    code, err, after = on_a_full_disk(tmp_path, 0, "extract", str(videos), "--out", "DISK/cache",
+                                      *EXTRACT_OPTIONS)
+    assert code == 1
+    assert_one_disk_full_line(err, tmp_path / "disk" / "cache" / MANIFEST)
+    assert sorted(p.name for p in after.iterdir()) == []   # no cache, no empty cache/videos
+
+
+def test_extract_that_fills_the_disk_keeps_the_videos_it_finished(videos, reference, tmp_path):
+    one_video = max(p.stat().st_size for p in (videos.parent / "reference" / "videos").glob("*.h5"))
+    code, err, after = on_a_full_disk(tmp_path, 2 * one_video, "extract", str(videos), "--out",
+                                      "DISK/cache", *EXTRACT_OPTIONS)
+    assert code == 1 and "v" in err
+    failed = re.match(r"error: (\S+): not written", err).group(1)
+    assert_one_disk_full_line(err, Path(failed))
+    assert not list(after.rglob(".tmp-*"))
+    done = cache_contents(after / "cache")
+    assert 1 <= len(done) < 3 and done.items() <= reference.items()
+    resumed = extract_folder(videos, after / "cache", fast_settings(), device="cpu", progress=False)
+    assert len(resumed.skipped) == len(done) and cache_contents(after / "cache") == reference
+
+
+def test_train_whose_checkpoint_does_not_fit_is_one_line(tmp_path):
+    cache = random_cache(tmp_path / "cache", steps=24)
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    code, err, after = on_a_full_disk(tmp_path, 16 << 10, "train", "--config", str(config),
+                                      "--cache", str(cache), "--out", "DISK/run")
+    assert code == 1
+    assert_one_disk_full_line(err, tmp_path / "disk" / "run" / "last.pt")
+    assert not list(after.rglob(".tmp-*")) and not (after / "run" / "last.pt").exists()
+
+
+def test_detect_on_a_full_disk_is_one_line_and_leaves_no_temporary(checkpoint, tmp_path):
+    cache = checkpoint.parent.parent / "cache"
+    video_id = FeatureStore.open(cache).video_ids()[0]
+    code, err, after = on_a_full_disk(tmp_path, 0, "detect", video_id, "--cache", str(cache),
+                                      "--checkpoint", str(checkpoint), "--out", "DISK/detections")
+    assert code == 1
+    assert_one_disk_full_line(err, tmp_path / "disk" / "detections" / f"{video_id}.timeline.json")
+    assert not list(after.rglob(".tmp-*"))
+
+
+# --- two runs, one output folder ------------------------------------------------------------------
+
+def test_two_trains_into_one_folder_started_together_one_is_refused_naming_the_other(tmp_path):
+    cache = random_cache(tmp_path / "cache", steps=24)
+    config = write_config(tmp_path / "c.yaml", train={"epochs": 500})
+    run = tmp_path / "run"
+    first, second = [start_cli("train", "--config", str(config), "--cache", str(cache), "--out", str(run))
+                     for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while first.poll() is None and second.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    refused, holder = (first, second) if first.poll() is not None else (second, first)
+    output, _ = refused.communicate()
+    assert holder.poll() is None, "the holder ran to its end: the two runs did not overlap"
+    holder.send_signal(signal.SIGKILL)   # a killed holder's lock frees itself
+    holder.communicate()
+    assert refused.returncode == 2, output
+    assert output.strip().splitlines()[-1] == (
+        f"error: {run}: in use by another vidpipe train (pid {holder.pid}); wait for it to end "
+        "or choose another output folder"), output
+    from vidpipe.core.lock import folder_lock
+    with folder_lock(run, "train"):
+        pass
+
+
+def test_a_second_detect_into_a_busy_folder_is_refused_naming_the_first(live_setup, tmp_path):
+    from detect_helpers import LiveServer
+
+    checkpoint, data = live_setup
+    out = tmp_path / "out"
+    with LiveServer([(data, "stall")]) as first_source, LiveServer([(data, "stall")]) as second_source:
+        first, second = [start_cli("detect", server.url, "--checkpoint", str(checkpoint), "--out", str(out),
+                                   "--live", "--no-picture", "--timeout", "60")
+                         for server in (first_source, second_source)]
+        deadline = time.monotonic() + 120
+        while first.poll() is None and second.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused, holder = (first, second) if first.poll() is not None else (second, first)
+        output, _ = refused.communicate()
+        held = signal_when(holder, "  start  ", signal.SIGTERM)
+    assert refused.returncode == 2 and holder.returncode == 143, output + held
+    assert output.strip().splitlines()[-1] == (
+        f"error: {out}: in use by another vidpipe detect (pid {holder.pid}); wait for it to end "
+        "or choose another output folder"), output
+    assert len(list(out.glob("*.timeline.json"))) == 1 and not (out / ".vidpipe.lock").exists()
+
+
+def test_two_extracts_into_one_cache_share_the_videos(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for index in range(4):
+        make_video(videos / f"v{index}.mp4", frames=96, seed=index)   # 16 steps each
+    one_run = extract_folder(videos, tmp_path / "one_run", fast_settings(), device="cpu", progress=False)
+    assert one_run.ok
+    cache = tmp_path / "cache"
+    runs = [start_cli("extract", str(videos), "--out", str(cache), *EXTRACT_OPTIONS) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    extracted = [int(re.search(r": 4 videos: (\d+) extracted", out).group(1)) for out in outputs]
+    assert sum(extracted) == 4, outputs   # each video extracted once, by one of them
+    assert cache_contents(cache) == cache_contents(tmp_path / "one_run")

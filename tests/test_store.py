@@ -68,10 +68,9 @@ def test_killed_writer_leaves_no_visible_file_and_its_temp_is_removed(tmp_path):
         "import os, numpy as np, h5py\n"
         "from vidpipe.store import cache as s\n"
         "st = s.FeatureStore.open(r'%s')\n"
-        "orig = h5py.File.__exit__\n"
-        "def die(*a):\n"
-        "    orig(*a); os.kill(os.getpid(), 9)\n"
-        "h5py.File.__exit__ = die\n"
+        "def die(fd):\n"   # the temporary is written, not yet flushed nor renamed
+        "    os.kill(os.getpid(), 9)\n"
+        "os.fsync = die\n"
         "st.write('half', np.zeros((4, 2)), np.zeros((4, 2)), np.zeros(4))\n" % tmp_path)
     result = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
     assert result.returncode == -9
