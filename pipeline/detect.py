@@ -272,6 +272,11 @@ class _Batch:
         try:
             Engine(self.detector.multistream, workers, runs, self._write, self.options, signals,
                    events).run()
+        except BaseException:   # e.g. a full disk: no half-written review video is left
+            for run in runs.values():
+                if run.renderer is not None:
+                    run.renderer.discard()
+            raise
         finally:
             if events is not None:
                 events.close()

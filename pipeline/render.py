@@ -120,8 +120,16 @@ class Renderer:
     def close(self) -> Path | None:
         """Finish the file (None when no frame came: nothing is written). Idempotent."""
         if self._container is not None:
-            self._container.mux(self._stream.encode())
-            self._container.close()
-            self._files.close()
-            self._container = None
+            container, self._container = self._container, None
+            with self._files:   # renamed into place, or removed on an error (core.atomic)
+                container.mux(self._stream.encode())
+                container.close()
         return self.path if self.frames else None
+
+    def discard(self) -> None:
+        """Drop an unfinished file (its run failed): the temporary is removed."""
+        if self._container is not None:
+            container, self._container = self._container, None
+            with contextlib.suppress(Exception):
+                container.close()
+            self._files.__exit__(RuntimeError, RuntimeError("discarded"), None)

@@ -677,3 +677,16 @@ def test_two_extracts_into_one_cache_share_the_videos(tmp_path):
     extracted = [int(re.search(r": 4 videos: (\d+) extracted", out).group(1)) for out in outputs]
     assert sum(extracted) == 4, outputs   # each video extracted once, by one of them
     assert cache_contents(cache) == cache_contents(tmp_path / "one_run")
+
+
+def test_detect_rendering_on_a_full_disk_leaves_no_half_written_video(live_setup, tmp_path):
+    checkpoint, data = live_setup
+    clip = tmp_path / "clip.ts"
+    clip.write_bytes(data)
+    code, err, after = on_a_full_disk(tmp_path, 0, "detect", str(clip), "--checkpoint", str(checkpoint),
+                                      "--out", "DISK/detections", "--render", "DISK/review.mp4")
+    assert code == 1
+    failed = re.match(r"error: (\S+): not written", err).group(1)
+    assert failed.startswith(str(tmp_path / "disk")), err
+    assert_one_disk_full_line(err, Path(failed))
+    assert not list(after.rglob(".tmp-*"))
