@@ -29,6 +29,7 @@ from typing import IO, Callable, Iterator
 
 import numpy as np
 
+from vidpipe.core.atomic import disk_full
 from vidpipe.core.errors import VidpipeError
 from vidpipe.core.stop import join_threads, stopped_by
 from vidpipe.extractors.decode import MAX_PIXELS, STREAM_TIMEOUT_S
@@ -295,11 +296,17 @@ class EventLog:
             "latency_ms": None if latency is None else round(latency * 1000, 2),
             "step": event.step,
         }
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:   # appended, not atomic: a full disk is named here
+            raise disk_full(exc, self.path) or exc
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:   # what a full disk refused, flushed again
+            raise disk_full(exc, self.path) or exc
 
 
 # --- the main loop -------------------------------------------------------------------------

@@ -690,3 +690,13 @@ def test_detect_rendering_on_a_full_disk_leaves_no_half_written_video(live_setup
     assert failed.startswith(str(tmp_path / "disk")), err
     assert_one_disk_full_line(err, Path(failed))
     assert not list(after.rglob(".tmp-*"))
+
+
+def test_detect_events_on_a_full_disk_name_the_events_file(live_setup, tmp_path):
+    checkpoint, data = live_setup
+    clip = tmp_path / "clip.ts"
+    clip.write_bytes(data)
+    code, err, _ = on_a_full_disk(tmp_path, 0, "detect", str(clip), "--checkpoint", str(checkpoint),
+                                  "--out", str(tmp_path / "out"), "--events", "DISK/events.jsonl")
+    assert code == 1
+    assert_one_disk_full_line(err, tmp_path / "disk" / "events.jsonl")
