@@ -6,6 +6,7 @@ seeded (reproducible); live-source failures are tested in test_detect.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -398,6 +399,62 @@ def live_setup(tmp_path_factory):
     return checkpoint, to_mpegts(data.videos_dir / "synth_001.mp4", root / "clip.ts").read_bytes()
 
 
+# Many CLI runs without importing the heavy stack each time (3 s of a run's 6): a server that
+# imported it once forks a child per run; the child runs `main` and ends as the CLI does
+# (SystemExit, then the interpreter's finalisation, where a thread left running aborts).
+FORK_SERVER = r"""
+import json, os, signal, sys
+import av, cv2, timm, torch
+import vidpipe.extractors.features, vidpipe.malt.stream, vidpipe.pipeline.cli, vidpipe.pipeline.detect
+for line in sys.stdin:
+    request = json.loads(line)
+    if "wait" in request:
+        print(os.waitstatus_to_exitcode(os.waitpid(request["wait"], 0)[1]), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        vidpipe.pipeline.cli.main(request["args"])
+        sys.exit(0)                      # (main exits itself; never read the server's input)
+    print(pid, flush=True)
+"""
+
+
+class ForkedCli:
+    """CLI runs forked from one server process (see FORK_SERVER)."""
+
+    def __init__(self):
+        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=REPO, text=True,
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def _ask(self, request: dict) -> int:
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        return int(self.server.stdout.readline())
+
+    def start(self, log: Path, *args: str) -> int:
+        """Start `vidpipe ARGS` with its output to `log` -> its pid."""
+        return self._ask({"log": str(log), "args": list(args)})
+
+    def wait(self, pid: int) -> int:
+        """The exit status of run `pid` (-N: killed by signal N), once it has ended."""
+        return self._ask({"wait": pid})
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+def wait_for_text(log: Path, text: str, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and not (log.exists() and text in log.read_text()):
+        time.sleep(0.02)
+
+
 def test_sigint_and_sigterm_of_live_detect_write_everything_and_exit_cleanly(live_setup, tmp_path):
     """20 runs (SIGINT and SIGTERM, one and two live sources, 4 at a time): each is stopped
     after its first decided event, while its workers decode and featurise; each writes every
@@ -411,23 +468,21 @@ def test_sigint_and_sigterm_of_live_detect_write_everything_and_exit_cleanly(liv
     runs = [(signal.SIGINT if index % 2 else signal.SIGTERM, 1 + (index % 4 >= 2))
             for index in range(20)]
 
-    def run(index: int) -> str:
+    def run(cli: ForkedCli, index: int) -> None:
         signum, sources = runs[index]
-        out = tmp_path / f"run{index}"
+        out, log = tmp_path / f"run{index}", tmp_path / f"run{index}.log"
         # every byte sent, then connected and silent: the worker is busy when the signal comes
-        servers = [LiveServer([(data, "stall")]) for _ in range(sources)]
-        for server in servers:
-            server.__enter__()
-        try:
-            process = start_cli("detect", *[s.url for s in servers], "--checkpoint", str(checkpoint),
-                                "--out", str(out), "--live", "--no-picture", "--timeout", "60",
-                                "--render", str(out / "review.mp4"))
-            output = signal_when(process, "  start  ", signum)
-        finally:
-            for server in servers:
-                server.__exit__()
+        with contextlib.ExitStack() as stack:
+            servers = [stack.enter_context(LiveServer([(data, "stall")])) for _ in range(sources)]
+            pid = cli.start(log, "detect", *[s.url for s in servers], "--checkpoint", str(checkpoint),
+                            "--out", str(out), "--live", "--no-picture", "--timeout", "60",
+                            "--render", str(out / "review.mp4"))
+            wait_for_text(log, "  start  ")
+            os.kill(pid, signum)
+            code = cli.wait(pid)
+        output = log.read_text()
         where = f"run {index} ({signal.Signals(signum).name}, {sources} sources):\n{output}"
-        assert process.returncode == 128 + signum, where
+        assert code == 128 + signum, where
         last = output.strip().splitlines()[-1]
         said = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
         assert last.startswith(f"error: {said}") and "timeline" in last, where
@@ -441,12 +496,19 @@ def test_sigint_and_sigterm_of_live_detect_write_everything_and_exit_cleanly(liv
                 review = out / "review.mp4"
             assert review.is_file() == bool(len(timeline.timestamps)), where   # frames drawn: kept
         assert not list(out.glob(".tmp-*")), where
-        return where
+
+    def lane(first: int) -> None:
+        cli = ForkedCli()
+        try:
+            for index in range(first, len(runs), 4):
+                run(cli, index)
+        finally:
+            cli.close()
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(4) as pool:
-        for future in [pool.submit(run, index) for index in range(len(runs))]:
+        for future in [pool.submit(lane, first) for first in range(4)]:
             future.result()
 
 
