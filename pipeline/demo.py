@@ -30,6 +30,7 @@ import numpy as np
 
 from vidpipe.core.atomic import write_text_atomically
 from vidpipe.core.lock import folder_lock
+from vidpipe.core.stop import Interrupted
 from vidpipe.core.errors import VidpipeError
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
     try:
         with folder_lock(out, "demo"):   # one demo per folder (core.lock)
             return _run_demo(Path(out), settings, progress)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM (core.stop), in a stage that says nothing
+        raise Interrupted(f"{out}: the videos and features made so far are kept; rerun the same "
+                          "command to go on (it reuses them)") from exc
     finally:
         torch.set_num_threads(threads)
 
@@ -218,6 +224,8 @@ def _detect_held_out(out: Path, data, checkpoint: Path, device: str, store, labe
     held_out = data.videos_dir / data.test[0]
     (detection,) = detect(held_out, checkpoint, out=out / "detections", live=True,
                           device=device, picture=False)
+    if detection.interrupted:   # Ctrl-C or SIGTERM: the demo stops here too
+        raise Interrupted(f"the timeline decided so far is written: {detection.files['json']}")
     # the demo knows the truth: add it to the timeline, so the picture (drawn once, here)
     # compares the two
     video_id = data.test[0]

@@ -762,3 +762,14 @@ def test_detect_events_on_a_full_disk_name_the_events_file(live_setup, tmp_path)
                                   "--out", str(tmp_path / "out"), "--events", "DISK/events.jsonl")
     assert code == 1
     assert_one_disk_full_line(err, tmp_path / "disk" / "events.jsonl")
+
+
+def test_sigterm_during_the_demo_exits_143_saying_what_is_kept(tmp_path):
+    out = tmp_path / "demo"
+    process = start_cli("demo", "--videos", "4", "--duration", "3", "--out", str(out))
+    output = signal_when(process, "model selection", signal.SIGTERM)   # as training starts
+    assert process.returncode == 143, output
+    assert output.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM: {out}: the videos and features made so far are kept; rerun "
+        "the same command to go on (it reuses them)"), output
+    assert not list(out.rglob(".tmp-*")) and not (out / ".vidpipe.lock").exists()
