@@ -224,11 +224,7 @@ class TwoStreamExtractor:
             "flow_backbone": s.flow_backbone,
             "flow_input": f"x/y clipped to +-{FLOW_CLIP:g} px, scaled to [0, 255], mean 128 std 128",
         })
-        if self.flow_method == "dis":
-            record["dis_preset"] = s.dis_preset
-        if self.flow_method == "raft":
-            record["raft_model"] = s.raft_model
-            record["raft_iterations"] = s.raft_iterations
+        record.update({key: getattr(s, key) for key in FLOW_METHODS[self.flow_method].settings})
         return record
 
     def run_record(self) -> dict:
@@ -259,9 +255,8 @@ class TwoStreamExtractor:
                 resize=record["resize"], crop=record["crop"],
                 rgb_backbone=_backbone_name(record["rgb_backbone"], record["rgb_weights"]),
                 flow_backbone=_backbone_name(record["flow_backbone"], record["flow_weights"]),
-                flow_method=record["flow_method"], dis_preset=record.get("dis_preset", "medium"),
-                raft_model=record.get("raft_model", "raft_large"),
-                raft_iterations=record.get("raft_iterations", 12),
+                flow_method=record["flow_method"],
+                **{key: record[key] for key in flow_method(record["flow_method"]).settings},
                 raft_weights=_weights_file(record.get("flow_estimator", ""), raft_weights, "raft"), **common)
         extractor = cls(rebuilt, device)
         mine = extractor.settings_record()
