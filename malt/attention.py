@@ -54,7 +54,8 @@ class SparseCrossAttention(nn.Module):
         """Attention on already projected q (B, Q, D), k, v (B, K, D) -> (B, Q, D)."""
         batch, num_queries, dim = q.shape
         weights = self.attention_weights(q, k, allowed)                  # (B, H, Q, K)
-        context = weights @ self._split_heads(v)                         # (B, H, Q, Dh)
+        # (weights from fp32 scores, e.g. the streaming detector's exact q/k, meet v's dtype)
+        context = weights.to(v.dtype) @ self._split_heads(v)             # (B, H, Q, Dh)
         context = context.transpose(1, 2).reshape(batch, num_queries, dim)
         out = self.out_proj(context)                                     # (B, Q, D)
         if allowed is not None:

@@ -51,20 +51,25 @@ named by its newest step, `long_memory_newest`). A new encoder branch or decoder
 change in malt/model.py alone.
 
 The pieces, by job: `_Slots` (which stream has which state row), `StreamState` (every
-stream's tensors, named fields, one dtype: `MultiStreamDetector.dtype`), `_Constants` (what
+stream's tensors, named fields, in `MultiStreamDetector.dtype` but the decoder's first q/k/v), `_Constants` (what
 depends on the weights alone, and the int8 copy), `EncoderSchedule` (the long memory's
 encoding as FLOP-balanced parts), `_decode_newest` (the decoder, every step).
 
 Precision (`precision=`, `core.precision`): fp32 is exact (the 1e-5 above). bf16 (and
 fp16 on CUDA): a copy of the model, the state and the cached constants in that dtype, so
 every matrix product runs in it (torch's softmax and layer norm accumulate in fp32 inside
-their kernels; the output softmax is fp32). int8 (CPU): every Linear layer, the fused
-projections included, becomes torch's dynamic int8 Linear (weights int8 per output channel,
-activations quantised per call, VNNI kernels where the CPU has them); the rest (state,
-attention, norms) runs in bf16 where the CPU multiplies bf16 natively, else fp32. In both,
-the input heads (fusion, <1% of the multiply-adds) stay fp32: they standardise raw,
-heavy-tailed features, which bf16 or one int8 scale per call would round away. The
-constants W p + b are computed in fp32, then rounded to the state's dtype. `auto`: int8 where the CPU has VNNI,
+their kernels; the output softmax is fp32). int8 (CPU): the Linear layers, the long
+memory's fused projection included, become torch's dynamic int8 Linear (weights int8 per
+output channel, activations quantised per call, VNNI kernels where the CPU has them); the
+rest (state, attention, norms) runs in bf16 where the CPU multiplies bf16 natively, else
+fp32. Kept out of the low precision, each for its measured share of the error (docs/malt.md):
+the input heads (fusion, <1% of the multiply-adds) in fp32: they standardise raw,
+heavy-tailed features, which bf16 or one int8 scale per call would round away; the
+decoder's first q/k/v (`short_proj`, `StreamState.FLOAT32_FIELDS`) in fp32: its top-k
+keeps k of S keys, and q/k rounded to bf16 flip near-ties; in int8, the decoder's attention
+output projections and, where top-k selects among the keys, its q/k (`_int8_exempt`) in
+the state's dtype. The constants W p + b are computed in fp32, then rounded to the state's
+dtype (the short ones stay fp32). `auto`: int8 where the CPU has VNNI,
 else bf16 where it has native bf16 (CUDA: bf16, else fp16), else fp32. The per-step
 probabilities stay within 0.05 of fp32 (tests/test_stream_precision.py); bench/streams.py
 reports the speed, docs/malt.md the accuracy.
@@ -140,7 +145,7 @@ class _Slots:
         return max([1, self.max_streams or 0] + [s.slot + 1 for s in self.streams.values()])
 
 
-# -- the state: one row per slot, one dtype -----------------------------------------------------
+# -- the state: one row per slot, one dtype (the decoder's first q/k/v: fp32) -----------------
 
 @dataclass
 class EncodingRows:
@@ -151,21 +156,29 @@ class EncodingRows:
 
 @dataclass
 class StreamState:
-    """Every stream's state, one row per slot; fixed size, whatever a stream's length."""
+    """Every stream's state, one row per slot; fixed size, whatever a stream's length. In the
+    detector's dtype, but `short_qkv` in fp32 whatever it is (FLOAT32_FIELDS)."""
     long_ring: torch.Tensor      # (rows, 2 x long layers, ring, D) grid steps' W x by grid number % ring
     short_ring: torch.Tensor     # (rows, S, D) fused steps by step % S
     short_qkv: torch.Tensor      # (rows, S, 3, D) their W x for the decoder's first self-attention
     memory_kv: torch.Tensor      # (rows, decoder layers, 2, Q1, D) the decoder's k/v in use
     next: EncodingRows           # the next long memory's encoding
 
+    # The decoder's first self-attention keeps the top k of S keys per query: its q and k
+    # rounded to bf16 flip near-ties between the k-th and (k+1)-th score, which was all of
+    # bf16's worst-step error on the demo (0.084 -> 0.001 with them in fp32). They cost
+    # one D x 3D product per new step (0.6% of a paper-size step's multiply-adds).
+    FLOAT32_FIELDS = ("short_qkv",)
+
     @classmethod
     def zeros(cls, row_shapes: dict, device: torch.device, dtype: torch.dtype) -> "StreamState":
         """Zero rows of the shapes in `row_shapes` (one per field, `next` as a dict of its own)."""
-        def zeros(shape):
-            return torch.zeros(0, *shape, device=device, dtype=dtype)
+        def zeros(shape, field_dtype=dtype):
+            return torch.zeros(0, *shape, device=device, dtype=field_dtype)
         shapes = dict(row_shapes)
         upcoming = shapes.pop("next")
-        return cls(**{name: zeros(shape) for name, shape in shapes.items()},
+        return cls(**{name: zeros(shape, torch.float32 if name in cls.FLOAT32_FIELDS else dtype)
+                      for name, shape in shapes.items()},
                    next=EncodingRows([zeros(s) for s in upcoming["tokens"]], zeros(upcoming["memory_kv"])))
 
     def tensors(self) -> list[torch.Tensor]:
@@ -196,8 +209,8 @@ class _Constants:
     long_pos_kv: torch.Tensor         # (2 x long layers, L, D) W p + b per long slot
     latent_start: list[Optional[tuple[torch.Tensor, torch.Tensor]]]   # per pass with latent
                                       # queries: (x (1, Qp, D), q (1, Qp, D)) after its 1st self-attention
-    short_proj: nn.Module             # D -> 3 x D: the decoder's first self-attention q/k/v W x
-    short_pos_qkv: torch.Tensor       # (S, 3, D) W p + b per short position
+    short_proj: nn.Module             # D -> 3 x D: the decoder's first self-attention q/k/v W x (fp32)
+    short_pos_qkv: torch.Tensor       # (S, 3, D) W p + b per short position (fp32)
     causal: torch.Tensor              # (1, S, S)
 
     @classmethod
@@ -209,22 +222,53 @@ class _Constants:
         long_projs = [proj for layer in long_layers for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
         first_sa = model.decoder.stages()[0].stack.layers[0].self_attn
         short_projs = [first_sa.q_proj, first_sa.k_proj, first_sa.v_proj]
-        served = [model, _stacked_linear(long_projs), _stacked_linear(short_projs)]
+        served = [model, _stacked_linear(long_projs)]
         if precision == "int8":
-            served = _quantized(dtype, *served)
+            kept = {id(m) for m in _int8_exempt(model, passes)}
+            served = _quantized(dtype, *served, keep={f"0.{name}" for name, m in model.named_modules()
+                                                      if id(m) in kept})
         elif dtype != torch.float32:
             served = [copy.deepcopy(m).to(dtype) for m in served]
         if served[0] is not model:
-            # The input heads stay fp32 (<1% of the multiply-adds): raw features are
-            # heavy-tailed and standardised inside the head (x - mean), which bf16 inputs or
-            # one int8 scale per call would round away (most of the error, measured).
+            # The input heads stay fp32 (<1% of the multiply-adds) and give fp32: raw
+            # features are heavy-tailed and standardised inside the head (x - mean), which
+            # bf16 inputs or one int8 scale per call would round away (most of the error,
+            # measured); their output feeds the fp32 short_proj (StreamState.FLOAT32_FIELDS).
             for head in ("long_fusion", "short_fusion"):
-                setattr(served[0], head, _Float32Edges(copy.deepcopy(getattr(model, head)), dtype))
+                setattr(served[0], head, copy.deepcopy(getattr(model, head)))
         latent_start = [None if start is None else tuple(t.to(dtype) for t in start) for start in _latent_starts(passes)]
         return cls(served[0], served[0].encoder.passes(), served[1],
                    torch.stack([proj(model.long_pos) for proj in long_projs]).to(dtype), latent_start,
-                   served[2], torch.stack([p(model.short_pos) for p in short_projs], dim=1).to(dtype),
+                   _stacked_linear(short_projs), torch.stack([p(model.short_pos) for p in short_projs], dim=1),
                    causal_mask(model.cfg.short_memory_steps, model.long_pos.device))
+
+
+def _int8_exempt(model: MALT, passes: list[EncoderPass]) -> list[nn.Linear]:
+    """The decoder's Linear layers that stay out of int8 (in the state's dtype), measured:
+    every attention's out_proj (one int8 scale per call for their input, the attention
+    contexts, was most of int8's worst-step error left on the demo: 0.081 -> 0.038; 13% of a
+    paper-size step's multiply-adds), and the q/k projections of the attentions whose top-k
+    selects among their keys (int8 q/k flip near-ties: the test model's worst step 0.069 ->
+    0.04; at paper size k = 370 exceeds the decoder's 32 keys: none)."""
+    tokens = _pass_tokens(passes)
+    feature_tokens = [tokens[i] for i, p in enumerate(passes) if p.feature]
+    exempt = []
+    for stage in model.decoder.stages():
+        for layer in stage.stack.layers:
+            for attn, keys in ((layer.self_attn, model.cfg.short_memory_steps),
+                               (layer.cross_attn, feature_tokens[stage.feature])):
+                exempt.append(attn.out_proj)
+                if attn.top_k is not None and attn.top_k < keys:
+                    exempt += [attn.q_proj, attn.k_proj]
+    return exempt
+
+
+def _pass_tokens(passes: list[EncoderPass]) -> list[int]:
+    """Tokens of each encoder pass's output: as many as its query (latent or an earlier pass)."""
+    tokens: list[int] = []
+    for p in passes:
+        tokens.append(len(p.latent) if p.query is None else tokens[p.query])
+    return tokens
 
 
 def _latent_starts(passes: list[EncoderPass]) -> list[Optional[tuple[torch.Tensor, torch.Tensor]]]:
@@ -417,7 +461,7 @@ def _decode_newest(constants: _Constants, state: StreamState, slots: torch.Tenso
     ring_rows = (positions - count + 1)[:, None] + np.arange(short)                # (B, S)
     index = (slots[:, None], torch.as_tensor(ring_rows % short, device=device))
     x = state.short_ring[index] + model.short_pos                                  # (B, S, D)
-    qkv = state.short_qkv[index] + constants.short_pos_qkv                         # (B, S, 3, D)
+    qkv = state.short_qkv[index] + constants.short_pos_qkv                         # (B, S, 3, D) fp32
     memory_kv = state.memory_kv[slots]                                             # (B, layers, 2, Q1, D)
     newest = torch.as_tensor(count - 1, device=device)                             # (B,)
     rows = torch.arange(len(slots), device=device)
@@ -426,7 +470,8 @@ def _decode_newest(constants: _Constants, state: StreamState, slots: torch.Tenso
     for j, (stage, depth, layer) in enumerate(layers):
         last = j == len(layers) - 1         # only the newest step is output: causal masking
         if j == 0:                          # makes running the last layer for it alone exact
-            q, k, v = qkv.unbind(2)                                                # (B, S, D) each
+            q, k, v = qkv.unbind(2)                       # (B, S, D) each; top-k on fp32 scores
+            v = v.to(x.dtype)                             # the weighted sum in the model's dtype
             q = q[rows, newest][:, None] if last else q
         else:
             sa = layer.self_attn
@@ -550,9 +595,7 @@ class MultiStreamDetector(FromCheckpoint):
         cfg, d, passes = self.cfg, self.cfg.d_model, self.constants.passes
         long_layers = sum(len(p.stack.layers) for p in passes if p.memory is None)
         decoder_layers = sum(len(stage.stack.layers) for stage in self.constants.model.decoder.stages())
-        tokens: list[int] = []
-        for p in passes:                 # a pass has as many tokens as its query
-            tokens.append(len(p.latent) if p.query is None else tokens[p.query])
+        tokens = _pass_tokens(passes)
         num_features = tokens[max(i for i, p in enumerate(passes) if p.feature)]
         return {"long_ring": (2 * long_layers, self.ring_size, d),
                 "short_ring": (cfg.short_memory_steps, d),
@@ -617,14 +660,14 @@ class MultiStreamDetector(FromCheckpoint):
         steps = positions[:, None] + np.arange(count)                                    # (B, T)
         grid = is_grid_step(steps, self.cfg)                     # only these ever enter M_L
         if grid.any():
-            fused = model.long_fusion(rgb[as_index(grid)], flow[as_index(grid)])         # (G, D)
+            fused = model.long_fusion(rgb[as_index(grid)], flow[as_index(grid)])         # (G, D) fp32
             ring_rows = as_index(steps[grid] // stride % self.ring_size)
             state.long_ring[as_index(slots[grid]), :, ring_rows] = (
-                self.constants.long_proj(fused).view(len(fused), -1, self.cfg.d_model))  # (G, 2n, D)
+                self.constants.long_proj(fused.to(self.dtype)).view(len(fused), -1, self.cfg.d_model))  # (G, 2n, D)
         recent = min(count, short)                  # only these can be in the short memory
-        fused = model.short_fusion(rgb[:, count - recent:], flow[:, count - recent:])   # (B, T', D)
+        fused = model.short_fusion(rgb[:, count - recent:], flow[:, count - recent:])   # (B, T', D) fp32
         slots, ring_rows = as_index(slots[:, count - recent:]), as_index(steps[:, count - recent:] % short)
-        state.short_ring[slots, ring_rows] = fused
+        state.short_ring[slots, ring_rows] = fused.to(self.dtype)
         state.short_qkv[slots, ring_rows] = self.constants.short_proj(fused).view(batch, recent, 3, -1)
         for stream in streams:
             stream.steps_seen += count
@@ -708,18 +751,19 @@ def _stacked_linear(projs: list[nn.Linear]) -> nn.Linear:
     return stacked.eval()
 
 
-def _quantized(dtype: torch.dtype, *modules: nn.Module) -> list[nn.Module]:
-    """Copies with every Linear as torch's dynamic int8 Linear (weights int8 per tensor,
-    activations quantised per call; fbgemm / oneDNN kernels, VNNI where the CPU has it) and
-    everything else in `dtype`. The int8 kernels take and give fp32: in a bf16 model each
-    one converts at its edges (`_Float32Edges`)."""
+def _quantized(dtype: torch.dtype, *modules: nn.Module, keep: set[str] = frozenset()) -> list[nn.Module]:
+    """Copies with every Linear but those named in `keep` ("i.name": module i's submodule) as
+    torch's dynamic int8 Linear (weights int8 per output channel, activations quantised per
+    call; fbgemm / oneDNN kernels, VNNI where the CPU has it) and everything else in `dtype`.
+    The int8 kernels take and give fp32: in a bf16 model each one converts at its edges
+    (`_Float32Edges`)."""
     with warnings.catch_warnings():          # torch marks eager quantisation deprecated (-> torchao)
         warnings.simplefilter("ignore")
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         # (a bare Linear is wrapped: quantize_dynamic swaps submodules only)
         quantized = quantize_dynamic(nn.ModuleList([copy.deepcopy(m) for m in modules]),
-                                     {nn.Linear: per_channel_dynamic_qconfig})
+                                     {nn.Linear: per_channel_dynamic_qconfig, **dict.fromkeys(keep)})
     if dtype != torch.float32:
         quantized.to(dtype)                  # norms, positions, latent queries (int8 weights stay)
         for parent in list(quantized.modules()):

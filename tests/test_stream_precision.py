@@ -70,6 +70,9 @@ def test_bf16_runs_every_product_but_the_input_heads_in_bf16_and_leaves_the_mode
     assert {p.dtype for p in detector.model.parameters() if id(p) not in heads} == {torch.bfloat16}
     assert {p.dtype for head in input_heads(detector.model) for p in head.parameters()} == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float32}     # served: a copy
+    # The decoder's first q/k/v (its top-k's scores) stay fp32: rounded, they flip near-ties.
+    assert detector.state.short_qkv.dtype == detector.constants.short_proj.weight.dtype == torch.float32
+    assert detector.state.short_ring.dtype == torch.bfloat16
 
 
 def test_a_model_given_in_bf16_is_served():
@@ -80,18 +83,39 @@ def test_a_model_given_in_bf16_is_served():
     assert all(np.isfinite(detector.step(r, f)).all() for r, f in zip(rgb, flow))
 
 
-def test_int8_quantises_every_linear_and_int8_true_is_its_alias():
+def decoder_projections(model, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    return {name: module for name, module in model.named_modules()
+            if name.startswith("decoder.") and name.rsplit(".", 2)[-2:][0] in ("self_attn", "cross_attn")
+            and name.rsplit(".", 1)[-1] in names}
+
+
+def test_int8_quantises_every_linear_but_the_measured_exceptions_and_int8_true_is_its_alias():
+    """Not int8: the input heads (fp32), the decoder's first q/k/v (fp32, the stacked
+    short_proj), the decoder's attention outputs and, where top-k selects among the keys (the
+    test model: k=3 of 4), its q/k (in the state's dtype)."""
     model = decisive_model()
     for detector in (OnlineDetector(model, int8=True).multistream, MultiStreamDetector(model, precision="int8")):
         assert detector.precision == "int8" and detector.int8
         heads = {id(m) for head in input_heads(detector.model) for m in head.modules()}
-        linears = [m for m in detector.model.modules() if type(m).__name__ == "Linear" and id(m) not in heads]
+        kept = decoder_projections(detector.model, ("q_proj", "k_proj", "out_proj"))
+        assert len(kept) == 3 * 2 * sum(len(stack.layers) for stack in detector.model.decoder.stacks)
+        assert {(type(m), m.weight.dtype) for m in kept.values()} == {(torch.nn.Linear, detector.dtype)}
+        linears = [m for m in detector.model.modules() if type(m).__name__ == "Linear"
+                   and id(m) not in heads and m not in kept.values()]
         assert linears and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
-        stacked = (detector.constants.long_proj, detector.constants.short_proj)   # (bf16 rest: wrapped)
-        assert all(isinstance(getattr(m, "module", m), torch.ao.nn.quantized.dynamic.Linear) for m in stacked)
+        assert isinstance(getattr(detector.constants.long_proj, "module", detector.constants.long_proj),
+                          torch.ao.nn.quantized.dynamic.Linear)                  # (bf16 rest: wrapped)
+        assert detector.constants.short_proj.weight.dtype == torch.float32
         assert [type(m) for head in input_heads(detector.model) for m in head.modules()
                 if "Linear" in type(m).__name__] == [torch.nn.Linear, torch.nn.Linear]    # fp32 input heads
     assert isinstance(model.classifier, torch.nn.Linear)           # the model given is untouched
+    # Where top-k keeps every key (k >= S and >= the encoder's tokens, as at paper size), the
+    # decoder's q/k are int8 again; its attention outputs stay out.
+    unselective = MultiStreamDetector(tiny_model(sparse_k=8), precision="int8").model
+    quantized = decoder_projections(unselective, ("q_proj", "k_proj"))
+    assert quantized and all(isinstance(getattr(m, "module", m), torch.ao.nn.quantized.dynamic.Linear)
+                             for m in quantized.values())
+    assert all(type(m) is torch.nn.Linear for m in decoder_projections(unselective, ("out_proj",)).values())
     with pytest.raises(VidpipeError, match="contradicts"):
         MultiStreamDetector(model, int8=True, precision="bf16")
 
