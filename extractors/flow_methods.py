@@ -2,8 +2,8 @@
 
 `FeatureSettings.flow_method`'s type, its validation, the CLI's `--flow` choice and help, the
 method's own settings in the settings record, and the estimator `extractors.flow.flow_estimator`
-builds all derive from `FLOW_METHODS`, so a name is known everywhere or nowhere. (This module imports nothing heavy: the CLI reads it
-to build its options before torch is imported.)
+builds all derive from `FLOW_METHODS`, so a name is known everywhere or nowhere. (This module
+imports nothing heavy: the CLI reads it to build its options before torch is imported.)
 """
 from __future__ import annotations
 
