@@ -115,6 +115,15 @@ class Step:
     flow: np.ndarray         # (Df,) float32
 
 
+@dataclass
+class Prepared:
+    """A chunk after its per-source CPU work (`TwoStreamExtractor.prepare`: resize, flow),
+    ready for the networks (`TwoStreamExtractor.embed`, batched over many sources)."""
+    chunk: Chunk
+    centre: torch.Tensor     # the RGB network's input: (3, h, w) float, resized (recipe: (H, W, 3) uint8)
+    fields: torch.Tensor     # the flow network's input: (fields, 2, h, w) (recipe: uint8 flow images)
+
+
 def package_versions() -> dict[str, str]:
     """Versions of everything that shapes the numbers (kept per video, not compared)."""
     versions = {}
@@ -321,6 +330,31 @@ class TwoStreamExtractor:
             fields = pending_flow.result() if pending_flow else self.flow.compute_flow(frames)
             flow = self.flow.embed(fields)                      # (B, fields, 2, h, w) -> (B, Df)
         return rgb.float(), flow.float()
+
+    @torch.inference_mode()
+    def prepare(self, chunk: Chunk) -> Prepared:
+        """The per-source CPU work of one chunk: resize and flow (a live source's worker
+        thread); the networks run later on many sources at once (`embed`)."""
+        frames = self._resized(chunk.frames)[None]                   # (1, K, 3, h, w)
+        return Prepared(chunk, frames[0, self.settings.chunk // 2], self.flow.compute_flow(frames)[0])
+
+    @torch.inference_mode()
+    def embed(self, prepared: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        """The RGB and flow networks over prepared chunks of any sources, one batch per input
+        size (sources of one size: one batch) -> rgb (B, Dr), flow (B, Df) float32, in order.
+        The same features as `stream` gives each chunk, up to the float rounding of a batch."""
+        rgb = np.zeros((len(prepared), self.rgb.dim), np.float32)
+        flow = np.zeros((len(prepared), self.flow.dim), np.float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(prepared):
+            groups.setdefault((item.centre.shape, item.fields.shape), []).append(i)
+        for rows in groups.values():
+            centres = torch.stack([prepared[i].centre for i in rows])
+            fields = torch.stack([prepared[i].fields for i in rows])
+            with autocast(self.device, self.precision):
+                rgb[rows] = self.rgb(centres).float().cpu().numpy()
+                flow[rows] = self.flow.embed(fields).float().cpu().numpy()
+        return rgb, flow
 
     @torch.inference_mode()
     def _resized(self, frames: np.ndarray) -> torch.Tensor:

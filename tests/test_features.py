@@ -52,6 +52,22 @@ def test_stream_yields_steps_with_times_equal_to_extract(extractor, clip):
     np.testing.assert_allclose(np.stack([s.flow for s in steps]), flow, rtol=1e-4, atol=1e-5)
 
 
+def test_prepared_chunks_of_several_sources_embed_as_each_source_streamed_alone(extractor, clip, tmp_path):
+    """Live sources: per-source work (`prepare`) in each source's thread, the networks once
+    per round over all of them (`embed`), sources of another size in their own batch."""
+    videos = [clip, make_video(tmp_path / "b.mp4", frames=36, size=(80, 60), seed=3),
+              make_video(tmp_path / "c.mp4", frames=36, size=(96, 60), seed=5)]
+    alone = [list(extractor.stream(VideoSource(v), batch_size=1)) for v in videos]
+    rounds = zip(*(extractor.source(v).chunks() for v in videos))      # one chunk per source
+    batched = [extractor.embed([extractor.prepare(chunk) for chunk in chunks]) for chunks in rounds]
+    assert len(batched) == 6
+    for source, steps in enumerate(alone):
+        for name in ("rgb", "flow"):
+            together = np.stack([features[name == "flow"][source] for features in batched])
+            np.testing.assert_allclose(together, np.stack([getattr(s, name) for s in steps]), atol=1e-5, rtol=0)
+    assert not np.allclose(batched[0][0][0], batched[0][0][1])         # the sources differ
+
+
 def test_settings_record_describes_the_features(extractor):
     record = extractor.settings_record()
     assert record["step_seconds"] == 0.25 and record["fps"] == 24.0 and record["chunk"] == 6
