@@ -24,11 +24,17 @@ each round one step of each: decode (24 fps, chunks of 6), DIS flow per source, 
 random-init resnet18 RGB and flow CNNs batched over the S sources (extractor defaults
 otherwise: `vidpipe extract`'s), then one batched step of a paper-size detector on those
 512 + 512-d features; fp32 throughout, then precision auto (CNNs bf16 and the detector int8
-where the CPU has them). Real time: a round takes <= 250 ms on average.
+where the CPU has them). Real time: a round takes <= 250 ms on average. Two layouts, each
+row of one in the same run as the other's: `one thread` decodes and runs DIS source after
+source in the round's thread (the layout before issue 19); `workers` is `vidpipe detect`'s
+engine (pipeline/live.py): one worker thread per source decodes and prepares its chunks
+(resize + DIS, OpenCV single-threaded: `TwoStreamExtractor.prepare`), the round's thread
+runs the networks over all sources at once (`embed`) and the model step.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -171,17 +177,18 @@ def end_to_end_rows(args) -> None:
                 print(f"\nend to end, 320x240 @ 30 fps -> {settings.fps:g} fps, chunks of {settings.chunk}: "
                       f"decode + DIS ({settings.dis_preset}) per source + random-init resnet18 RGB + flow batched "
                       f"over the sources + the paper-size model on {cfg.rgb_dim} + {cfg.flow_dim}-d features")
-                print(f"{'precision':<28}{'sources':>8}{'round ms median / mean / p99':>30}{'model ms':>10}"
+                print(f"{'layout: precision':<40}{'sources':>8}{'round ms median / mean / p99':>30}{'model ms':>10}"
                       f"{'x real time':>13}{'real time':>10}")
             for count in args.e2e_sources:
-                detector = MultiStreamDetector(model, "cpu", max_streams=count, precision=precision)
-                label = f"CNN {extractor.precision}, model {detector.precision}"
-                rounds, model_seconds = live_rounds(extractor, detector, videos, count, args.e2e_seconds)
-                times = " / ".join(f"{v * 1e3:.0f}" for v in (np.median(rounds), rounds.mean(),
-                                                               np.percentile(rounds, 99)))
-                print(f"{label:<28}{count:>8}{times:>30}{model_seconds.mean() * 1e3:>10.0f}"
-                      f"{STEP_SECONDS / rounds.mean():>13.2f}{'yes' if rounds.mean() <= STEP_SECONDS else 'no':>10}",
-                      flush=True)
+                for layout, rounds_of in (("one thread", live_rounds), ("workers", worker_rounds)):
+                    detector = MultiStreamDetector(model, "cpu", max_streams=count, precision=precision)
+                    label = f"{layout}: CNN {extractor.precision}, model {detector.precision}"
+                    rounds, model_seconds = rounds_of(extractor, detector, videos, count, args.e2e_seconds)
+                    times = " / ".join(f"{v * 1e3:.0f}" for v in (np.median(rounds), rounds.mean(),
+                                                                   np.percentile(rounds, 99)))
+                    print(f"{label:<40}{count:>8}{times:>30}{model_seconds.mean() * 1e3:>10.0f}"
+                          f"{STEP_SECONDS / rounds.mean():>13.2f}"
+                          f"{'yes' if rounds.mean() <= STEP_SECONDS else 'no':>10}", flush=True)
 
 
 def live_rounds(extractor, detector: MultiStreamDetector, videos: list[Path], count: int,
@@ -203,6 +210,54 @@ def live_rounds(extractor, detector: MultiStreamDetector, videos: list[Path], co
         if tick >= 2:                     # the first rounds open the files
             rounds.append(time.perf_counter() - start)
             model_seconds.append(time.perf_counter() - features_done)
+    return np.array(rounds), np.array(model_seconds)
+
+
+def worker_rounds(extractor, detector: MultiStreamDetector, videos: list[Path], count: int,
+                  seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """`live_rounds` in `vidpipe detect`'s layout: a worker thread per source decodes and
+    prepares (resize + DIS, OpenCV single-threaded), each round runs the networks once over
+    every source (`embed`) and one batched model step."""
+    import queue
+    import threading
+
+    import cv2
+
+    cv2.setNumThreads(1)
+    queues = [queue.Queue(2) for _ in range(count)]
+    stop = threading.Event()
+
+    def work(video: Path, out: queue.Queue) -> None:
+        for chunk in extractor.source(video).chunks():
+            prepared = extractor.prepare(chunk)
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    out.put(prepared, timeout=0.1)
+                    break
+            if stop.is_set():
+                return
+
+    workers = [threading.Thread(target=work, args=(videos[i % len(videos)], queues[i]), daemon=True)
+               for i in range(count)]
+    for worker in workers:
+        worker.start()
+    for i in range(count):
+        detector.add_stream(i)
+    rounds, model_seconds = [], []
+    try:
+        for tick in range(int(seconds / STEP_SECONDS)):
+            start = time.perf_counter()
+            rgb, flow = extractor.embed([q.get() for q in queues])
+            features_done = time.perf_counter()
+            detector.step({i: (rgb[i], flow[i]) for i in range(count)})
+            if tick >= 2:                 # the first rounds open the files
+                rounds.append(time.perf_counter() - start)
+                model_seconds.append(time.perf_counter() - features_done)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        cv2.setNumThreads(-1)             # OpenCV's default again for the next rows
     return np.array(rounds), np.array(model_seconds)
 
 

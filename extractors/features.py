@@ -354,6 +354,7 @@ class TwoStreamExtractor:
             with autocast(self.device, self.precision):
                 rgb[rows] = self.rgb(centres).float().cpu().numpy()
                 flow[rows] = self.flow.embed(fields).float().cpu().numpy()
+        self._trim(len(prepared))
         return rgb, flow
 
     @torch.inference_mode()
@@ -373,15 +374,18 @@ class TwoStreamExtractor:
     def _steps(self, batch: list[tuple[Chunk, torch.Tensor]]) -> Iterator[Step]:
         rgb, flow = self.features(torch.stack([frames for _, frames in batch]))
         rgb, flow = rgb.cpu().numpy(), flow.cpu().numpy()
+        self._trim(len(batch))
+        for (chunk, _), rgb_vec, flow_vec in zip(batch, rgb, flow):
+            yield Step(index=chunk.index, timestamp=chunk.start, end_time=chunk.end, rgb=rgb_vec, flow=flow_vec)
+
+    def _trim(self, steps: int) -> None:
         # Decode, flow and the CNNs free buffers of many sizes from several threads; glibc
         # holds the freed pages, and what it holds grows with the video (+250 MB over 20
         # minutes): hand them back every TRIM_STEPS steps, so memory is flat however long.
-        self._untrimmed_steps += len(batch)
+        self._untrimmed_steps += steps
         if self._untrimmed_steps >= TRIM_STEPS:
             release_free_memory()
             self._untrimmed_steps = 0
-        for (chunk, _), rgb_vec, flow_vec in zip(batch, rgb, flow):
-            yield Step(index=chunk.index, timestamp=chunk.start, end_time=chunk.end, rgb=rgb_vec, flow=flow_vec)
 
 
 def stack_steps(steps: Iterable[Step], name: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ there is one. `flow_estimator` builds the estimator of a method.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 import cv2
@@ -40,19 +41,29 @@ def to_gray_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 class OpenCVFlow(nn.Module):
-    """TV-L1 or DIS from OpenCV, one frame pair at a time on the CPU."""
+    """TV-L1 or DIS from OpenCV, one frame pair at a time on the CPU. One OpenCV estimator
+    per calling thread: `vidpipe detect`'s source workers compute flow at once, and one
+    estimator called from two threads crashes the process (a segfault, measured with DIS)."""
 
     def __init__(self, method: str, dis_preset: str = "medium"):
         super().__init__()
         flow_method(method, "opencv")   # an unknown name is refused, never silently DIS
         if dis_preset not in DIS_PRESETS:
             raise VidpipeError(f"dis_preset '{dis_preset}': choose one of {', '.join(DIS_PRESETS)}")
-        self.method = method
-        if method == "tvl1":  # OpenCV's defaults, as the denseflow tool used for TSN features
-            self.estimator = cv2.optflow.DualTVL1OpticalFlow_create()
-        else:
-            self.estimator = cv2.DISOpticalFlow_create(DIS_PRESETS[dis_preset])
+        self.method, self.dis_preset = method, dis_preset
+        self._estimators: dict[int, cv2.DenseOpticalFlow] = {}      # by thread id
         self.identity = "opencv " + (method if method == "tvl1" else f"dis preset {dis_preset}")
+
+    @property
+    def estimator(self) -> cv2.DenseOpticalFlow:
+        """The calling thread's OpenCV estimator (made on its first call)."""
+        thread = threading.get_ident()
+        if thread not in self._estimators:
+            if self.method == "tvl1":  # OpenCV's defaults, as the denseflow tool used for TSN features
+                self._estimators[thread] = cv2.optflow.DualTVL1OpticalFlow_create()
+            else:
+                self._estimators[thread] = cv2.DISOpticalFlow_create(DIS_PRESETS[self.dis_preset])
+        return self._estimators[thread]
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """(P, 3, h, w) float [0, 255] pairs -> (P, 2, h, w) float32 flow in pixels."""

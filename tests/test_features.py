@@ -201,6 +201,20 @@ def test_opencv_flow_measures_a_known_shift(method):
     assert centre[1].median().item() == pytest.approx(0.0, abs=0.3)
 
 
+def test_one_opencv_flow_serves_threads_at_once_as_one_thread():
+    """detect's source workers share the extractor: each thread gets its own OpenCV estimator
+    (one DIS object called from two threads at once crashed the process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flow = OpenCVFlow("dis")
+    pairs = [shifted_pair(shift) for shift in (1, 2, 3, 4)] * 8
+    alone = [flow(first, second) for first, second in pairs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda pair: flow(*pair), pairs))
+    for expected, got in zip(alone, together):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_raft_runs_on_cpu_on_tiny_frames(clip):
     raft = RAFTFlow("raft_small", iterations=2, weights_file=None, random_init=True, seed=2)
     first, second = shifted_pair(2)
