@@ -86,7 +86,8 @@ def disk_full(exc: BaseException, path: str | Path | None) -> DiskFull | None:
         free = f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    why = "disk quota exceeded" if getattr(exc, "errno", None) == errno.EDQUOT else "no space left on the device"
+    quota = getattr(exc, "errno", None) == errno.EDQUOT
+    why = "disk quota exceeded" if quota else "no space left on the device"
     return DiskFull(f"{path or 'a file'}: not written, {why} ({free} in {folder}); free some "
                     "space or choose another folder, then rerun (what was finished is kept)")
 

@@ -78,7 +78,8 @@ def what_was_kept(exc: BaseException) -> str | None:
     return None
 
 
-def join_threads(threads: list[threading.Thread], timeout_s: float = THREADS_JOIN_S) -> list[threading.Thread]:
+def join_threads(threads: list[threading.Thread],
+                 timeout_s: float = THREADS_JOIN_S) -> list[threading.Thread]:
     """Join `threads` (those started) within `timeout_s` in all -> those still running
     (remembered for `blocked_threads`)."""
     deadline = time.monotonic() + timeout_s

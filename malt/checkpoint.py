@@ -150,11 +150,12 @@ def _check_sizes(checkpoint: Checkpoint, path: Path) -> None:
     misfit = [f"size mismatch for {name}: the file holds {list(stored[name])}, its config "
               f"describes {list(shape)}" for name, shape in expected.items()
               if name in stored and stored[name] != shape]
-    problems = misfit + [f"missing weight {name}" for name in missing[:3]] + \
-        [f"unexpected weight {name}" for name in unexpected[:3]]
+    problems = misfit + [f"missing weight {name}" for name in missing] + \
+        [f"unexpected weight {name}" for name in unexpected]
     if problems:
+        more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
         raise VidpipeError(f"{inconsistent} the weights do not fit the model its config "
-                           f"describes ({problems[0]}{f'; {len(problems) - 1} more' if len(problems) > 1 else ''})")
+                           f"describes ({problems[0]}{more})")
 
 
 def _describe(data: Any) -> str:
