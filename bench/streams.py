@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/streams.py [--streams 1,8,32,64] [--precisions fp32,bf16,int8]
                                       [--threads 2] [--cycles 2] [--e2e-sources 1,2,4]
-                                      [--e2e-seconds 5] [--no-e2e]
+                                      [--e2e-seconds 5] [--no-e2e | --no-model]
 
 Model only, at paper size (M_L 512 tokens, M_S 32, d_model 1024, N=2, k=370; rgb 2048 +
 flow 1024; random weights and features: the cost does not depend on their values): B
@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--e2e-sources", default="1,2,4", help="live source counts, comma-separated")
     parser.add_argument("--e2e-seconds", type=float, default=5.0, help="video seconds timed per source count")
     parser.add_argument("--no-e2e", action="store_true", help="model rows only")
+    parser.add_argument("--no-model", action="store_true", help="end-to-end rows only")
     args = parser.parse_args()
     args.streams = [int(b) for b in args.streams.split(",")]
     args.precisions = args.precisions.split(",")
@@ -277,7 +278,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    model_rows(args, rng)
+    if not args.no_model:
+        model_rows(args, rng)
     if not args.no_e2e:
         end_to_end_rows(args)
 
