@@ -420,6 +420,9 @@ def model_info(config_path: str | None, overrides: tuple[str, ...], params_only:
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Pixel budget of one frame (default 4096x4096 = 16777216): a video declaring "
                    "larger frames is refused before decoding.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads for the networks and the model (default: one per core); each live "
+                   "source decodes and computes flow in its own single-threaded worker.")
 @event_rule_options
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"]), default="fp32",

@@ -2,9 +2,12 @@
 
 Each source gets a thread (`SourceWorker`) that decodes and featurises it (or reads its
 steps from the feature cache) and hands the steps over through its own bounded queue, so a
-fast file never crowds out a live camera and memory stays flat. The main thread
-(`Engine.run`) takes the newest step of every source that has one, runs them through the
-detector as one batch, and feeds each source's probabilities to its own `Segmenter`: events
+fast file never crowds out a live camera and memory stays flat. A live source's worker
+(`live`, or a URL/device) does only the per-source CPU work of each chunk (decode, resize,
+flow: `TwoStreamExtractor.prepare`, OpenCV single-threaded); the networks run in the main
+thread, once per round over every live source that has a step (`embed`), on the cores
+(`DetectOptions.threads`). The main thread (`Engine.run`) takes the newest step of every
+source that has one, runs them through the detector as one batch, and feeds each source's probabilities to its own `Segmenter`: events
 are logged (and appended to `--events`), frames drawn (`--render`), and when the source
 ends, however it ends, its timeline is written with `ended_by`:
   - "eof": the source ended;
@@ -25,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -35,6 +38,9 @@ from vidpipe.core.stop import join_threads, stopped_by
 from vidpipe.extractors.decode import MAX_PIXELS, STREAM_TIMEOUT_S
 from vidpipe.pipeline.render import Renderer
 from vidpipe.pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
+
+if TYPE_CHECKING:   # (the extractor's import pulls in torch and timm: only when one runs)
+    from vidpipe.extractors.features import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,8 @@ class DetectOptions:
     timeout_s: float = STREAM_TIMEOUT_S        # a URL silent this long has failed
     max_pixels: int = MAX_PIXELS               # a video declaring larger frames is refused unread
     weights: dict[str, str] = field(default_factory=dict)   # {"rgb"|"flow"|"raft": file}
+    threads: int | None = None                 # torch threads for the networks and the model
+                                               # (None: torch's default, one per core)
 
 
 @dataclass
@@ -75,11 +83,12 @@ class SourceStep:
     """One feature step of a source, and when its chunk was complete."""
     index: int                              # step number in the source (continues on reconnect)
     timestamp: float                        # step start, seconds of video
-    rgb: np.ndarray                         # (Dr,)
-    flow: np.ndarray                        # (Df,)
+    rgb: np.ndarray | None                  # (Dr,); None until the engine embeds `prepared`
+    flow: np.ndarray | None                 # (Df,)
     ready: float                            # time.perf_counter() when its last frame was in
     frames: np.ndarray | None = None        # (chunk, H, W, 3) uint8, when rendering
     times: np.ndarray | None = None         # (chunk,) seconds of video of those frames
+    prepared: Prepared | None = None        # a live source's chunk after its worker's CPU work
 
 
 @dataclass
@@ -212,10 +221,16 @@ class SourceWorker(threading.Thread):
                 if self.signals.stop.is_set():
                     return
 
-        # batching steps delays each decision until the batch is full: not for live use
-        batch = 1 if self.options.live or self.plan.stream else None
         shift = offset * self.step_seconds            # continues the grid after a reconnect
-        for step in self.extractor.stream_chunks(chunks(), batch_size=batch):
+        if self.options.live or self.plan.stream:
+            # no step waits for later ones of its source; the networks run in the engine,
+            # batched over every live source (Engine._embed)
+            for chunk in chunks():
+                frames, times = shown.pop(chunk.index, (None, None))
+                yield SourceStep(offset + chunk.index, chunk.start + shift, None, None, ready.pop(chunk.index),
+                                 frames, None if times is None else times + shift, self.extractor.prepare(chunk))
+            return
+        for step in self.extractor.stream_chunks(chunks()):
             frames, times = shown.pop(step.index, (None, None))
             yield SourceStep(offset + step.index, step.timestamp + shift, step.rgb, step.flow,
                              ready.pop(step.index), frames, None if times is None else times + shift)
@@ -325,8 +340,15 @@ class Engine:
         self.several = len(workers) > 1       # say which source a line is about, as it happens
 
     def run(self) -> None:
+        import cv2
+        import torch
+
         for key in self.workers:
             self.multistream.add_stream(key)
+        # the workers' OpenCV flow single-threaded: the cores go to the batched networks
+        opencv_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+        cv2.setNumThreads(1)
+        torch.set_num_threads(self.options.threads or torch_threads)
         for worker in self.workers.values():
             worker.start()
         try:
@@ -348,6 +370,8 @@ class Engine:
                 self.multistream.remove_stream(key)
             # no worker may outlive the run: one still in native code at exit aborts
             join_threads(list(self.workers.values()))
+            cv2.setNumThreads(opencv_threads)
+            torch.set_num_threads(torch_threads)
 
     def _collect(self) -> dict[int, SourceStep]:
         """The next step of every source that has one; other messages handled on the way."""
@@ -374,6 +398,7 @@ class Engine:
         return batch
 
     def _step(self, batch: dict[int, SourceStep]) -> None:
+        self._embed(batch)
         tick = time.perf_counter()
         rows = self.multistream.step({key: (step.rgb, step.flow) for key, step in batch.items()})
         decided = time.perf_counter()
@@ -381,6 +406,15 @@ class Engine:
             run = self.runs[key]
             events = run.decide(step, rows[key], decided, (decided - tick) / len(batch))
             self._report(run, events, run.latencies[-1])
+
+    def _embed(self, batch: dict[int, SourceStep]) -> None:
+        """The RGB and flow networks of every live source's step, once for all of them."""
+        keys = [key for key, step in batch.items() if step.prepared is not None]
+        if keys:
+            extractor = self.workers[keys[0]].extractor       # one serves every source (pipeline.detect)
+            rgb, flow = extractor.embed([batch[key].prepared for key in keys])
+            for key, rgb_vec, flow_vec in zip(keys, rgb, flow):
+                batch[key].rgb, batch[key].flow, batch[key].prepared = rgb_vec, flow_vec, None
 
     def _end(self, key: int, ended: Ended) -> None:
         run = self.runs[key]

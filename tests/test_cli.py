@@ -83,8 +83,10 @@ def test_detect_hands_every_option_to_the_library(tmp_path, monkeypatch):
     (tmp_path / "m.pt").write_bytes(b"x")
     (tmp_path / "a.mp4").write_bytes(b"x")
     main(["detect", str(tmp_path / "a.mp4"), "--checkpoint", str(tmp_path / "m.pt"), "--live",
-          "--no-picture", "--reconnect", "2", "--min-duration", "1.5", "--flow-weights", "f.pth"])
+          "--no-picture", "--reconnect", "2", "--min-duration", "1.5", "--flow-weights", "f.pth",
+          "--threads", "3"])
     assert seen["weights"] == {"flow": "f.pth"} and seen["picture"] is False and seen["live"] is True
+    assert seen["threads"] == 3
     assert seen["reconnect"] == 2 and seen["settings"].min_duration_s == 1.5
     assert "max_pixels" not in seen                # not given: the library's own budget
     from vidpipe.pipeline.live import DetectOptions

@@ -25,11 +25,11 @@ def cached_plan(name, rgb, flow, damaged=False):
     return Plan(name, name, open_video=None, cached=cached)
 
 
-def run_engine(model, plans, options=None):
+def run_engine(model, plans, options=None, extractor=None, multistream=None):
     """Every plan through one Engine -> ({key: SourceRun} as written, the detector)."""
     options = options or DetectOptions()
-    multistream, signals, written = MultiStreamDetector(model), Signals(), {}
-    workers = {key: SourceWorker(plan, None, STEP_S, options, signals) for key, plan in plans.items()}
+    multistream, signals, written = multistream or MultiStreamDetector(model), Signals(), {}
+    workers = {key: SourceWorker(plan, extractor, STEP_S, options, signals) for key, plan in plans.items()}
     runs = {key: SourceRun(plan, NAMES, STEP_S, TimelineSettings(), None) for key, plan in plans.items()}
     Engine(multistream, workers, runs, lambda key, run: written.setdefault(key, run), options,
            signals).run()
@@ -49,6 +49,56 @@ def test_every_source_is_decided_in_order_and_equals_the_offline_model():
         np.testing.assert_allclose(np.stack(run.probs), offline_probs(model, rgb, flow, range(len(rgb))),
                                    atol=1e-5, rtol=0)
     assert multistream.streams == []                         # every stream freed
+
+
+class RecordingDetector(MultiStreamDetector):
+    """A detector that keeps the features each stream was given, and the threads it ran with
+    (torch's for the networks and the model, OpenCV's for the workers' flow)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.inputs: dict = {}
+        self.threads: set = set()
+
+    def step(self, inputs):
+        import cv2
+        import torch
+
+        self.threads.add((torch.get_num_threads(), cv2.getNumThreads()))
+        for key, (rgb, flow) in inputs.items():
+            self.inputs.setdefault(key, []).append((rgb, flow))
+        return super().step(inputs)
+
+
+def test_live_sources_run_their_networks_together_and_equal_each_source_alone(tmp_path):
+    """Live sources: each worker decodes and prepares its chunks (resize, flow), the engine
+    runs the networks once per round over every source that has a step; the features are
+    each source's own unbatched extraction (batch 1) to 1e-5, the decisions the offline
+    model's on them."""
+    from extract_helpers import make_video, tiny_settings
+    from vidpipe.extractors.features import TwoStreamExtractor
+
+    extractor = TwoStreamExtractor(tiny_settings(), device="cpu")
+    videos = [make_video(tmp_path / f"v{i}.mp4", frames=36 + 6 * i, size=(80, 60), seed=i) for i in range(3)]
+    embedded = []
+    embed = extractor.embed
+    extractor.embed = lambda prepared: embedded.append(len(prepared)) or embed(prepared)
+    model = tiny_model(rgb_dim=512, flow_dim=512)
+    multistream = RecordingDetector(model)
+    plans = {i: Plan(str(v), v.stem, open_video=lambda v=v: extractor.source(v)) for i, v in enumerate(videos)}
+    import torch
+    threads = torch.get_num_threads()
+    written, _ = run_engine(model, plans, DetectOptions(live=True, threads=1), extractor, multistream)
+    assert multistream.threads == {(1, 1)} and torch.get_num_threads() == threads    # restored after
+    for key, video in enumerate(videos):
+        alone = list(extractor.stream(extractor.source(video), batch_size=1))
+        rgb, flow = (np.stack([s.rgb for s in alone]), np.stack([s.flow for s in alone]))
+        assert written[key].ended_by == "eof" and len(written[key].probs) == len(alone) == 6 + key
+        np.testing.assert_allclose(np.stack([r for r, _ in multistream.inputs[key]]), rgb, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.stack([f for _, f in multistream.inputs[key]]), flow, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.stack(written[key].probs), offline_probs(model, rgb, flow, range(len(rgb))),
+                                   atol=1e-4, rtol=0)
+    assert sum(embedded) == 6 + 7 + 8           # every step's networks ran in the engine's rounds
 
 
 def test_a_failing_source_ends_alone_with_its_error():
