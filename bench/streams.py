@@ -24,7 +24,8 @@ each round one step of each: decode (24 fps, chunks of 6), DIS flow per source, 
 random-init resnet18 RGB and flow CNNs batched over the S sources (extractor defaults
 otherwise: `vidpipe extract`'s), then one batched step of a paper-size detector on those
 512 + 512-d features; fp32 throughout, then precision auto (CNNs bf16 and the detector int8
-where the CPU has them). Real time: a round takes <= 250 ms on average. Two layouts, each
+where the CPU has them). Real time: a round takes <= 250 ms on average. CPU ms: the
+process's CPU time per round (all threads; under load a steadier figure than wall time). Two layouts, each
 row of one in the same run as the other's: `one thread` decodes and runs DIS source after
 source in the round's thread (the layout before issue 19); `workers` is `vidpipe detect`'s
 engine (pipeline/live.py): one worker thread per source decodes and prepares its chunks
@@ -178,15 +179,18 @@ def end_to_end_rows(args) -> None:
                       f"decode + DIS ({settings.dis_preset}) per source + random-init resnet18 RGB + flow batched "
                       f"over the sources + the paper-size model on {cfg.rgb_dim} + {cfg.flow_dim}-d features")
                 print(f"{'layout: precision':<40}{'sources':>8}{'round ms median / mean / p99':>30}{'model ms':>10}"
+                      f"{'CPU ms':>10}"
                       f"{'x real time':>13}{'real time':>10}")
             for count in args.e2e_sources:
                 for layout, rounds_of in (("one thread", live_rounds), ("workers", worker_rounds)):
                     detector = MultiStreamDetector(model, "cpu", max_streams=count, precision=precision)
                     label = f"{layout}: CNN {extractor.precision}, model {detector.precision}"
+                    cpu = time.process_time()
                     rounds, model_seconds = rounds_of(extractor, detector, videos, count, args.e2e_seconds)
+                    cpu = (time.process_time() - cpu) / int(args.e2e_seconds / STEP_SECONDS)
                     times = " / ".join(f"{v * 1e3:.0f}" for v in (np.median(rounds), rounds.mean(),
                                                                    np.percentile(rounds, 99)))
-                    print(f"{label:<40}{count:>8}{times:>30}{model_seconds.mean() * 1e3:>10.0f}"
+                    print(f"{label:<40}{count:>8}{times:>30}{model_seconds.mean() * 1e3:>10.0f}{cpu * 1e3:>10.0f}"
                           f"{STEP_SECONDS / rounds.mean():>13.2f}"
                           f"{'yes' if rounds.mean() <= STEP_SECONDS else 'no':>10}", flush=True)
 
