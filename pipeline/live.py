@@ -136,6 +136,13 @@ class SourceWorker(threading.Thread):
         self.options, self.signals = options, signals
         self.queue: queue.Queue = queue.Queue(QUEUE_STEPS)
 
+    @property
+    def prepares(self) -> bool:
+        """A decoded live source (`live`, or a URL/device): this worker decodes and prepares
+        each chunk (`TwoStreamExtractor.prepare`), the engine runs the networks (no step waits
+        for later ones of its source); other files featurise whole batches of their steps."""
+        return self.plan.cached is None and (self.options.live or self.plan.stream)
+
     def run(self) -> None:
         try:
             # closed here, in this thread, as soon as the run stops: its decoder with it
@@ -222,9 +229,7 @@ class SourceWorker(threading.Thread):
                     return
 
         shift = offset * self.step_seconds            # continues the grid after a reconnect
-        if self.options.live or self.plan.stream:
-            # no step waits for later ones of its source; the networks run in the engine,
-            # batched over every live source (Engine._embed)
+        if self.prepares:     # the networks run in the engine, over every live source (Engine._embed)
             for chunk in chunks():
                 frames, times = shown.pop(chunk.index, (None, None))
                 yield SourceStep(offset + chunk.index, chunk.start + shift, None, None, ready.pop(chunk.index),
@@ -246,7 +251,7 @@ class SourceRun:
         self.plan, self.renderer = plan, renderer
         self.segmenter = Segmenter(class_names, step_seconds, settings)
         self.timestamps: list[float] = []
-        self.probs: list[np.ndarray] = []
+        self.probs: list[list[float]] = []   # Python floats: not the detector's tensors (see decide)
         self.latencies: list[float] = []
         self.model_seconds = 0.0
         self.started = time.perf_counter()
@@ -260,7 +265,10 @@ class SourceRun:
         self.model_seconds += model_seconds
         self.latencies.append(decided - step.ready)
         self.timestamps.append(step.timestamp)
-        self.probs.append(row)
+        # A row is a view of the detector's output tensor: kept, each would pin a tensor and
+        # its buffers among the heap's pages that decode and the CNNs churn, so that the
+        # heap could never give those pages back (peak RSS grew with the video's length).
+        self.probs.append(row.tolist())
         if self.renderer is not None and step.frames is not None:
             self.renderer.write(step.frames, step.times, row, self.segmenter.active())
         return events
@@ -271,7 +279,7 @@ class SourceRun:
 
     def timeline(self, metadata: dict) -> Timeline:
         names = self.segmenter.class_names
-        probs = np.stack(self.probs) if self.probs else np.zeros((0, len(names)), np.float32)
+        probs = np.array(self.probs, np.float32).reshape(-1, len(names))   # (T, C+1)
         return Timeline(names, np.asarray(self.timestamps, np.float64), probs,
                         self.segmenter.step_seconds, self.segmenter.segments,
                         self.segmenter.settings, metadata, self.segmenter.events)
@@ -345,9 +353,9 @@ class Engine:
 
         for key in self.workers:
             self.multistream.add_stream(key)
-        # the workers' OpenCV flow single-threaded: the cores go to the batched networks
+        # live workers' OpenCV flow single-threaded: the cores go to the batched networks
         opencv_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
-        cv2.setNumThreads(1)
+        cv2.setNumThreads(1 if any(w.prepares for w in self.workers.values()) else opencv_threads)
         torch.set_num_threads(self.options.threads or torch_threads)
         for worker in self.workers.values():
             worker.start()
