@@ -36,12 +36,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# As `vidpipe detect` (pipeline/cli.py): the workers layout starts torch's OpenMP regions from
+# several threads, whose spinning between regions takes the cores from each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402  (after the OpenMP setting, read when torch loads)
+import torch  # noqa: E402
 
 from vidpipe.malt.config import ModelConfig
 from vidpipe.malt.info import count_macs

@@ -440,6 +440,10 @@ def detect(source_args, source_opts, checkpoint, **options) -> None:
         raise click.UsageError("give at least one SOURCE (argument or --source)")
     require_checkpoint_file(checkpoint)
     require_sources(sources, cache_given=options["cache"] is not None)
+    # Live sources' workers and the engine both start torch's OpenMP regions: threads that
+    # spin between regions took the cores from each other (1 live source, 2 threads, a loaded
+    # 2-core machine: 44-46 s of CPU, 6 s passive). Read when torch loads: before its import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from vidpipe.pipeline.detect import detect as run_detect
 
     if options["max_pixels"] is None:          # the library's budget (extractors.decode)

@@ -80,6 +80,7 @@ def test_detect_hands_every_option_to_the_library(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(detect_module, "detect", lambda sources, checkpoint, **kw: seen.update(kw) or [])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     (tmp_path / "m.pt").write_bytes(b"x")
     (tmp_path / "a.mp4").write_bytes(b"x")
     main(["detect", str(tmp_path / "a.mp4"), "--checkpoint", str(tmp_path / "m.pt"), "--live",
@@ -87,6 +88,8 @@ def test_detect_hands_every_option_to_the_library(tmp_path, monkeypatch):
           "--threads", "3"])
     assert seen["weights"] == {"flow": "f.pth"} and seen["picture"] is False and seen["live"] is True
     assert seen["threads"] == 3
+    import os
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"   # (for torch's load in a fresh process)
     assert seen["reconnect"] == 2 and seen["settings"].min_duration_s == 1.5
     assert "max_pixels" not in seen                # not given: the library's own budget
     from vidpipe.pipeline.live import DetectOptions
