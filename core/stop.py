@@ -16,6 +16,7 @@ ends without finalising.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -33,11 +34,34 @@ class Interrupted(KeyboardInterrupt):
 
 
 _received: list[int] = []
+_deferring = 0          # depth of `uninterrupted` blocks running now (main thread only)
+_pending = False        # a stop signal came inside one: raised when the outermost ends
 
 
 def _interrupt(signum: int, frame) -> None:
+    global _pending
     _received.append(signum)
+    if _deferring:
+        _pending = True
+        return
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """A piece of work recorded whole or not at all: a stop signal (through the handler of
+    `handle_stop_signals`) that arrives inside is raised when the block ends. detect records
+    a step's decision, events and rendered frames together, so that a stop between them
+    cannot leave a timeline step without its frames."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            _pending = False
+            raise KeyboardInterrupt
 
 
 def handle_stop_signals() -> dict[int, object]:

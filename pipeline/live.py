@@ -34,7 +34,7 @@ import numpy as np
 
 from vidpipe.core.atomic import disk_full
 from vidpipe.core.errors import VidpipeError
-from vidpipe.core.stop import join_threads, stopped_by
+from vidpipe.core.stop import join_threads, stopped_by, uninterrupted
 from vidpipe.extractors.decode import MAX_PIXELS, STREAM_TIMEOUT_S
 from vidpipe.pipeline.render import Renderer
 from vidpipe.pipeline.timeline import Event, Segmenter, Timeline, TimelineSettings, format_time
@@ -412,8 +412,9 @@ class Engine:
         decided = time.perf_counter()
         for key, step in batch.items():
             run = self.runs[key]
-            events = run.decide(step, rows[key], decided, (decided - tick) / len(batch))
-            self._report(run, events, run.latencies[-1])
+            with uninterrupted():     # a stop lands between steps: timeline, events, frames agree
+                events = run.decide(step, rows[key], decided, (decided - tick) / len(batch))
+                self._report(run, events, run.latencies[-1])
 
     def _embed(self, batch: dict[int, SourceStep]) -> None:
         """The RGB and flow networks of every live source's step, once for all of them."""
