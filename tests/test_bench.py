@@ -15,20 +15,37 @@ import gpu_check   # noqa: E402
 
 def test_a_table_measured_under_load_says_so():
     assert conditions.verdict(0.3, 0.4).startswith("at rest")
-    for before, after in ((0.9, 0.2), (0.2, 0.6), (5.0, 6.0)):
-        line = conditions.verdict(before, after)
+    for before, others in ((0.9, 0.2), (0.2, 0.6), (5.0, 6.0)):
+        line = conditions.verdict(before, others)
         assert line.startswith("UNDER LOAD") and "not README-grade" in line
 
 
 def test_measured_prints_the_machine_and_the_load_around_the_table(capsys, monkeypatch):
-    loads = iter([0.2, 3.0])
-    monkeypatch.setattr(conditions, "load_average", lambda: next(loads))
+    monkeypatch.setattr(conditions, "load_average", lambda: 0.2)
+    busy = iter([(100.0, 10.0), (130.0, 30.0)])    # machine busy 30 s, of which this process 20 s
+    monkeypatch.setattr(conditions, "busy_seconds", lambda: next(busy))
+    clock = iter([0.0, 10.0])                        # over 10 s: others kept 1.0 core busy
+    monkeypatch.setattr(conditions.time, "monotonic", lambda: next(clock))
     with conditions.measured("bench/x.py"):
         print("| table |")
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("bench/x.py: ") and "load average before 0.20" in lines[0]
     assert "cpu flags" in lines[0] and "torch" in lines[0]
-    assert lines[1] == "| table |" and lines[2].startswith("UNDER LOAD: load average 0.20 before, 3.00 after")
+    assert lines[1] == "| table |"
+    assert lines[2].startswith("UNDER LOAD: load average 0.20 before, other processes 1.00 cores")
+
+
+def test_the_bench_s_own_work_does_not_count_as_load():
+    """A process that keeps a core busy for a second is not 'other work'."""
+    before = conditions.busy_seconds()
+    start = conditions.time.monotonic()
+    while conditions.time.monotonic() - start < 1.0:
+        pass
+    after = conditions.busy_seconds()
+    wall = conditions.time.monotonic() - start
+    mine = after[1] - before[1]
+    assert mine > 0.8 * wall                          # the busy loop is counted as this process's
+    assert (after[0] - before[0]) >= 0.8 * mine       # and as the machine's
 
 
 def test_gpu_check_refuses_without_a_gpu_in_one_line(capsys, monkeypatch):
