@@ -36,16 +36,15 @@ def test_measured_prints_the_machine_and_the_load_around_the_table(capsys, monke
 
 
 def test_the_bench_s_own_work_does_not_count_as_load():
-    """A process that keeps a core busy for a second is not 'other work'."""
-    before = conditions.busy_seconds()
-    start = conditions.time.monotonic()
-    while conditions.time.monotonic() - start < 1.0:
+    """CPU this process burns is counted as its own, and within the machine's busy time, so
+    `measured` subtracts it: a bench's own threads are not 'other work'."""
+    before, spent = conditions.busy_seconds(), conditions.time.process_time()
+    while conditions.time.process_time() - spent < 0.5:
         pass
     after = conditions.busy_seconds()
-    wall = conditions.time.monotonic() - start
-    mine = after[1] - before[1]
-    assert mine > 0.8 * wall                          # the busy loop is counted as this process's
-    assert (after[0] - before[0]) >= 0.8 * mine       # and as the machine's
+    mine, machine = after[1] - before[1], after[0] - before[0]
+    assert mine >= 0.45
+    assert machine >= mine - 0.05
 
 
 def test_gpu_check_refuses_without_a_gpu_in_one_line(capsys, monkeypatch):
