@@ -1,5 +1,5 @@
 """The benches' shared honesty (load before and after, 'under load' marking) and
-bench/gpu_check.py's argument handling, on the CPU."""
+bench/gpu_check.py's and bench/lstr_stream.py's argument handling, on the CPU."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import conditions  # noqa: E402  (bench/ is a folder of scripts, not a package)
 import gpu_check   # noqa: E402
+import lstr_stream  # noqa: E402
 
 
 def test_a_table_measured_under_load_says_so():
@@ -75,3 +76,25 @@ def test_gpu_check_bad_arguments_are_one_line_errors(capsys, argv, message):
 def test_gpu_check_lists_its_checks(capsys):
     assert gpu_check.main(["--list"]) == 0
     assert capsys.readouterr().out.split() == list(gpu_check.CHECKS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--lstr PATH is required"),
+    (["--lstr", "."], "--lstr .: not an LSTR checkout (no src/rekognition_online_action_detection/models/lstr.py)"),
+])
+def test_lstr_stream_refuses_without_an_lstr_checkout_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        lstr_stream.main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("error: bench/lstr_stream.py: " + message)
+    assert "amazon-science/long-short-term-transformer" in captured.err
+
+
+def test_lstr_stream_arguments(tmp_path):
+    model = tmp_path / lstr_stream.LSTR_MODEL
+    model.parent.mkdir(parents=True)
+    model.touch()
+    args = lstr_stream.parse_args(["--lstr", str(tmp_path), "--steps", "5"])
+    assert (args.lstr, args.steps, args.threads) == (tmp_path, 8, 1)   # whole 4-step cycles
