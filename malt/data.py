@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vidpipe.malt.config import ModelConfig
-from vidpipe.malt.window import gather_window, num_long_tokens, window_indices
+from vidpipe.malt.window import gather_window, num_long_tokens, window_at, window_indices
 from vidpipe.core.errors import VidpipeError
 from vidpipe.store.labels import LABELS_FILE, LabelSet, build_labels
 from vidpipe.store.cache import FeatureStore
@@ -137,14 +137,12 @@ class TrainWindows(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         video_id, t = self.windows[index]
         video = self.videos[video_id]
-        window = gather_window(video.rgb, video.flow, t, self.cfg)
         _, short_idx = window_indices(t, self.cfg)
         if self.long_memory_sampler == "segment":
             long_idx, long_valid = segment_long_memory(int(short_idx[0]), self.cfg)
-            keep = long_valid[:, None]
-            window = window._replace(rgb_long=np.where(keep, video.rgb[long_idx], 0).astype(video.rgb.dtype),
-                                     flow_long=np.where(keep, video.flow[long_idx], 0).astype(video.flow.dtype),
-                                     long_valid=long_valid)
+            window = window_at(video.rgb, video.flow, long_idx, long_valid, short_idx)
+        else:
+            window = gather_window(video.rgb, video.flow, t, self.cfg)
         sample = {name: torch.from_numpy(np.ascontiguousarray(array))
                   for name, array in window._asdict().items()}   # rgb_long (L, Dr) ... flow_short (S, Df)
         sample["targets"] = torch.from_numpy(video.targets[short_idx])     # (S, C+1)

@@ -29,7 +29,8 @@ import numpy as np
 from vidpipe.malt.config import ModelConfig
 
 __all__ = ["Window", "gather_window", "is_grid_step", "long_grid_phase", "long_memory_newest",
-           "long_memory_steps", "next_long_memory_change", "num_long_tokens", "window_indices"]
+           "long_memory_steps", "next_long_memory_change", "num_long_tokens", "window_at",
+           "window_indices"]
 
 
 def num_long_tokens(cfg: ModelConfig) -> int:
@@ -93,8 +94,14 @@ def gather_window(rgb: np.ndarray, flow: np.ndarray, t: int, cfg: ModelConfig) -
         raise ValueError(f"step {t} outside a video of {len(rgb)} steps")
     long_idx, short_idx = window_indices(t, cfg)
     long_valid = long_idx >= 0
-    safe_idx = np.where(long_valid, long_idx, 0)
+    return window_at(rgb, flow, np.where(long_valid, long_idx, 0), long_valid, short_idx)
+
+
+def window_at(rgb: np.ndarray, flow: np.ndarray, long_idx: np.ndarray, long_valid: np.ndarray,
+              short_idx: np.ndarray) -> Window:
+    """The window of the given steps: long memory rows long_idx (L,), zeroed where not
+    long_valid (L,), short memory rows short_idx (S,)."""
     mask = long_valid[:, None]
-    return Window(np.where(mask, rgb[safe_idx], 0).astype(rgb.dtype),
-                  np.where(mask, flow[safe_idx], 0).astype(flow.dtype),
+    return Window(np.where(mask, rgb[long_idx], 0).astype(rgb.dtype),
+                  np.where(mask, flow[long_idx], 0).astype(flow.dtype),
                   long_valid, rgb[short_idx], flow[short_idx])
