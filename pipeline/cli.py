@@ -14,7 +14,7 @@ import click
 
 from vidpipe.core.atomic import disk_full
 from vidpipe.core.errors import BatchIncomplete, DiskFull, VidpipeError
-from vidpipe.core.log import configure_cli_logging, remove_cli_logging
+from vidpipe.core.log import HEARTBEAT_S, configure_cli_logging, remove_cli_logging
 from vidpipe.core.memory import limit_malloc_arenas
 from vidpipe.core.stop import (Interrupted, blocked_threads, handle_stop_signals,
                                restore_signals, stop_signal, stopped_by, what_was_kept)
@@ -275,7 +275,7 @@ def export_features(cache: str, out: str, layout: str, labels: str | None, rgb_d
 @click.option("--lr", default=None, type=float, help="Shortcut for --set train.lr=X.")
 @click.option("--batch-size", default=None, type=int, help="Shortcut for --set train.batch_size=N (global).")
 @click.option("--seed", default=None, type=int, help="Shortcut for --set train.seed=N.")
-@click.option("--log-every", "log_every_s", default=30.0, show_default=True,
+@click.option("--log-every", "log_every_s", default=HEARTBEAT_S, show_default=True,
               type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Off a terminal (a log file, CI), a progress line with an ETA this often "
                    "during an epoch.")

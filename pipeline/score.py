@@ -102,7 +102,7 @@ def score_timelines(folder: str | Path, cache: str | Path, labels: str | Path | 
         truth = label_set.segments(video_id, store.timestamps(video_id), float(store.settings["step_seconds"]))
         scored.append(video_events(timeline.segments, timeline.events, timeline.duration_s, truth))
         names.append(video_id)
-        settings.add(json.dumps(timeline.to_dict()["settings"], sort_keys=True))
+        settings.add(json.dumps(asdict(timeline.settings), sort_keys=True))
     if not scored:
         raise VidpipeError(f"{folder}: none of its {len(files)} timelines is of a video labelled in {source}")
     report = event_report(scored, label_set.class_names[1:])
