@@ -11,8 +11,8 @@ expect. A command raises `Interrupted` after its interrupt path, saying what it 
 A worker thread still running native code (a decoder, torch) when the interpreter
 finalises is stopped under it: glibc unwinds it, and C++ aborts ("terminate called without
 an active exception", exit 134). So stopped runs join their threads within a bound
-(`join_threads`) and, should one still be blocked in a read (`blocked_threads`), the CLI
-ends without finalising.
+(`join_threads`) and, should one still be blocked in a read (`blocked_threads`), the
+console script (`pipeline.cli.run`, not `main` called in-process) ends without finalising.
 """
 from __future__ import annotations
 

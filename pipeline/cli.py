@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
         kept = what_was_kept(exc)
         click.echo(f"error: {stopped_by()}" + (f": {kept}" if kept else ""), err=True)
-        _exit_stopped(128 + stop_signal())
+        sys.exit(128 + stop_signal())
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         _fail(exc.format_message() + hint, exc.exit_code)
@@ -543,16 +543,21 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _exit_stopped(code: int) -> None:
-    """Exit a stopped run; a worker still blocked in a read would abort the interpreter's
-    finalisation (core.stop): then exit at once, after flushing what was written."""
-    if blocked_threads():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+def run(argv: list[str] | None = None) -> None:
+    """The console script `vidpipe`: `main`, and then, should a stopped run have left a worker
+    blocked in a read, exit at once after flushing what was written (finalising the
+    interpreter under it would abort, core.stop). Only the program's own entry may end the
+    process so: `main` called in-process (tests, other programs) raises SystemExit as usual."""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        if blocked_threads():
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -400,7 +400,7 @@ def live_setup(tmp_path_factory):
 
 
 # Many CLI runs without importing the heavy stack each time (3 s of a run's 6): a server that
-# imported it once forks a child per run; the child runs `main` and ends as the CLI does
+# imported it once forks a child per run; the child runs the console script's `run` and ends as the CLI does
 # (SystemExit, then the interpreter's finalisation, where a thread left running aborts).
 FORK_SERVER = r"""
 import json, os, signal, sys
@@ -417,8 +417,8 @@ for line in sys.stdin:
         os.dup2(log, 1)
         os.dup2(log, 2)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        vidpipe.pipeline.cli.main(request["args"])
-        sys.exit(0)                      # (main exits itself; never read the server's input)
+        vidpipe.pipeline.cli.run(request["args"])
+        sys.exit(0)                      # (run exits itself; never read the server's input)
     print(pid, flush=True)
 """
 
