@@ -179,10 +179,13 @@ def event_report(videos: list[VideoEvents], class_names: list[str],
      "num_videos", "hours", "num_true_starts", "num_starts"}."""
     if not videos:
         raise ValueError("no videos to score")
-    start_ap = {f"{offset:g}": _start_ap(videos, class_names, offset) for offset in offsets_s}
+    # Each class matched once per offset: the latency offset is one of the p-AP offsets too.
+    matches = {offset: {name: _class_matches(videos, name, offset) for name in class_names}
+               for offset in dict.fromkeys((*offsets_s, latency_offset_s))}
+    start_ap = {f"{offset:g}": _start_ap(matches[offset]) for offset in offsets_s}
     counts = {f"{overlap:.2f}": np.sum([segment_f1_counts(v.segments, v.truth, overlap)
                                         for v in videos], axis=0).tolist() for overlap in overlaps}
-    latencies, false_starts = _latencies(videos, class_names, latency_offset_s)
+    latencies, false_starts = _latencies(videos, matches[latency_offset_s])
     hours = sum(v.duration_s for v in videos) / 3600.0
     means = [r["mean"] for r in start_ap.values()]
     return {
@@ -209,20 +212,18 @@ def _class_matches(videos: list[VideoEvents], label: str, offset_s: float) -> St
     return match_starts(video, time_s, score, truth, np.array([v.duration_s for v in videos]), offset_s)
 
 
-def _start_ap(videos: list[VideoEvents], class_names: list[str], offset_s: float) -> dict:
-    per_class = {name: point_average_precision(_class_matches(videos, name, offset_s))
-                 for name in class_names}
+def _start_ap(matches: dict[str, StartMatch]) -> dict:
+    per_class = {name: point_average_precision(match) for name, match in matches.items()}
     per_class = {k: v for k, v in per_class.items() if not np.isnan(v)}
     return {"mean": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
             "per_class": per_class}
 
 
-def _latencies(videos: list[VideoEvents], class_names: list[str],
-               offset_s: float) -> tuple[np.ndarray, int]:
-    """Decision time - true start of every matched start; the count of unmatched starts."""
+def _latencies(videos: list[VideoEvents], matches: dict[str, StartMatch]) -> tuple[np.ndarray, int]:
+    """Decision time - true start of every matched start (`matches`: each class's, at the
+    latency offset); the count of unmatched starts."""
     matched, unmatched = [], 0
-    for name in class_names:
-        match = _class_matches(videos, name, offset_s)
+    for name, match in matches.items():
         time_s = np.array([s.time_s for v in videos for s in v.starts if s.label == name])
         matched += list(time_s[match.order][match.true_positive] - match.truth_time[match.true_positive])
         unmatched += int((~match.true_positive).sum())

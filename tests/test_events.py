@@ -73,6 +73,10 @@ def test_report_on_a_case_worked_by_hand():
     assert report["latency_s"]["matched"] == 1 and report["latency_s"]["median"] == pytest.approx(1.5)
     assert report["false_starts_per_hour"] == pytest.approx(2.0)  # the repeat and the late one
     assert report["num_true_starts"] == 2 and report["num_starts"] == 3
+    # a latency offset that is none of the p-AP offsets: at 1 s, Spin's start is 1.5 s late
+    narrow = event_report([video], ["Bounce", "Spin"], offsets_s=(2.0,), latency_offset_s=1.0)
+    assert narrow["latency_s"]["matched"] == 0 and narrow["false_starts_per_hour"] == pytest.approx(3.0)
+    assert narrow["start_ap"]["2"] == report["start_ap"]["2"]
 
 
 def test_edit_score_is_one_for_equal_sequences_and_counts_edits():
