@@ -8,7 +8,8 @@ cannot tell whether other work shared the cores; the CPU time of the whole machi
 A table measured while other work loaded the machine (load average > 0.5 before, or other
 processes busy > 0.5 cores on average during the run) is marked UNDER LOAD: its figures are
 not for the README or the docs, which carry at-rest figures only (or say "under load").
-Use: `with measured("bench/streams.py"): ...print the table...`.
+Use, once the arguments are parsed and torch.set_num_threads applied (the header names the
+threads the bench runs with): `with measured("bench/streams.py"): ...print the table...`.
 """
 from __future__ import annotations
 

@@ -33,14 +33,22 @@ from vidpipe.pipeline.synthetic import CLASSES, SyntheticSpec, generate_dataset
 from conditions import measured   # bench/conditions.py: machine and load, before and after
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)     # before the header, which names the threads
+    with measured("bench/detect.py"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = generate_dataset(root / "data", SyntheticSpec(num_videos=1, duration_s=args.seconds),
@@ -88,5 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with measured("bench/detect.py"):
-        main()
+    main()

@@ -110,15 +110,24 @@ def recipe_rows(folder: Path, device: torch.device, row) -> None:
                 f"{1 / whole:,.0f} s per video second; an hour of video: {1 / whole:,.0f} h")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="clip length")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--recipes-only", action="store_true", help="only the recipes' rows (short)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)     # before the header, which names the threads
+    with measured("bench/extract.py"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows: list[tuple[str, str, str]] = []
 
@@ -203,5 +212,4 @@ def print_table(rows: list[tuple[str, str, str]], what_ran: str, device: torch.d
 
 
 if __name__ == "__main__":
-    with measured("bench/extract.py"):
-        main()
+    main()

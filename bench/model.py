@@ -128,7 +128,7 @@ def ms(seconds: np.ndarray, mean: bool = True) -> str:
     return " / ".join(f"{p * 1e3:.1f}" for p in parts)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100,
                         help="streaming steps timed per position (rounded up to a multiple of the stride)")
@@ -138,9 +138,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, one per core)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)     # before the header, which names the threads
+    with measured("bench/model.py"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     train_batch = args.train_batch or (16 if device.type == "cuda" else 8)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -181,5 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with measured("bench/model.py"):
-        main()
+    main()

@@ -270,7 +270,7 @@ def worker_rounds(extractor, detector: MultiStreamDetector, videos: list[Path], 
     return np.array(rounds), np.array(model_seconds)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default="1,8,32,64", help="batch sizes to time, comma-separated")
     parser.add_argument("--precisions", default="fp32,bf16,int8", help="detector precisions (malt.stream)")
@@ -280,12 +280,22 @@ def main() -> None:
     parser.add_argument("--e2e-seconds", type=float, default=5.0, help="video seconds timed per source count")
     parser.add_argument("--no-e2e", action="store_true", help="model rows only")
     parser.add_argument("--no-model", action="store_true", help="end-to-end rows only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.streams = [int(b) for b in args.streams.split(",")]
     args.precisions = args.precisions.split(",")
     args.e2e_sources = [int(s) for s in args.e2e_sources.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)     # before the header, which names the threads
+    with measured("bench/streams.py"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     if not args.no_model:
         model_rows(args, rng)
@@ -294,5 +304,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with measured("bench/streams.py"):
-        main()
+    main()

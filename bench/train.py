@@ -103,13 +103,22 @@ def measure(name: str, config: Path, windows: int, eval_steps: int, device, rng)
             "engine": history[-1]["windows_per_s"], "eval": eval_rate}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paper-windows", type=int, default=32, help="training windows at paper size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)     # before the header, which names the threads
+    with measured("bench/train.py"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     rows = [measure("demo", "demo", 160, 400, device, rng),
@@ -122,5 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with measured("bench/train.py"):
-        main()
+    main()

@@ -1,7 +1,8 @@
-"""The benches' shared honesty (load before and after, 'under load' marking) and
-bench/gpu_check.py's and bench/lstr_stream.py's argument handling, on the CPU."""
+"""The benches' shared honesty (load before and after, 'under load' marking, the threads they
+run with) and bench/gpu_check.py's and bench/lstr_stream.py's argument handling, on the CPU."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -34,6 +35,30 @@ def test_measured_prints_the_machine_and_the_load_around_the_table(capsys, monke
     assert "cpu flags" in lines[0] and "torch" in lines[0]
     assert lines[1] == "| table |"
     assert lines[2].startswith("UNDER LOAD: load average 0.20 before, other processes 1.00 cores")
+
+
+def load_bench(name: str):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["detect", "extract", "model", "streams", "train"])
+def test_a_bench_s_header_names_the_threads_it_runs_with(capsys, monkeypatch, name):
+    """--threads is applied before `measured` prints the machine line (the table itself is
+    replaced: only the order of parse, set threads, header, table is under test)."""
+    bench, default = load_bench(name), torch.get_num_threads()
+    asked, seen = default + 1, []
+    monkeypatch.setattr(bench, "run", lambda args: seen.append(torch.get_num_threads()))
+    try:
+        bench.main(["--threads", str(asked)])
+    finally:
+        torch.set_num_threads(default)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"bench/{name}.py: ") and f", {asked} threads" in header
+    assert seen == [asked]
 
 
 def test_the_bench_s_own_work_does_not_count_as_load():
