@@ -34,7 +34,7 @@ from vidpipe.core.settings import differing_keys
 from vidpipe.store.cache import FeatureStore
 
 __all__ = ["PROTOCOLS", "check_compatible", "evaluate", "evaluate_videos", "predict_chunks",
-           "predict_offline"]
+           "predict_offline", "write_json_report"]
 log = logging.getLogger(__name__)
 
 
@@ -214,13 +214,21 @@ def evaluate(checkpoint: str | Path, cache: str | Path, labels: str | Path | Non
     report.update(checkpoint=str(checkpoint), cache=str(cache), split=split, epoch=ckpt.epoch, precision=ran,
                   selection=describe_selection(config), selected_on_test=config.train.select_on_test)
     if out is not None:   # NaN (no class with a positive step) is not JSON: written as null.
-        write_text_atomically(out, json.dumps(_nan_to_none(report), indent=2))
+        write_json_report(report, out)
     return report
 
 
-def _nan_to_none(value):
+def write_json_report(report: dict, path: str | Path) -> Path:
+    """Atomic JSON of a report; a metric without data (NaN, +-inf) written as null: JSON has
+    no such numbers."""
+    return write_text_atomically(path, json.dumps(_finite_or_none(report), indent=2))
+
+
+def _finite_or_none(value):
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -31,7 +31,7 @@ import numpy as np
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.events import VideoEvents, event_report, f1_from_counts
-from vidpipe.pipeline.score import LabelledProbs, apply_rules, score_probabilities, write_json
+from vidpipe.pipeline.score import LabelledProbs, apply_rules, score_probabilities
 from vidpipe.pipeline.timeline import TimelineSettings
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def calibrate(checkpoint: str | Path, cache: str | Path, labels: str | Path | No
     """`vidpipe calibrate`: search the rules on a validation split, write them beside the
     checkpoint; returns the rules file's content."""
     from vidpipe.malt.checkpoint import read_checkpoint
+    from vidpipe.malt.evaluate import write_json_report
     from vidpipe.pipeline.score import checkpoint_probabilities
 
     if objective not in OBJECTIVES:
@@ -168,7 +169,7 @@ def calibrate(checkpoint: str | Path, cache: str | Path, labels: str | Path | No
     rules = {"format": RULES_FORMAT, "version": 1,
              "checkpoint": {"file": Path(checkpoint).name, "sha256": _sha256(checkpoint)},
              "settings": asdict(settings), "calibration": record}
-    write_json(rules, rules_path(checkpoint))   # a metric without data (-inf) as null
+    write_json_report(rules, rules_path(checkpoint))   # a metric without data (-inf) as null
     log.info("event rules (%s on %d videos of split '%s': %s) -> %s", objective, len(data.videos),
              data.split, _versus_defaults(record), rules_path(checkpoint))
     return rules

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vidpipe.core.atomic import atomic_path, write_text_atomically
+from vidpipe.core.atomic import atomic_path
 from vidpipe.core.errors import VidpipeError
 from vidpipe.core.log import progress_bar
 from vidpipe.malt.events import DetectedStart, VideoEvents, event_report
@@ -236,21 +236,6 @@ def format_event_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict, path: str | Path) -> Path:
-    """Atomic JSON; NaN (a metric without data) written as null."""
-    return write_text_atomically(path, json.dumps(_finite_or_none(report), indent=2))
-
-
-def _finite_or_none(value):
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def plot_event_report(report: dict, path: str | Path) -> Path:
     """Start p-mAP (and each class) against the offset, and the histogram of start latency."""
     import matplotlib
@@ -289,6 +274,7 @@ def event_evaluation(cache: str | Path, labels: str | Path | None = None, split:
     writes `out` (JSON: `frame_report` with the event report under "events", or the event
     report alone) and `picture` (default with `out`: the same name, .png). Returns the report
     and the text to show."""
+    from vidpipe.malt.evaluate import write_json_report
     from vidpipe.pipeline.calibrate import checkpoint_rules
 
     if timelines is not None:
@@ -310,7 +296,7 @@ def event_evaluation(cache: str | Path, labels: str | Path | None = None, split:
                  f"start latency {report['latency_s']['median']:.2f} s | "
                  f"{report['false_starts_per_hour']:.0f} false starts/h")
     if out is not None:
-        write_json({**frame_report, "events": report} if frame_report else report, out)
+        write_json_report({**frame_report, "events": report} if frame_report else report, out)
         picture = picture or Path(out).with_suffix(".png")
     if picture is not None:
         text += f"\nevent metrics picture: {plot_event_report(report, picture)}"

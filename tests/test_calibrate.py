@@ -9,6 +9,7 @@ import torch
 from vidpipe.core.config import to_dict
 from vidpipe.malt.checkpoint import Checkpoint, save_checkpoint
 from vidpipe.malt.config import Config, DataConfig, ModelConfig
+from vidpipe.malt.evaluate import write_json_report
 from vidpipe.malt.model import MALT
 from vidpipe.pipeline.calibrate import checkpoint_rules, rules_path, search_rules
 from vidpipe.pipeline.cli import main
@@ -140,3 +141,12 @@ def test_a_version_1_timeline_without_events_cannot_be_scored(setup, tmp_path, c
                                                      "--cache", str(store.root)])
     assert "--split chooses the videos of --checkpoint" in cli_error(
         capsys, ["eval", "--timelines", str(tmp_path), "--cache", str(store.root), "--split", "test"])
+
+
+def test_reports_are_written_with_metrics_without_data_as_null(tmp_path):
+    """eval's and calibrate's JSON: NaN (no data) and -inf (calibrate's objective without data)
+    are not JSON numbers; nested in dicts and lists they read back as null."""
+    path = write_json_report({"mAP": float("nan"), "value": -np.inf, "f1": {"0.25": 0.5},
+                              "values": [1.0, float("inf")], "name": "x"}, tmp_path / "r.json")
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
+        "mAP": None, "value": None, "f1": {"0.25": 0.5}, "values": [1.0, None], "name": "x"}
