@@ -49,13 +49,14 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
                 folder.rmdir()         # only if empty
 
 
-def _lock_file(path: Path) -> int | None:
-    """An open, flocked `path` -> its descriptor; None when another process holds it. A
-    file its holder removed while this one waited is not the lock any more: take the new one."""
+def _lock_file(path: Path, wait: bool = False) -> int | None:
+    """An open, flocked `path` -> its descriptor; without `wait`, None at once when another
+    process holds it. A file its holder removed while this one waited is not the lock any
+    more: take the new one."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
@@ -87,14 +88,8 @@ class Claim:
     def take(self, wait: bool) -> bool:
         """Claim it -> True; without `wait`, False at once when another process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
+        self._fd = _lock_file(self.path, wait)
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:
