@@ -31,7 +31,8 @@ import numpy as np
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.events import VideoEvents, event_report, f1_from_counts
-from vidpipe.pipeline.score import LabelledProbs, apply_rules, score_probabilities
+from vidpipe.pipeline.score import (LabelledProbs, apply_rules, checkpoint_probabilities,
+                                    score_probabilities)
 from vidpipe.pipeline.timeline import TimelineSettings
 
 log = logging.getLogger(__name__)
@@ -148,21 +149,12 @@ def calibrate(checkpoint: str | Path, cache: str | Path, labels: str | Path | No
               split: str = "val", objective: str = "f1", device: str | None = None) -> dict:
     """`vidpipe calibrate`: search the rules on a validation split, write them beside the
     checkpoint; returns the rules file's content."""
-    from vidpipe.malt.checkpoint import read_checkpoint
     from vidpipe.malt.evaluate import write_json_report
-    from vidpipe.pipeline.score import checkpoint_probabilities
 
     if objective not in OBJECTIVES:
         raise VidpipeError(f"--objective {objective}: expected one of {', '.join(OBJECTIVES)}")
-    test_split = read_checkpoint(checkpoint).model_config(str(checkpoint)).data.test_split
-    if split == test_split:   # said before the model runs on every video of it
-        raise VidpipeError(f"--split {split}: the test split '{test_split}' never chooses rules; "
-                           "calibrate on validation videos (--split val)")
     started = time.perf_counter()
-    data = checkpoint_probabilities(checkpoint, cache, labels, split, device)
-    if data.split == data.test_split or set(data.test_videos) & {v.video_id for v in data.videos}:
-        raise VidpipeError(f"--split {split}: the test split '{data.test_split}' (or videos of it) "
-                           "never choose rules; calibrate on validation videos (--split val)")
+    data = checkpoint_probabilities(checkpoint, cache, labels, split, device, choosing_rules=True)
     settings, record = search_rules(data, objective)
     record.update(split=data.split, videos=[v.video_id for v in data.videos], cache=str(cache),
                   seconds=round(time.perf_counter() - started, 2))

@@ -51,8 +51,6 @@ class LabelledProbs:
     class_names: list[str]      # C+1, background first
     step_seconds: float
     split: str
-    test_split: str             # the checkpoint's test split, and its videos in the labels
-    test_videos: list[str]
 
 
 def video_events(segments: list[Segment], events: list[Event], duration_s: float,
@@ -137,10 +135,12 @@ def _check_timeline(timeline: Timeline, path: Path, label_set: LabelSet, source:
 
 def checkpoint_probabilities(checkpoint: str | Path, cache: str | Path,
                              labels: str | Path | None, split: str | None,
-                             device: str | None = None, precision: str = "fp32") -> LabelledProbs:
+                             device: str | None = None, precision: str = "fp32",
+                             choosing_rules: bool = False) -> LabelledProbs:
     """Streaming-detector probabilities of every video of `split` (default: the checkpoint's
     test split; 'val': its validation videos) with their ground truth; the detector in
-    `precision` (malt.stream)."""
+    `precision` (malt.stream). `choosing_rules` (`calibrate`): the test split, or a split
+    holding any of its videos, is refused before the model runs."""
     from vidpipe.malt.checkpoint import load_model
     from vidpipe.malt.data import resolve_labels
     from vidpipe.malt.evaluate import check_compatible
@@ -150,7 +150,11 @@ def checkpoint_probabilities(checkpoint: str | Path, cache: str | Path,
     store = FeatureStore.open(cache)
     label_set, source = resolve_labels(store, labels)
     check_compatible(ckpt, store, label_set.class_names, checkpoint, source)
-    split, video_ids = split_videos(label_set, ckpt.model_config(str(checkpoint)), split, source)
+    config = ckpt.model_config(str(checkpoint))
+    asked = split
+    split, video_ids = split_videos(label_set, config, split, source)
+    if choosing_rules:
+        _refuse_test_videos(asked, split, video_ids, label_set, config.data.test_split)
     step_seconds = float(store.settings["step_seconds"])
     log.info("streaming detector on %d videos of split '%s'", len(video_ids), split)
     videos = []
@@ -163,9 +167,15 @@ def checkpoint_probabilities(checkpoint: str | Path, cache: str | Path,
             duration = float(timestamps[-1] + step_seconds) if len(timestamps) else 0.0
             videos.append(VideoProbs(v, timestamps, probs[v],
                                      label_set.segments(v, timestamps, step_seconds), duration))
-    test_split = ckpt.model_config(str(checkpoint)).data.test_split
-    return LabelledProbs(videos, label_set.class_names, step_seconds, split, test_split,
-                         label_set.split(test_split) if label_set.splits else [])
+    return LabelledProbs(videos, label_set.class_names, step_seconds, split)
+
+
+def _refuse_test_videos(asked: str | None, split: str, video_ids: list[str], label_set: LabelSet,
+                        test_split: str) -> None:
+    test_videos = set(label_set.split(test_split)) if label_set.splits else set()
+    if split == test_split or test_videos & set(video_ids):
+        raise VidpipeError(f"--split {asked}: the test split '{test_split}' (or videos of it) never "
+                           "choose rules; calibrate on validation videos (--split val)")
 
 
 def split_videos(label_set: LabelSet, config, split: str | None, source: str) -> tuple[str, list[str]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vidpipe.core.config import to_dict
-from vidpipe.malt.checkpoint import Checkpoint, save_checkpoint
+from vidpipe.malt.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from vidpipe.malt.config import Config, DataConfig, ModelConfig
 from vidpipe.malt.evaluate import write_json_report
 from vidpipe.malt.model import MALT
@@ -91,6 +91,20 @@ def test_calibrate_on_validation_videos_then_detect_and_eval_use_the_rules(setup
     assert detection.timeline.settings == given and detection.timeline.metadata["rules"] == "rules as given"
 
 
+def test_validation_videos_held_out_of_the_test_split_are_refused(setup, tmp_path, capsys):
+    """A run whose training split is its test split holds validation videos out of it: 'val'
+    is then test videos, refused by name before the model runs."""
+    store, checkpoint = setup
+    saved = read_checkpoint(checkpoint)
+    saved.config["data"]["train_split"] = "test"
+    save_checkpoint(saved, tmp_path / "last.pt")
+    error = cli_error(capsys, ["calibrate", "--checkpoint", str(tmp_path / "last.pt"),
+                               "--cache", str(store.root)])
+    assert error == ("error: --split val: the test split 'test' (or videos of it) never choose rules; "
+                     "calibrate on validation videos (--split val)")
+    assert not rules_path(tmp_path / "last.pt").exists()
+
+
 def test_rules_of_another_checkpoint_are_not_used(setup, tmp_path, caplog):
     store, checkpoint = setup
     copy = tmp_path / "last.pt"
@@ -118,7 +132,7 @@ def test_calibration_beats_the_default_rules_where_they_miss():
             truth.append(Segment(NAMES[label], start * 0.25, (start + 16) * 0.25))
         probs[:, 0] = 1 - probs[:, 1:].sum(1)
         videos.append(VideoProbs(f"v{index}", timestamps, probs, truth, 30.0))
-    data = LabelledProbs(videos, NAMES, 0.25, "val", "test", [])
+    data = LabelledProbs(videos, NAMES, 0.25, "val")
     settings, record = search_rules(data, "f1")
     assert record["default_value"] == 0.0 and record["value"] > 0.9
     assert score_probabilities(data, settings)["f1"]["0.25"] == pytest.approx(record["value"])
