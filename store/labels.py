@@ -43,7 +43,8 @@ class Segment:
 class VideoLabels:
     targets: np.ndarray    # (T, C+1) float32, rows sum to 1 where not ambiguous
     ambiguous: np.ndarray  # (T,) bool, steps to ignore
-    segments: list[Segment] | None = None   # annotated action segments; None: not recorded
+    segments: list[Segment] | None = None   # annotated action segments, sorted by start (and
+                                            # label) by build_labels; None: not recorded
                                             # (imported targets, labels.h5 of vidpipe < 0.2)
 
 
@@ -102,7 +103,7 @@ class LabelSet:
         steps of each class in the targets (step i covering [t_i, t_i + step_seconds))."""
         labels = self.videos[video_id]
         if labels.segments is not None:
-            return sorted(labels.segments, key=lambda s: (s.start_s, s.label))
+            return list(labels.segments)
         return segments_from_targets(labels.targets, timestamps, step_seconds, self.class_names)
 
 
