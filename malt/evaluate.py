@@ -64,11 +64,6 @@ class _Windows:
         return self.model.probabilities(logits).cpu().numpy()                            # (B, S', C+1)
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
 @torch.no_grad()
 def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
                     batch_size: int = 64) -> np.ndarray:
@@ -79,21 +74,12 @@ def predict_offline(model: MALT, rgb: np.ndarray, flow: np.ndarray,
     and no long memory exists yet, so its output at step t equals that of the window ending
     at t. Every later step is the last output of its own window (sliding, stride 1).
     """
-    _check_batch_size(batch_size)
     num_steps = len(rgb)
-    if num_steps == 0:
-        return np.zeros((0, model.cfg.num_classes), np.float32)
-    was_training = model.training
-    model.eval()
-    windows = _Windows(model, rgb, flow)
-    first = min(num_steps, model.cfg.short_memory_steps) - 1
+    first = min(num_steps, model.cfg.short_memory_steps) - 1          # -1: no step at all
+    head = [[first]] if num_steps else []     # a shorter window than the others: a pass of its own
+    outputs = _window_outputs(model, rgb, flow, head + _batches(range(first + 1, num_steps), batch_size))
     # Built from the computed rows only: a step no forward pass covered cannot pass unseen.
-    chunks = [windows.probabilities([first])[0]]                                       # steps 0..first
-    for start in range(first + 1, num_steps, batch_size):
-        ends = list(range(start, min(start + batch_size, num_steps)))
-        chunks.append(windows.probabilities(ends)[:, -1])
-    model.train(was_training)
-    probs = np.concatenate(chunks).astype(np.float32, copy=False)
+    probs = _rows(model, [o[0] for o in outputs[:1]] + [o[:, -1] for o in outputs[1:]])
     assert len(probs) == num_steps, (len(probs), num_steps)
     return probs
 
@@ -103,18 +89,38 @@ def predict_chunks(model: MALT, rgb: np.ndarray, flow: np.ndarray,
                    batch_size: int = 64) -> np.ndarray:
     """Probabilities (N, C+1) of the first N = S * ((T - 1) // S) steps of one video: the
     `chunks` protocol (module notes); the steps after them are not scored."""
-    _check_batch_size(batch_size)
     length = model.cfg.short_memory_steps
-    ends = list(range(length - 1, len(rgb) - 1, length))     # LSTR: work_end in range(S, T, S)
-    if not ends:
-        return np.zeros((0, model.cfg.num_classes), np.float32)
+    ends = range(length - 1, len(rgb) - 1, length)     # LSTR: work_end in range(S, T, S)
+    outputs = _window_outputs(model, rgb, flow, _batches(ends, batch_size))
+    return _rows(model, [o.reshape(-1, model.cfg.num_classes) for o in outputs])
+
+
+def _batches(ends: range, batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [list(ends[i:i + batch_size]) for i in range(0, len(ends), batch_size)]
+
+
+def _window_outputs(model: MALT, rgb: np.ndarray, flow: np.ndarray,
+                    batches: list[list[int]]) -> list[np.ndarray]:
+    """Every output (B, S', C+1) of the windows ending at each batch of steps (one forward
+    pass a batch, all its windows of one length S'), the model in eval mode (its mode
+    restored after)."""
+    if not batches:
+        return []
     was_training = model.training
     model.eval()
     windows = _Windows(model, rgb, flow)
-    chunks = [windows.probabilities(ends[i:i + batch_size]).reshape(-1, model.cfg.num_classes)
-              for i in range(0, len(ends), batch_size)]
+    outputs = [windows.probabilities(batch) for batch in batches]
     model.train(was_training)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return outputs
+
+
+def _rows(model: MALT, parts: list[np.ndarray]) -> np.ndarray:
+    """The rows (N, C+1) of `parts` as float32; (0, C+1) without any."""
+    if not parts:
+        return np.zeros((0, model.cfg.num_classes), np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def _with_zero_row(array: np.ndarray, device: torch.device) -> torch.Tensor:
