@@ -72,3 +72,30 @@ def test_a_rerun_keeps_what_later_commands_wrote_into_the_folder(tmp_path):
     assert later.read_text() == "{}" and (tmp_path / "review.mp4").read_bytes() == b"video"
     assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns > first_model   # trained anew
     assert json.loads((tmp_path / SUMMARY_FILE).read_text())["mAP"] == result.mAP
+
+
+def test_the_readme_s_decision_line_leaves_out_the_wall_time_latency():
+    """The README quotes the decision without the latency detect prints after it (a wall time:
+    it would change the README on every run of `make readme-figures`)."""
+    printed = ("# demo_out/data/videos/synth_036.mp4: live detection, 4 classes, step 0.25 s\n"
+               "synth_037.mp4  00:00:01.25  start  Spin  0.98  (decided 492 ms after the chunk's last frame)\n"
+               "synth_036.mp4  00:00:03.50  start  Pulse  0.98  (decided 1058 ms after the chunk's last frame)\n")
+    assert figures.first_start(printed) == "synth_036.mp4  00:00:03.50  start  Pulse  0.98"
+    assert figures.first_start(printed.replace("  (decided 1058 ms after the chunk's last frame)", "")) \
+        == "synth_036.mp4  00:00:03.50  start  Pulse  0.98"
+
+
+def test_the_review_frame_is_taken_when_the_timeline_says_the_first_start_was_decided(tmp_path):
+    import numpy as np
+
+    from vidpipe.pipeline.timeline import TimelineSettings
+
+    probs = np.zeros((40, 3), np.float32)
+    probs[:, 0] = 1.0
+    probs[12:30, [0, 2]] = 0.0, 1.0          # "Slide" on from 3.0 s
+    probs[4:20, [0, 1]] = 0.0, 1.0           # "Bounce" on from 1.0 s: the first start
+    timeline = Timeline.from_probs(probs, np.arange(40) * 0.25, ["background", "Bounce", "Slide"], 0.25,
+                                   TimelineSettings(min_duration_s=0.5))
+    path = timeline.save_json(tmp_path / "v.timeline.json")
+    # decided once the segment has lasted min_duration_s: at the end of its second step, 1.5 s
+    assert figures.decided_at(path) == 1.5
