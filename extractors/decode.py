@@ -351,7 +351,7 @@ class VideoSource:
             raise _DecordFailed(_describe(exc)) from None
         if len(reader) != len(times):
             raise _DecordFailed(f"decord counts {len(reader)} frames, the container {len(times)}")
-        if not times:
+        if len(times) == 0:
             self._check_complete(None)
         frame_bytes = self.info.width * self.info.height * 3
         per_batch = self.chunk * min(BATCH_CHUNKS, max(1, BATCH_BYTES // (frame_bytes * self.chunk)))
@@ -372,10 +372,11 @@ class VideoSource:
         self._check_complete(times[-1])
         self.decoded_end = self._end_of(times[-1])
 
-    def _presentation_times(self) -> list[float]:
+    def _presentation_times(self) -> np.ndarray:
         """Times of every frame (sorted packet pts, seconds from the first), by demuxing only.
 
-        decord's own timestamps are float32, too coarse to pick frames in long videos.
+        decord's own timestamps are float32, too coarse to pick frames in long videos. An
+        array, not a list: it lives as long as the video is read (172,800 floats in 2 hours).
         """
         pts: list[int] = []
         with self._take_container() as container:
@@ -395,8 +396,9 @@ class VideoSource:
             time_base: Fraction = stream.time_base
         pts.sort()
         if not pts:
-            return []
-        return [float(p * time_base) - float(pts[0] * time_base) for p in pts]
+            return np.empty(0)
+        first = float(pts[0] * time_base)
+        return np.fromiter((float(p * time_base) - first for p in pts), np.float64, len(pts))
 
 
 class _DecordFailed(Exception):

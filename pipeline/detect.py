@@ -287,7 +287,7 @@ class _Batch:
         if source.kind == "cache":
             store = self.store
             return Plan(source.text, source.name, None,
-                        cached=lambda: _cached_features(store, source.cache_id),
+                        cached=lambda: store.read_steps(source.cache_id),
                         info={"features": f"cache {store.root}", "cache_id": source.cache_id})
         settings = self.detector.feature_settings
         timeout, max_pixels = self.options.timeout_s, self.options.max_pixels
@@ -308,10 +308,10 @@ class _Batch:
 
     def _write(self, key: int, run: SourceRun) -> None:
         """Called as each source ends: its timeline files, or why there are none."""
-        if run.ended_by == "error" and not run.timestamps:   # nothing decided: no file
+        if run.ended_by == "error" and len(run.steps) == 0:   # nothing decided: no file
             self.failures[key] = run.error
             return
-        if run.ended_by == "eof" and not run.timestamps:
+        if run.ended_by == "eof" and len(run.steps) == 0:
             self.failures[key] = f"{run.plan.source}: too short for one feature step"
             return
         timeline = run.timeline(self._metadata(run))
@@ -323,7 +323,7 @@ class _Batch:
             files["render"] = rendered
         self.detections[key] = Detection(run.plan.source, timeline, files, run.ended_by, run.error)
         if run.ended_by == "error":
-            self.failures[key] = (f"{run.error} (the {len(run.timestamps)} steps decided before "
+            self.failures[key] = (f"{run.error} (the {len(run.steps)} steps decided before "
                                   f"are in {files['json']})")
         count = len(timeline.segments)
         log.info("%s: %d segment%s in %.1f s of video (%.1f s) -> %s%s", run.plan.source, count,
@@ -372,8 +372,3 @@ def _open_cache(cache: str | Path, feature_settings: dict, checkpoint: str | Pat
         raise VidpipeError(f"{cache}: features made with other settings than {checkpoint}'s "
                            f"training cache (differs in: {', '.join(keys)})")
     return store
-
-
-def _cached_features(store: FeatureStore, video_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    features = store.read(video_id)
-    return features.timestamps, features.rgb, features.flow

@@ -119,7 +119,8 @@ class Plan:
     source: str                             # as given
     name: str                               # output file stem
     open_video: Callable | None             # () -> VideoSource (decoded sources)
-    cached: Callable | None = None          # () -> (timestamps, rgb, flow) (cached sources)
+    cached: Callable | None = None          # () -> blocks of steps with .timestamps, .rgb, .flow
+                                            # (cached sources: FeatureStore.read_steps)
     info: dict = field(default_factory=dict)
     stream: bool = False                    # a URL or device: may be reconnected
 
@@ -168,10 +169,13 @@ class SourceWorker(threading.Thread):
                 continue
 
     def _cached_steps(self) -> Iterator[SourceStep]:
-        timestamps, rgb, flow = self.plan.cached()
+        blocks = self.plan.cached()
         self._send(Opened(self.plan.info))
-        for index, (timestamp, rgb_vec, flow_vec) in enumerate(zip(timestamps, rgb, flow)):
-            yield SourceStep(index, float(timestamp), rgb_vec, flow_vec, time.perf_counter())
+        index = 0
+        for block in blocks:
+            for timestamp, rgb_vec, flow_vec in zip(block.timestamps, block.rgb, block.flow):
+                yield SourceStep(index, float(timestamp), rgb_vec, flow_vec, time.perf_counter())
+                index += 1
 
     def _decoded_steps(self) -> Iterator[SourceStep]:
         """Steps of the source; a stream that drops is opened again (`reconnect` tries in a
@@ -243,6 +247,45 @@ class SourceWorker(threading.Thread):
 
 # --- the decisions of one source -----------------------------------------------------------
 
+class StepRecord:
+    """Every decided step of one source: its start, its decision latency and its C+1
+    probabilities, copied into fixed numpy blocks.
+
+    Not Python lists: a float object per number (or a kept view of the detector's output
+    tensor) is a small long-lived allocation made every step among the transient ones of
+    decode, flow and the networks; each pinned the allocator's pages around it, and the
+    RSS of `detect` grew with the video's length. Blocks are few and never move."""
+
+    def __init__(self, columns: int, block_steps: int = 4096):   # 4096 steps: 17 min at 4/s
+        self.columns, self.block_steps = columns, block_steps        # columns: C+1
+        self._blocks: list[np.ndarray] = []  # (block_steps, 2 + C+1) float64: start, latency, probs
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, timestamp: float, latency: float, probs: np.ndarray) -> None:
+        row = self._count % self.block_steps
+        if row == 0:
+            self._blocks.append(np.empty((self.block_steps, 2 + self.columns)))
+        block = self._blocks[-1]
+        block[row, 0], block[row, 1] = timestamp, latency
+        block[row, 2:] = probs
+        self._count += 1
+
+    def timestamps(self) -> np.ndarray:
+        return self._rows()[:, 0]                                   # (T,) seconds
+
+    def latencies(self) -> np.ndarray:
+        return self._rows()[:, 1]                                   # (T,) seconds
+
+    def probs(self) -> np.ndarray:
+        return self._rows()[:, 2:].astype(np.float32)               # (T, C+1)
+
+    def _rows(self) -> np.ndarray:
+        return np.concatenate(self._blocks or [np.empty((0, 2 + self.columns))])[:self._count]
+
+
 class SourceRun:
     """What has been decided for one source: segments, per-step rows, timings."""
 
@@ -250,9 +293,7 @@ class SourceRun:
                  settings: TimelineSettings, renderer: Renderer | None):
         self.plan, self.renderer = plan, renderer
         self.segmenter = Segmenter(class_names, step_seconds, settings)
-        self.timestamps: list[float] = []
-        self.probs: list[list[float]] = []   # Python floats: not the detector's tensors (see decide)
-        self.latencies: list[float] = []
+        self.steps = StepRecord(len(class_names))
         self.model_seconds = 0.0
         self.started = time.perf_counter()
         self.info: dict = dict(plan.info)
@@ -263,12 +304,7 @@ class SourceRun:
     def decide(self, step: SourceStep, row: np.ndarray, decided: float, model_seconds: float) -> list[Event]:
         events = self.segmenter.step(step.timestamp, row)
         self.model_seconds += model_seconds
-        self.latencies.append(decided - step.ready)
-        self.timestamps.append(step.timestamp)
-        # A row is a view of the detector's output tensor: kept, each would pin a tensor and
-        # its buffers among the heap's pages that decode and the CNNs churn, so that the
-        # heap could never give those pages back (peak RSS grew with the video's length).
-        self.probs.append(row.tolist())
+        self.steps.append(step.timestamp, decided - step.ready, row)
         if self.renderer is not None and step.frames is not None:
             self.renderer.write(step.frames, step.times, row, self.segmenter.active())
         return events
@@ -278,15 +314,13 @@ class SourceRun:
         return self.segmenter.finish()
 
     def timeline(self, metadata: dict) -> Timeline:
-        names = self.segmenter.class_names
-        probs = np.array(self.probs, np.float32).reshape(-1, len(names))   # (T, C+1)
-        return Timeline(names, np.asarray(self.timestamps, np.float64), probs,
+        return Timeline(self.segmenter.class_names, self.steps.timestamps(), self.steps.probs(),
                         self.segmenter.step_seconds, self.segmenter.segments,
                         self.segmenter.settings, metadata, self.segmenter.events)
 
     def timings(self) -> dict:
-        total, steps = time.perf_counter() - self.started, len(self.latencies)
-        latency = np.asarray(self.latencies) * 1000
+        total, steps = time.perf_counter() - self.started, len(self.steps)
+        latency = self.steps.latencies() * 1000
         return {
             "steps": steps, "total_s": round(total, 4), "model_s": round(self.model_seconds, 4),
             "features_s": round(total - self.model_seconds, 4),
@@ -414,7 +448,7 @@ class Engine:
             run = self.runs[key]
             with uninterrupted():     # a stop lands between steps: timeline, events, frames agree
                 events = run.decide(step, rows[key], decided, (decided - tick) / len(batch))
-                self._report(run, events, run.latencies[-1])
+                self._report(run, events, decided - step.ready)
 
     def _embed(self, batch: dict[int, SourceStep]) -> None:
         """The RGB and flow networks of every live source's step, once for all of them."""

@@ -28,11 +28,11 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from vidpipe.core.atomic import atomic_path, write_csv_atomically, write_text_atomically
+from vidpipe.core.atomic import atomic_path, write_csv_atomically
 from vidpipe.core.errors import VidpipeError
 from vidpipe.store.labels import Segment
 
@@ -250,6 +250,11 @@ class Timeline:
          "events": [{"kind", "label", "time_s", "score", "threshold", "step", "decided_s"}],
          "timestamps": [T], "probabilities": [T x (C+1)]}
         """
+        return {**self._header(), "timestamps": np.round(self.timestamps, 6).tolist(),
+                "probabilities": np.round(self.probs.astype(np.float64), 6).tolist()}
+
+    def _header(self) -> dict[str, Any]:
+        """`to_dict` without its per-step arrays."""
         return {
             "format": TIMELINE_FORMAT, "version": TIMELINE_VERSION,
             "metadata": self.metadata, "settings": asdict(self.settings),
@@ -258,12 +263,19 @@ class Timeline:
             "segments": [{"label": s.label, "start_s": s.start_s, "end_s": s.end_s,
                           "score": s.score} for s in self.segments],
             "events": [asdict(e) for e in self.events],
-            "timestamps": np.round(self.timestamps, 6).tolist(),
-            "probabilities": np.round(self.probs.astype(np.float64), 6).tolist(),
         }
 
     def save_json(self, path: str | Path) -> Path:
-        return write_text_atomically(path, json.dumps(self.to_dict()))
+        """`to_dict()` as JSON text, the per-step arrays written a block of steps at a time:
+        a 2-hour timeline never exists whole as Python floats (millions of small objects,
+        a peak of memory at the end of a long `detect`)."""
+        with atomic_path(path, suffix=".json") as temp, open(temp, "w", encoding="utf-8") as out:
+            out.write(json.dumps(self._header())[:-1] + ', "timestamps": ')
+            _write_json_list(out, np.round(self.timestamps, 6))
+            out.write(', "probabilities": ')
+            _write_json_list(out, np.round(self.probs.astype(np.float64), 6))
+            out.write("}")
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Timeline":
@@ -306,6 +318,14 @@ class Timeline:
     def save_png(self, path: str | Path, width_px: int = 1600, height_px: int = 700,
                  top_classes: int = 5) -> Path:
         return plot_timeline(self, path, width_px, height_px, top_classes)
+
+
+def _write_json_list(out: IO[str], values: np.ndarray, block_steps: int = 4096) -> None:
+    """The JSON text of `values.tolist()`, converted and written `block_steps` rows at a time."""
+    out.write("[")
+    for start in range(0, len(values), block_steps):
+        out.write((", " if start else "") + json.dumps(values[start:start + block_steps].tolist())[1:-1])
+    out.write("]")
 
 
 # --- the picture -------------------------------------------------------------------------------

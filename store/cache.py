@@ -32,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -50,6 +50,7 @@ CLAIMS_DIR = ".claims"         # per-video claims of running extractions (core.l
 DATASETS = ("rgb", "flow", "timestamps")
 SETTINGS_ATTR = "cache_settings"
 CHECKSUM_ATTR = "checksum"
+BLOCK_STEPS = 4096             # steps read at a time where a video is read in blocks
 
 
 @dataclass
@@ -91,13 +92,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def datasets_checksum(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over each dataset's name, dtype, shape and bytes, in DATASETS order."""
+def datasets_checksum(arrays: Mapping[str, np.ndarray | h5py.Dataset]) -> str:
+    """sha256 over each dataset's name, dtype, shape and bytes, in DATASETS order (an HDF5
+    dataset is read BLOCK_STEPS rows at a time: the same bytes, in the same order)."""
     digest = hashlib.sha256()
     for name in DATASETS:
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(memoryview(array).cast("B"))
+        data = arrays[name]
+        digest.update(f"{name}:{data.dtype.str}:{data.shape};".encode())
+        for start in range(0, len(data), BLOCK_STEPS):
+            digest.update(memoryview(np.ascontiguousarray(data[start:start + BLOCK_STEPS])).cast("B"))
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -226,6 +229,23 @@ class FeatureStore:
             attrs={k: v for k, v in attrs.items() if k not in (SETTINGS_ATTR, CHECKSUM_ATTR)},
         )
 
+    def read_steps(self, video_id: str) -> Iterator[VideoFeatures]:
+        """A video's features in blocks of BLOCK_STEPS steps, so that a long video is never
+        in memory whole (`vidpipe detect` on a cache id). Verified as `read` verifies, before
+        the first block: the checksum is computed over the file, block by block."""
+        with self._open_h5(video_id) as h5:
+            datasets = self._unread_datasets(h5, video_id, DATASETS)
+            with self._reading(video_id):
+                problem = self._problem(datasets, _attributes(h5))
+            if problem is not None:
+                raise VidpipeError(self._damaged(video_id, problem))
+            for start in range(0, len(datasets["timestamps"]), BLOCK_STEPS):
+                with self._reading(video_id):
+                    block = {name: data[start:start + BLOCK_STEPS] for name, data in datasets.items()}
+                yield VideoFeatures(video_id, block["rgb"].astype(np.float32, copy=False),
+                                    block["flow"].astype(np.float32, copy=False),
+                                    block["timestamps"].astype(np.float64, copy=False))
+
     def timestamps(self, video_id: str) -> np.ndarray:
         """A video's step start times (T,) without loading its features (the checksum is
         verified when the features are read)."""
@@ -266,11 +286,21 @@ class FeatureStore:
         return f"{self._path(video_id)}: damaged cache file: {problem}; {_fix_damaged(self.root)}"
 
     def _datasets(self, h5: h5py.File, video_id: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        datasets = self._unread_datasets(h5, video_id, names)
+        with self._reading(video_id):
+            return {name: data[()] for name, data in datasets.items()}
+
+    def _unread_datasets(self, h5: h5py.File, video_id: str, names: tuple[str, ...]) -> dict[str, h5py.Dataset]:
         missing = [name for name in names if name not in h5]
         if missing:
             raise VidpipeError(self._damaged(video_id, f"no {', '.join(missing)} dataset"))
+        with self._reading(video_id):
+            return {name: h5[name] for name in names}
+
+    @contextlib.contextmanager
+    def _reading(self, video_id: str) -> Iterator[None]:
         try:
-            return {name: h5[name][()] for name in names}
+            yield
         except (OSError, KeyError, ValueError) as exc:   # HDF5's errors on damaged structure
             raise VidpipeError(self._damaged(video_id, first_line(exc))) from None
 

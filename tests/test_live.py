@@ -8,8 +8,9 @@ import pytest
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.stream import MultiStreamDetector
-from vidpipe.pipeline.live import DetectOptions, Engine, Plan, Signals, SourceRun, SourceWorker
+from vidpipe.pipeline.live import DetectOptions, Engine, Plan, Signals, SourceRun, SourceWorker, StepRecord
 from vidpipe.pipeline.timeline import TimelineSettings
+from vidpipe.store.cache import VideoFeatures
 from model_helpers import offline_probs, random_video, tiny_model
 
 STEP_S = 0.25
@@ -21,7 +22,7 @@ def cached_plan(name, rgb, flow, damaged=False):
     def cached():
         if damaged:
             raise VidpipeError(f"{name}: damaged")
-        return np.arange(len(rgb)) * STEP_S, rgb, flow
+        return [VideoFeatures(name, rgb, flow, np.arange(len(rgb)) * STEP_S)]
     return Plan(name, name, open_video=None, cached=cached)
 
 
@@ -45,10 +46,25 @@ def test_every_source_is_decided_in_order_and_equals_the_offline_model():
     for key, (rgb, flow) in videos.items():
         run = written[key]
         assert run.ended_by == "eof" and run.error is None
-        np.testing.assert_array_equal(run.timestamps, np.arange(len(rgb)) * STEP_S)
-        np.testing.assert_allclose(np.stack(run.probs), offline_probs(model, rgb, flow, range(len(rgb))),
+        np.testing.assert_array_equal(run.steps.timestamps(), np.arange(len(rgb)) * STEP_S)
+        np.testing.assert_allclose(run.steps.probs(), offline_probs(model, rgb, flow, range(len(rgb))),
                                    atol=1e-5, rtol=0)
     assert multistream.streams == []                         # every stream freed
+
+
+def test_the_step_record_keeps_copies_of_every_step_across_its_blocks():
+    rng = np.random.default_rng(0)
+    rows = rng.random((11, 4)).astype(np.float32)     # 11 steps over blocks of 3 steps
+    record = StepRecord(columns=4, block_steps=3)
+    for index, row in enumerate(rows):
+        record.append(index * STEP_S, 0.01 * index, row)
+        row[:] = -1                                   # the detector reuses its output buffer
+    assert len(record) == 11
+    np.testing.assert_array_equal(record.timestamps(), np.arange(11) * STEP_S)
+    np.testing.assert_allclose(record.latencies(), 0.01 * np.arange(11))
+    np.testing.assert_array_equal(record.probs(), np.random.default_rng(0).random((11, 4)).astype(np.float32))
+    assert record.probs().dtype == np.float32
+    assert StepRecord(columns=4).probs().shape == (0, 4)
 
 
 class RecordingDetector(MultiStreamDetector):
@@ -93,10 +109,10 @@ def test_live_sources_run_their_networks_together_and_equal_each_source_alone(tm
     for key, video in enumerate(videos):
         alone = list(extractor.stream(extractor.source(video), batch_size=1))
         rgb, flow = (np.stack([s.rgb for s in alone]), np.stack([s.flow for s in alone]))
-        assert written[key].ended_by == "eof" and len(written[key].probs) == len(alone) == 6 + key
+        assert written[key].ended_by == "eof" and len(written[key].steps) == len(alone) == 6 + key
         np.testing.assert_allclose(np.stack([r for r, _ in multistream.inputs[key]]), rgb, atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.stack([f for _, f in multistream.inputs[key]]), flow, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(np.stack(written[key].probs), offline_probs(model, rgb, flow, range(len(rgb))),
+        np.testing.assert_allclose(written[key].steps.probs(), offline_probs(model, rgb, flow, range(len(rgb))),
                                    atol=1e-4, rtol=0)
     assert sum(embedded) == 6 + 7 + 8           # every step's networks ran in the engine's rounds
 
@@ -106,8 +122,8 @@ def test_a_failing_source_ends_alone_with_its_error():
     rgb, flow = random_video(20, model.cfg)
     written, multistream = run_engine(model, {0: cached_plan("good", rgb, flow),
                                               1: cached_plan("bad", rgb, flow, damaged=True)})
-    assert (written[0].ended_by, len(written[0].probs)) == ("eof", 20)
-    assert (written[1].ended_by, written[1].error, written[1].probs) == ("error", "bad: damaged", [])
+    assert (written[0].ended_by, len(written[0].steps)) == ("eof", 20)
+    assert (written[1].ended_by, written[1].error, len(written[1].steps)) == ("error", "bad: damaged", 0)
     assert multistream.streams == []
 
 

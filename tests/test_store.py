@@ -13,7 +13,7 @@ import pytest
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.store.labels import LabelSet, VideoLabels
-from vidpipe.store.cache import MANIFEST, FeatureStore, check_cache, video_id_from_path
+from vidpipe.store.cache import BLOCK_STEPS, MANIFEST, FeatureStore, check_cache, video_id_from_path
 
 SETTINGS = {"fps": 24, "chunk": 6, "step_seconds": 0.25, "rgb_backbone": "resnet18"}
 
@@ -138,12 +138,28 @@ def test_damaged_bytes_inside_rgb_are_refused_on_read_and_named_by_check(tmp_pat
     assert store.read("a", verify=False).rgb.shape == (6, 8)   # cheap to skip, on request
 
 
+def test_a_long_video_is_read_in_verified_blocks_equal_to_the_whole(tmp_path):
+    store = FeatureStore.open_or_create(tmp_path / "cache", SETTINGS)
+    rgb, flow, ts = _arrays(BLOCK_STEPS * 2 + 5)
+    store.write("long", rgb, flow, ts)
+    blocks = list(store.read_steps("long"))
+    assert [len(b) for b in blocks] == [BLOCK_STEPS, BLOCK_STEPS, 5]
+    whole = store.read("long")
+    for name in ("rgb", "flow", "timestamps"):
+        np.testing.assert_array_equal(np.concatenate([getattr(b, name) for b in blocks]),
+                                      getattr(whole, name))
+    damage_dataset(store.videos_dir / "long.h5", "flow", offset=4 * 4 * BLOCK_STEPS * 2)  # in its last block
+    steps = store.read_steps("long")
+    with pytest.raises(VidpipeError, match=r"long\.h5: damaged cache file: checksum mismatch"):
+        next(steps)                                 # refused before the first block
+
+
 def test_a_file_missing_timestamps_is_damaged_not_cached(tmp_path):
     store = _cache_with(tmp_path, "a")
     with h5py.File(store.videos_dir / "a.h5", "r+") as h5:
         del h5["timestamps"]
     assert "no timestamps dataset" in store.check("a")
-    for read in (store.read, store.timestamps, store.num_steps):
+    for read in (store.read, store.timestamps, store.num_steps, lambda v: next(store.read_steps(v))):
         with pytest.raises(VidpipeError, match="no timestamps dataset"):
             read("a")
 

@@ -1,4 +1,6 @@
 """Per-step probabilities -> segments, and the timeline's JSON / CSV / PNG files."""
+import json
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,15 @@ def test_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(VidpipeError, match="bad.json: not a vidpipe timeline"):
         Timeline.load(tmp_path / "bad.json")
+
+
+def test_the_json_written_in_blocks_is_the_schema_of_to_dict(tmp_path):
+    timeline = make_timeline(steps=9000)           # the arrays span three write blocks
+    text = timeline.save_json(tmp_path / "long.timeline.json").read_text()
+    assert text == json.dumps(timeline.to_dict())
+    assert list(json.loads(text)) == list(timeline.to_dict())    # arrays last, as documented
+    empty = Timeline.from_probs(np.zeros((0, len(NAMES))), np.zeros(0), NAMES, STEP)
+    assert json.loads(empty.save_json(tmp_path / "empty.json").read_text()) == empty.to_dict()
 
 
 def test_csv_export(tmp_path):
