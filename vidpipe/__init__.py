@@ -9,6 +9,8 @@ The Python API, the same functions the `vidpipe` command calls:
     detector = vidpipe.Detector.from_checkpoint("runs/thumos/last.pt")
     probabilities = detector.step(rgb_vector, flow_vector)     # one causal step, (C+1,)
     detection = detector.run("clip.mp4", out="out/")           # a whole file or live source
+    metrics = vidpipe.event_report([vidpipe.VideoEvents(duration_s, truth, segments, starts)],
+                                   ["Jump", "Spin"])              # start p-AP, segment F1, edit, latency
 
 Names are imported on first use, so `import vidpipe` (and `vidpipe --help`) stay fast.
 The packages below form one-way layers (docs/architecture.md):
@@ -34,6 +36,10 @@ _API = {
     "detect": ("vidpipe.pipeline.detect", "detect"),
     "Detector": ("vidpipe.pipeline.detect", "Detector"),
     "FeatureStore": ("vidpipe.store.cache", "FeatureStore"),
+    "Segment": ("vidpipe.store.labels", "Segment"),
+    "event_report": ("vidpipe.malt.events", "event_report"),
+    "VideoEvents": ("vidpipe.malt.events", "VideoEvents"),
+    "DetectedStart": ("vidpipe.malt.events", "DetectedStart"),
     "VidpipeError": ("vidpipe.core.errors", "VidpipeError"),
 }
 
