@@ -176,7 +176,10 @@ def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> t
     model = MALT(checkpoint.model_config(str(path)).model)
     try:
         model.load_state_dict(checkpoint.model_state)
-    except RuntimeError as exc:  # torch's first line is a heading; the second says what
+    # Shapes were checked (_check_sizes); a tensor of the right shape that cannot be copied
+    # into a float weight (a quantized one) still fails here. Torch's first line is a
+    # heading; the second says what.
+    except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise VidpipeError(f"{path}: the weights do not fit the model its config describes "
                            f"({lines[1] if len(lines) > 1 else first_line(exc)})") from None

@@ -576,6 +576,16 @@ def test_a_class_count_that_differs_from_the_class_names_is_one_line(checkpoint,
     assert error == f"error: {message}"
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")   # deprecated, still read
+def test_a_weight_of_the_right_shape_that_cannot_be_loaded_is_one_line(checkpoint, tmp_path):
+    """The sizes fit (the size check passes) but a quantized tensor cannot become a float weight."""
+    def quantize(data):
+        name = next(iter(data["model_state"]))
+        data["model_state"][name] = torch.quantize_per_tensor(data["model_state"][name], 0.1, 0, torch.qint8)
+    path = resaved(checkpoint, tmp_path / "quantized.pt", quantize)
+    assert_refused(path, "the weights do not fit the model its config describes (While copying the parameter")
+
+
 def test_a_config_declaring_sizes_its_tensors_lack_is_refused_before_allocating(checkpoint, tmp_path):
     """d_model 2^20 over 16-wide tensors: refused in a process whose heap is capped at 3 GB
     (building that model would ask for terabytes; building the layers before the first
