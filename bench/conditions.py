@@ -8,8 +8,8 @@ cannot tell whether other work shared the cores; the CPU time of the whole machi
 A table measured while other work loaded the machine (load average > 0.5 before, or other
 processes busy > 0.5 cores on average during the run) is marked UNDER LOAD: its figures are
 not for the README or the docs, which carry at-rest figures only (or say "under load").
-Use, once the arguments are parsed and torch.set_num_threads applied (the header names the
-threads the bench runs with): `with measured("bench/streams.py"): ...print the table...`.
+Use, once the arguments are parsed: `with measured("bench/streams.py", args.threads): ...print
+the table...` (it sets torch's threads before its header names them).
 """
 from __future__ import annotations
 
@@ -72,8 +72,12 @@ def verdict(before: float, others: float) -> str:
 
 
 @contextlib.contextmanager
-def measured(bench: str) -> Iterator[None]:
-    """Print the machine and the load before, the verdict after (also when the bench fails)."""
+def measured(bench: str, threads: int | None = None) -> Iterator[None]:
+    """Set torch's CPU threads (None: leave torch's default), print the machine (with the
+    threads the bench runs with) and the load before, the verdict after (also when the bench
+    fails)."""
+    if threads:
+        torch.set_num_threads(threads)
     before, busy, start = load_average(), busy_seconds(), time.monotonic()
     print(f"{bench}: {machine_line()}; load average before {before:.2f}", flush=True)
     try:

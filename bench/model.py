@@ -143,9 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)     # before the header, which names the threads
-    with measured("bench/model.py"):
+    with measured("bench/model.py", args.threads):    # sets the threads, then names them
         run(args)
 
 
