@@ -32,16 +32,23 @@ def stream_videos(model, videos: dict, precision: str) -> tuple[dict[str, np.nda
     return probs, time.perf_counter() - started
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("cache")
     parser.add_argument("--split", default=None, help="default: the checkpoint's test split")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precisions", default="fp32,bf16,int8")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with measured("bench/precision_accuracy.py", args.threads):   # sets the threads, then names them
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     model, checkpoint = load_model(args.checkpoint, "cpu")
     store = FeatureStore.open(args.cache)
     labels, source = resolve_labels(store, None)
@@ -69,5 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with measured("bench/precision_accuracy.py"):
-        main()
+    main()
