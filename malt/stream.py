@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Hashable, Optional
 
@@ -153,6 +153,12 @@ class EncodingRows:
     tokens: list[torch.Tensor]   # per encoder pass: (rows, Qp, D) its tokens mid-stack, then its output
     memory_kv: torch.Tensor      # (rows, decoder layers, 2, Q1, D) decoder cross-attention k/v over f_n
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.tokens, self.memory_kv]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "EncodingRows":
+        return EncodingRows([fn(t) for t in self.tokens], fn(self.memory_kv))
+
 
 @dataclass
 class StreamState:
@@ -182,8 +188,9 @@ class StreamState:
                    next=EncodingRows([zeros(s) for s in upcoming["tokens"]], zeros(upcoming["memory_kv"])))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.long_ring, self.short_ring, self.short_qkv, self.memory_kv,
-                *self.next.tokens, self.next.memory_kv]
+        """Every tensor of the state, field by field (`next`'s in place of it)."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        return [t for v in values for t in (v.tensors() if isinstance(v, EncodingRows) else [v])]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -192,10 +199,9 @@ class StreamState:
         """At least `rows` rows; new rows are zeros."""
         def grown(t):
             return torch.cat([t, t.new_zeros(rows - len(t), *t.shape[1:])]) if rows > len(t) else t
-        self.long_ring, self.short_ring = grown(self.long_ring), grown(self.short_ring)
-        self.short_qkv, self.memory_kv = grown(self.short_qkv), grown(self.memory_kv)
-        self.next.tokens = [grown(t) for t in self.next.tokens]
-        self.next.memory_kv = grown(self.next.memory_kv)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, value.map(grown) if isinstance(value, EncodingRows) else grown(value))
 
 
 # -- what depends on the weights alone -----------------------------------------------------------
@@ -212,6 +218,8 @@ class _Constants:
     short_proj: nn.Module             # D -> 3 x D: the decoder's first self-attention q/k/v W x (fp32)
     short_pos_qkv: torch.Tensor       # (S, 3, D) W p + b per short position (fp32)
     causal: torch.Tensor              # (1, S, S)
+    decoder_layers: list[tuple[nn.Module, Optional[nn.Module]]]   # the served decoder's layers in
+                                      # order, each with its stage's norm if it ends the stage
 
     @classmethod
     def of(cls, model: MALT, precision: str, dtype: torch.dtype) -> "_Constants":
@@ -240,7 +248,9 @@ class _Constants:
         return cls(served[0], served[0].encoder.passes(), served[1],
                    torch.stack([proj(model.long_pos) for proj in long_projs]).to(dtype), latent_start,
                    _stacked_linear(short_projs), torch.stack([p(model.short_pos) for p in short_projs], dim=1),
-                   causal_mask(model.cfg.short_memory_steps, model.long_pos.device))
+                   causal_mask(model.cfg.short_memory_steps, model.long_pos.device),
+                   [(layer, stage.stack.norm if depth == len(stage.stack.layers) - 1 else None)
+                    for stage in served[0].decoder.stages() for depth, layer in enumerate(stage.stack.layers)])
 
 
 def _int8_exempt(model: MALT, passes: list[EncoderPass]) -> list[nn.Linear]:
@@ -465,9 +475,8 @@ def _decode_newest(constants: _Constants, state: StreamState, slots: torch.Tenso
     memory_kv = state.memory_kv[slots]                                             # (B, layers, 2, Q1, D)
     newest = torch.as_tensor(count - 1, device=device)                             # (B,)
     rows = torch.arange(len(slots), device=device)
-    layers = [(stage, depth, layer) for stage in model.decoder.stages()
-              for depth, layer in enumerate(stage.stack.layers)]
-    for j, (stage, depth, layer) in enumerate(layers):
+    layers = constants.decoder_layers
+    for j, (layer, stage_norm) in enumerate(layers):
         last = j == len(layers) - 1         # only the newest step is output: causal masking
         if j == 0:                          # makes running the last layer for it alone exact
             q, k, v = qkv.unbind(2)                       # (B, S, D) each; top-k on fp32 scores
@@ -484,8 +493,8 @@ def _decode_newest(constants: _Constants, state: StreamState, slots: torch.Tenso
         x = layer.self_block(x, q, k, v, mask)
         x = layer.cross_block(x, *memory_kv[:, j].unbind(1))
         x = layer.ffn_block(x)
-        if depth == len(stage.stack.layers) - 1:
-            x = stage.stack.norm(x)
+        if stage_norm is not None:
+            x = stage_norm(x)
     return model.classifier(x)[:, 0]
 
 
