@@ -19,9 +19,10 @@ then the decoder.
 Flat latency: the next long memory is known `stride` steps before it is needed (its newest
 step left the short memory's future long ago: S >= stride). Its encoding is therefore split
 into `stride` parts of about equal time (`EncoderSchedule`: each op timed once, when the
-detector is built; equal multiply-adds were not equal time) and one part runs on each of the `stride` steps before the switch, so no step pays the whole
-encoder. A stream whose next memory was not prepared in time (after `feed_history`, or when
-S < stride) encodes the rest at the switch: the outputs never depend on the schedule.
+detector is built; equal multiply-adds were not equal time) and one part runs on each of
+the `stride` steps before the switch, so no step pays the whole encoder. A stream whose
+next memory was not prepared in time (after `feed_history`, or when S < stride) encodes the
+rest at the switch: the outputs never depend on the schedule.
 
 Exact reuse (all identities, the model is frozen):
 - Each step is fused (concat + Linear + ReLU) once per input head when it arrives; the long
