@@ -183,7 +183,8 @@ class SourceWorker(threading.Thread):
         from vidpipe.extractors.decode import StreamLost
 
         video = self.plan.open_video()        # a first open that fails is final
-        self._send(Opened({**self.plan.info, "width": video.info.width, "height": video.info.height,
+        self._send(Opened({**self.plan.info, "decoder": video.backend,
+                           "width": video.info.width, "height": video.info.height,
                            "native_fps": video.info.native_fps,
                            "declared_duration_s": video.info.duration}))
         done, failures = 0, 0
