@@ -421,12 +421,17 @@ class EncoderSchedule:
         model, starts = self.constants.model, self.constants.latent_start
         decoder_layers = [(stage.feature, layer) for stage in model.decoder.stages() for layer in stage.stack.layers]
         ops, long_layer, feature = [], 0, 0
-        for index, p in enumerate(self.constants.passes):
+        for index, (p, queries) in enumerate(zip(self.constants.passes, _pass_tokens(self.constants.passes))):
+            # Attending to the long memory (top-k of L keys for every query) is the costliest op
+            # by far (bf16: a third of the encoder): it runs as two halves of its queries (the
+            # rows are independent), so that the parts can be even.
+            halves = [slice(0, queries // 2), slice(queries // 2, queries)] if p.memory is None and queries > 1 \
+                else [slice(None)]
             for depth, layer in enumerate(p.stack.layers):
                 start = starts[index] if depth == 0 else None
                 if start is None:
                     ops.append(_self_op(layer, p.query if depth == 0 else index, index))
-                ops.append(self._cross_op(layer, index, p.memory, long_layer, start))
+                ops += [self._cross_op(layer, index, p.memory, long_layer, start, rows) for rows in halves]
                 ops.append(_ffn_op(layer, index))
                 long_layer += p.memory is None
             ops.append(_norm_op(p.stack.norm, index))
@@ -435,7 +440,8 @@ class EncoderSchedule:
                 feature += 1
         return ops
 
-    def _cross_op(self, layer, index: int, memory: Optional[int], long_layer: int, start):
+    def _cross_op(self, layer, index: int, memory: Optional[int], long_layer: int, start, rows: slice):
+        # `rows`: the queries it computes, slice(None) for all of them.
         def run(batch: _EncodingBatch) -> None:
             if memory is None:
                 k, v = self._long_kv(batch, long_layer)                                   # (B, L, D) x 2
@@ -444,10 +450,14 @@ class EncoderSchedule:
                 m, ca, allowed = batch.tokens(memory), layer.cross_attn, None
                 k, v = ca.k_proj(m), ca.v_proj(m)
             if start is None:
-                batch.computed[index] = layer.cross_block(batch.tokens(index), k, v, allowed)
+                x, q = batch.tokens(index)[:, rows], None                                 # (B, Qr, D)
             else:               # first layer on latent queries: constant input and query projection
-                x0, q0 = (t.expand(len(batch.slots), -1, -1) for t in start)
-                batch.computed[index] = layer.cross_block(x0, k, v, allowed, q=q0)
+                x, q = (t.expand(len(batch.slots), -1, -1)[:, rows] for t in start)
+            out = layer.cross_block(x, k, v, allowed, q=q)                                # (B, Qr, D)
+            if rows == slice(None):
+                batch.computed[index] = out
+            else:               # a share of the queries, into the pass's tokens (the rest: before or after)
+                batch.tokens(index)[:, rows] = out
         return run
 
     def _long_kv(self, batch: _EncodingBatch, long_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
