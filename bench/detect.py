@@ -61,14 +61,7 @@ def run(args: argparse.Namespace) -> None:
         store = FeatureStore.open_or_create(root / "cache", extractor.settings_record())
         store.write(video.name, rgb, flow, timestamps, {"fingerprint": fingerprint(video)})
 
-        cfg = load_config(Config, DEMO_CONFIG)
-        cfg.model.rgb_dim, cfg.model.flow_dim = rgb.shape[1], flow.shape[1]
-        cfg.model.num_classes = len(CLASSES) + 1
-        torch.manual_seed(0)
-        checkpoint = root / "run" / "last.pt"
-        save_checkpoint(Checkpoint(model_state=MALT(cfg.model).state_dict(), config=to_dict(cfg),
-                                   feature_settings=store.settings,
-                                   class_names=["background", *CLASSES]), checkpoint)
+        checkpoint = random_demo_checkpoint(store.settings, root / "run" / "last.pt")
 
         rows = [("features only (baseline)", 1, extract_s, None)]
         for name, copies, kwargs in [("detect from cache", 1, {"cache": store.root}),
@@ -92,6 +85,18 @@ def run(args: argparse.Namespace) -> None:
         lat = f"{latency['p50']:.0f} / {latency['p95']:.0f}" if latency else ""
         print(f"{name:<34} {seconds:8.2f} {copies * steps / seconds:8.1f} "
               f"{video_s / seconds:12.1f} {seconds / extract_s:11.2f}x  {lat}")
+
+
+def random_demo_checkpoint(feature_settings: dict, path: Path) -> Path:
+    """configs/demo.yaml's model with random weights (seed 0) for features of these settings."""
+    cfg = load_config(Config, DEMO_CONFIG)
+    cfg.model.rgb_dim, cfg.model.flow_dim = feature_settings["rgb_dim"], feature_settings["flow_dim"]
+    cfg.model.num_classes = len(CLASSES) + 1
+    torch.manual_seed(0)
+    save_checkpoint(Checkpoint(model_state=MALT(cfg.model).state_dict(), config=to_dict(cfg),
+                               feature_settings=feature_settings,
+                               class_names=["background", *CLASSES]), path)
+    return path
 
 
 if __name__ == "__main__":

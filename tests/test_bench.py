@@ -45,7 +45,7 @@ def load_bench(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", ["detect", "extract", "model", "streams", "train"])
+@pytest.mark.parametrize("name", ["detect", "detect_memory", "extract", "model", "streams", "train"])
 def test_a_bench_s_header_names_the_threads_it_runs_with(capsys, monkeypatch, name):
     """--threads is applied before `measured` prints the machine line (the table itself is
     replaced: only the order of parse, set threads, header, table is under test)."""
