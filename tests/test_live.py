@@ -2,13 +2,15 @@
 every source decided in order and equal to the offline model, a failing source ends alone,
 the detector's streams freed, decisions logged at the level `live` asks for."""
 import logging
+import sys
 
 import numpy as np
 import pytest
 
 from vidpipe.core.errors import VidpipeError
 from vidpipe.malt.stream import MultiStreamDetector
-from vidpipe.pipeline.live import DetectOptions, Engine, Plan, Signals, SourceRun, SourceWorker, StepRecord
+from vidpipe.pipeline.live import (DetectOptions, Engine, Plan, Signals, SourceRun, SourceStep,
+                                   SourceWorker, StepRecord)
 from vidpipe.pipeline.timeline import TimelineSettings
 from vidpipe.store.cache import VideoFeatures
 from model_helpers import offline_probs, random_video, tiny_model
@@ -65,6 +67,24 @@ def test_the_step_record_keeps_copies_of_every_step_across_its_blocks():
     np.testing.assert_array_equal(record.probs(), np.random.default_rng(0).random((11, 4)).astype(np.float32))
     assert record.probs().dtype == np.float32
     assert StepRecord(columns=4).probs().shape == (0, 4)
+
+
+def test_a_source_keeps_no_python_objects_per_step():
+    """A 2-hour video is 28,800 steps: what a source keeps per step must not be Python objects
+    (a float per number pinned the allocator's pages among decode's churn: RSS grew with the
+    video). Its steps go into numpy blocks: the count of live Python objects stays flat."""
+    names = ["background"] + [f"class{c}" for c in range(20)]
+    run = SourceRun(cached_plan("v", np.zeros((1, 4)), np.zeros((1, 4))), names, STEP_S,
+                    TimelineSettings(), None)
+    row = np.full(len(names), 1 / len(names))                # below every threshold: no events
+    decide = lambda index: run.decide(SourceStep(index, index * STEP_S, None, None, 0.0), row, 0.01, 0.0)
+    for index in range(100):                                  # warm: the first block, the deque
+        decide(index)
+    before = sys.getallocatedblocks()
+    for index in range(100, 5100):
+        decide(index)
+    assert sys.getallocatedblocks() - before < 500            # Python lists of floats: 115,000
+    assert len(run.steps) == 5100 and run.timeline({}).probs.shape == (5100, len(names))
 
 
 class RecordingDetector(MultiStreamDetector):
