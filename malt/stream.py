@@ -329,8 +329,9 @@ class EncoderSchedule:
     time (`part_seconds`): each op is timed once, when the detector is built
     (`_measured_seconds`). Multiply-adds are not time: the top-k selection, the gathers, the
     int8 kernels and each op's fixed cost count for nothing in them, and an equal-FLOP split
-    made one step of the cycle cost ~2x the others at paper size (docs/malt.md). The outputs
-    never depend on the split. The encoding of the empty long memory, `empty_memory_kv`, is
+    made one step of the cycle cost ~2x the others at paper size (docs/malt.md). An op too big
+    for an even split (an attention to the long memory) runs as two halves of its queries.
+    The outputs never depend on the split. The encoding of the empty long memory, `empty_memory_kv`, is
     every stream's start (a constant)."""
 
     def __init__(self, constants: _Constants, state: StreamState, cfg: ModelConfig, ring_size: int):
@@ -350,7 +351,7 @@ class EncoderSchedule:
             ops = self._ops(halved)
             seconds, grid_seconds = self._measured_seconds([op for _, op in ops])
         # Part c runs on the c-th step of the cycle (part 0: the switch step); the step a grid
-        # step arrives at also projects it (weight-bound products: ~2 ms at paper size, fp32).
+        # step arrives at also projects it (weight-bound products: ~1.6 ms at paper size, fp32).
         fixed = [0.0] * cfg.long_memory_stride
         fixed[(long_grid_phase(cfg) - next_long_memory_change(cfg.long_memory_steps, cfg)) % len(fixed)] = grid_seconds
         self.parts: list[list[Callable[[_EncodingBatch], None]]] = [[] for _ in range(cfg.long_memory_stride)]
@@ -369,7 +370,7 @@ class EncoderSchedule:
         """(each op's seconds, a grid step's projection's seconds), on a full long memory of
         random features in state row 0 (restored after): every slot valid and scores without
         ties, so the top-k selection costs what it costs in a running stream (on the empty
-        memory or on zero features, up to 10x less)."""
+        memory or on zero features, 5-10x less: its scores tie)."""
         ring, kept = self.state.long_ring[0], self.state.long_ring[0].clone()
         ring.normal_(generator=torch.Generator(ring.device).manual_seed(0))
         batch = self._batch_of(self.cfg.long_memory_steps - 1)         # its oldest slot: step >= 0
@@ -423,7 +424,8 @@ class EncoderSchedule:
         for stream in streams:
             stream.done = max(stream.done, stream.due)
 
-    def _ops(self, halved: set[tuple[int, int]]) -> list[tuple[Optional[tuple[int, int]], Callable[[_EncodingBatch], None]]]:
+    def _ops(self, halved: set[tuple[int, int]]
+             ) -> list[tuple[Optional[tuple[int, int]], Callable[[_EncodingBatch], None]]]:
         """Every pass of the encoder, layer by layer and sub-block by sub-block; after the pass
         that gives f_n, the keys/values of each decoder layer that attends to f_n. Each op as
         (its layer's (pass, depth) if it attends to the long memory, else None; the op); those
