@@ -53,6 +53,15 @@ CHECKSUM_ATTR = "checksum"
 BLOCK_STEPS = 4096             # steps read at a time where a video is read in blocks
 
 
+class DamagedFile(VidpipeError):
+    """A cache file that cannot be trusted: `diagnosis` names it and what is wrong, the
+    message adds how to fix it."""
+
+    def __init__(self, diagnosis: str, fix: str):
+        super().__init__(f"{diagnosis}; {fix}")
+        self.diagnosis = diagnosis
+
+
 @dataclass
 class VideoFeatures:
     video_id: str
@@ -220,7 +229,7 @@ class FeatureStore:
         if verify:
             problem = self._problem(arrays, attrs)
             if problem is not None:
-                raise VidpipeError(self._damaged(video_id, problem))
+                raise self._damaged(video_id, problem)
         return VideoFeatures(
             video_id=video_id,
             rgb=arrays["rgb"].astype(np.float32, copy=False),
@@ -238,7 +247,7 @@ class FeatureStore:
             with self._reading(video_id):
                 problem = self._problem(datasets, _attributes(h5))
             if problem is not None:
-                raise VidpipeError(self._damaged(video_id, problem))
+                raise self._damaged(video_id, problem)
             for start in range(0, len(datasets["timestamps"]), BLOCK_STEPS):
                 with self._reading(video_id):
                     block = {name: data[start:start + BLOCK_STEPS] for name, data in datasets.items()}
@@ -258,15 +267,18 @@ class FeatureStore:
 
     def check(self, video_id: str) -> str | None:
         """Why this video's file cannot be trusted (missing or damaged datasets, checksum,
-        other settings), or None when it is sound."""
+        other settings: "PATH: damaged cache file: PROBLEM", without the advice a read's
+        error adds), or None when it is sound."""
         try:
             with self._open_h5(video_id) as h5:
                 arrays = self._datasets(h5, video_id, DATASETS)
                 attrs = _attributes(h5)
+        except DamagedFile as exc:
+            return exc.diagnosis
         except VidpipeError as exc:
             return str(exc)
         problem = self._problem(arrays, attrs)
-        return None if problem is None else self._damaged(video_id, problem)
+        return None if problem is None else self._damaged(video_id, problem).diagnosis
 
     def _problem(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> str | None:
         lengths = {name: len(array) for name, array in arrays.items()}
@@ -282,8 +294,9 @@ class FeatureStore:
                     f"{', '.join(differing_keys(made_with, self.settings))})")
         return None
 
-    def _damaged(self, video_id: str, problem: str) -> str:
-        return f"{self._path(video_id)}: damaged cache file: {problem}; {_fix_damaged(self.root)}"
+    def _damaged(self, video_id: str, problem: str) -> DamagedFile:
+        return DamagedFile(f"{self._path(video_id)}: damaged cache file: {problem}",
+                           _fix_damaged(self.root))
 
     def _datasets(self, h5: h5py.File, video_id: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         datasets = self._unread_datasets(h5, video_id, names)
@@ -293,7 +306,7 @@ class FeatureStore:
     def _unread_datasets(self, h5: h5py.File, video_id: str, names: tuple[str, ...]) -> dict[str, h5py.Dataset]:
         missing = [name for name in names if name not in h5]
         if missing:
-            raise VidpipeError(self._damaged(video_id, f"no {', '.join(missing)} dataset"))
+            raise self._damaged(video_id, f"no {', '.join(missing)} dataset")
         with self._reading(video_id):
             return {name: h5[name] for name in names}
 
@@ -302,7 +315,7 @@ class FeatureStore:
         try:
             yield
         except (OSError, KeyError, ValueError) as exc:   # HDF5's errors on damaged structure
-            raise VidpipeError(self._damaged(video_id, first_line(exc))) from None
+            raise self._damaged(video_id, first_line(exc)) from None
 
     def _open_h5(self, video_id: str) -> h5py.File:
         path = self._path(video_id)
@@ -311,7 +324,7 @@ class FeatureStore:
         try:
             return h5py.File(path, "r")
         except OSError as exc:
-            raise VidpipeError(self._damaged(video_id, f"unreadable ({first_line(exc)})")) from None
+            raise self._damaged(video_id, f"unreadable ({first_line(exc)})") from None
 
     # -- writing ------------------------------------------------------------------------
     def write(self, video_id: str, rgb: np.ndarray, flow: np.ndarray,
@@ -389,6 +402,8 @@ class CacheCheck:
         if self.manifest_problem and not self.manifest_rebuilt:
             lines.append(f"  manifest: {self.manifest_problem}")
         lines += [f"  damaged: {line}" for line in self.damaged]
+        if len(self.damaged) > len(self.moved):
+            lines.append(f"  to fix: {_fix_damaged(Path(self.root))}")
         return "\n".join(lines)
 
 
@@ -430,8 +445,7 @@ def check_cache(root: str | Path, repair: bool = False) -> CacheCheck:
             (root / DAMAGED_DIR).mkdir(exist_ok=True)
             store._path(video_id).replace(root / DAMAGED_DIR / f"{video_id}.h5")
             result.moved.append(video_id)
-            result.damaged[-1] = (problem.removesuffix(_fix_damaged(store.root))
-                                  + f"moved to {DAMAGED_DIR}/ (`vidpipe extract` extracts it again)")
+            result.damaged[-1] = f"{problem}; moved to {DAMAGED_DIR}/ (`vidpipe extract` extracts it again)"
     if repair and result.manifest_problem is not None:   # last: a killed repair can rerun
         with atomic_path(root / MANIFEST) as temp:
             temp.write_text(_manifest_text(store.settings))

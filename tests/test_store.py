@@ -201,9 +201,15 @@ def test_verify_names_damage_and_repair_rebuilds_the_manifest_and_sets_bad_files
     found = check_cache(store.root)
     assert not found.ok and found.videos == 3 and len(found.damaged) == 1
     assert "b.h5" in found.damaged[0] and "corrupt manifest" in found.report()
+    assert found.damaged[0].endswith("checksum mismatch (damaged bytes)")   # the fix said once:
+    assert found.report().endswith(f"to fix: rerun `vidpipe extract` to extract it again, or "
+                                   f"`vidpipe cache repair {store.root}`")
 
     repaired = check_cache(store.root, repair=True)
     assert repaired.manifest_rebuilt and repaired.moved == ["b"]
+    assert repaired.damaged[0].endswith("checksum mismatch (damaged bytes); moved to damaged/ "
+                                        "(`vidpipe extract` extracts it again)")
+    assert "to fix" not in repaired.report()
     reopened = FeatureStore.open(store.root)
     assert reopened.settings == SETTINGS and reopened.video_ids() == ["a", "c"]
     assert (store.root / "damaged" / "b.h5").is_file()
