@@ -234,16 +234,18 @@ class SourceWorker(threading.Thread):
                     return
 
         shift = offset * self.step_seconds            # continues the grid after a reconnect
+
+        def source_step(index: int, start: float, rgb=None, flow=None, prepared=None) -> SourceStep:
+            frames, times = shown.pop(index, (None, None))
+            return SourceStep(offset + index, start + shift, rgb, flow, ready.pop(index), frames,
+                              None if times is None else times + shift, prepared)
+
         if self.prepares:     # the networks run in the engine, over every live source (Engine._embed)
             for chunk in chunks():
-                frames, times = shown.pop(chunk.index, (None, None))
-                yield SourceStep(offset + chunk.index, chunk.start + shift, None, None, ready.pop(chunk.index),
-                                 frames, None if times is None else times + shift, self.extractor.prepare(chunk))
-            return
-        for step in self.extractor.stream_chunks(chunks()):
-            frames, times = shown.pop(step.index, (None, None))
-            yield SourceStep(offset + step.index, step.timestamp + shift, step.rgb, step.flow,
-                             ready.pop(step.index), frames, None if times is None else times + shift)
+                yield source_step(chunk.index, chunk.start, prepared=self.extractor.prepare(chunk))
+        else:
+            for step in self.extractor.stream_chunks(chunks()):
+                yield source_step(step.index, step.timestamp, step.rgb, step.flow)
 
 
 # --- the decisions of one source -----------------------------------------------------------
