@@ -329,34 +329,30 @@ class EncoderSchedule:
     time (`part_seconds`): each op is timed once, when the detector is built
     (`_measured_seconds`). Multiply-adds are not time: the top-k selection, the gathers, the
     int8 kernels and each op's fixed cost count for nothing in them, and an equal-FLOP split
-    made one step of the cycle cost ~2x the others at paper size (docs/malt.md). An op too big
-    for an even split (an attention to the long memory) runs as two halves of its queries.
-    The outputs never depend on the split. The encoding of the empty long memory, `empty_memory_kv`, is
-    every stream's start (a constant)."""
+    made one step of the cycle cost ~2x the others at paper size (docs/malt.md). An attention
+    to the long memory (top-k of L keys for every query: the costliest op by far, more than a
+    part's even share in bf16 and int8) always runs as two halves of its queries, so that the
+    parts can be even. Always, not where the timing says so: the halves' products (int8: their
+    activation scales) round differently from the whole's, and outputs must not depend on how
+    busy the machine was when the detector was built; which part an op runs in changes no
+    number. The encoding of the empty long memory, `empty_memory_kv`, is every stream's start
+    (a constant)."""
 
     def __init__(self, constants: _Constants, state: StreamState, cfg: ModelConfig, ring_size: int):
         self.constants, self.state, self.cfg, self.ring_size = constants, state, cfg, ring_size
-        ops = self._ops(halved=set())
+        ops = self._ops()
         empty = self._batch_of(-1)
-        for _, op in ops:
+        for op in ops:
             op(empty)
         self.empty_memory_kv = torch.stack([empty.memory_kv[i][0] for i in range(len(empty.memory_kv))])
-        seconds, grid_seconds = self._measured_seconds([op for _, op in ops])
-        # An attention to the long memory (top-k of L keys for every query: the costliest op by
-        # far) costlier than a part's even share runs as two halves of its queries (the rows are
-        # independent; each half gathers the keys again), so that the parts can be even.
-        share = (sum(seconds) + grid_seconds) / cfg.long_memory_stride
-        halved = {layer for (layer, _), cost in zip(ops, seconds) if layer is not None and cost > share}
-        if halved:
-            ops = self._ops(halved)
-            seconds, grid_seconds = self._measured_seconds([op for _, op in ops])
+        seconds, grid_seconds = self._measured_seconds(ops)
         # Part c runs on the c-th step of the cycle (part 0: the switch step); the step a grid
         # step arrives at also projects it (weight-bound products: ~1.6 ms at paper size, fp32).
         fixed = [0.0] * cfg.long_memory_stride
         fixed[(long_grid_phase(cfg) - next_long_memory_change(cfg.long_memory_steps, cfg)) % len(fixed)] = grid_seconds
         self.parts: list[list[Callable[[_EncodingBatch], None]]] = [[] for _ in range(cfg.long_memory_stride)]
         self.part_seconds = [0.0] * cfg.long_memory_stride
-        for (_, op), cost, part in zip(ops, seconds, _balanced_split(seconds, fixed)):
+        for op, cost, part in zip(ops, seconds, _balanced_split(seconds, fixed)):
             self.parts[part].append(op)
             self.part_seconds[part] += cost
 
@@ -424,12 +420,10 @@ class EncoderSchedule:
         for stream in streams:
             stream.done = max(stream.done, stream.due)
 
-    def _ops(self, halved: set[tuple[int, int]]
-             ) -> list[tuple[Optional[tuple[int, int]], Callable[[_EncodingBatch], None]]]:
-        """Every pass of the encoder, layer by layer and sub-block by sub-block; after the pass
-        that gives f_n, the keys/values of each decoder layer that attends to f_n. Each op as
-        (its layer's (pass, depth) if it attends to the long memory, else None; the op); those
-        of the layers in `halved` as two ops, each for half of the queries."""
+    def _ops(self) -> list[Callable[[_EncodingBatch], None]]:
+        """Every pass of the encoder, layer by layer and sub-block by sub-block (an attention to
+        the long memory as two ops, each for half of the queries); after the pass that gives
+        f_n, the keys/values of each decoder layer that attends to f_n."""
         model, starts, passes = self.constants.model, self.constants.latent_start, self.constants.passes
         decoder_layers = [(stage.feature, layer) for stage in model.decoder.stages() for layer in stage.stack.layers]
         ops, long_layer, feature = [], 0, 0
@@ -437,17 +431,15 @@ class EncoderSchedule:
             for depth, layer in enumerate(p.stack.layers):
                 start = starts[index] if depth == 0 else None
                 if start is None:
-                    ops.append((None, _self_op(layer, p.query if depth == 0 else index, index)))
-                key = (index, depth) if p.memory is None else None
-                halves = [slice(0, queries // 2), slice(queries // 2, queries)] if key in halved and queries > 1 \
-                    else [slice(None)]
-                ops += [(key, self._cross_op(layer, index, p.memory, long_layer, start, rows)) for rows in halves]
-                ops.append((None, _ffn_op(layer, index)))
+                    ops.append(_self_op(layer, p.query if depth == 0 else index, index))
+                halves = ([slice(0, queries // 2), slice(queries // 2, queries)]
+                          if p.memory is None and queries > 1 else [slice(None)])
+                ops += [self._cross_op(layer, index, p.memory, long_layer, start, rows) for rows in halves]
+                ops.append(_ffn_op(layer, index))
                 long_layer += p.memory is None
-            ops.append((None, _norm_op(p.stack.norm, index)))
+            ops.append(_norm_op(p.stack.norm, index))
             if p.feature:
-                ops += [(None, _memory_kv_op(layer, index, j))
-                        for j, (f, layer) in enumerate(decoder_layers) if f == feature]
+                ops += [_memory_kv_op(layer, index, j) for j, (f, layer) in enumerate(decoder_layers) if f == feature]
                 feature += 1
         return ops
 

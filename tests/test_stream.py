@@ -121,6 +121,27 @@ def test_encoder_work_is_spread_over_the_steps_of_a_cycle():
     assert 0 < max(cycle) < sum(cycle)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_outputs_do_not_depend_on_how_busy_the_machine_was_when_the_detector_was_built(
+        monkeypatch, precision):
+    """The parts are cut by each op's time, measured at build: two different measurements
+    (another process on the cores) cut them differently, and change no output, not even by
+    rounding (int8: a share of an op's rows would get its own activation scale)."""
+    from vidpipe.malt import stream
+
+    model = tiny_model()
+    rgb, flow = random_video(NUM_STEPS, model.cfg, seed=7)
+    outputs, parts = [], []
+    for ratio in (1.0, 0.1):        # every op alike; each op 10x the next (the first dominates)
+        monkeypatch.setattr(stream, "_shortest_seconds",
+                            lambda calls, device: [ratio ** i for i in range(len(calls))])
+        detector = OnlineDetector(model, precision=precision)
+        parts.append([len(ops) for ops in detector.multistream.schedule.parts])
+        outputs.append(stream_probs(detector, rgb, flow))
+    assert parts[0] != parts[1]                                   # cut differently ...
+    np.testing.assert_array_equal(outputs[0], outputs[1])         # ... the same numbers
+
+
 def test_detector_needs_fewer_multiply_adds_than_recomputing_the_window():
     model = tiny_model()
     rgb, flow = random_video(40, model.cfg)
