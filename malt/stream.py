@@ -329,14 +329,12 @@ class EncoderSchedule:
     time (`part_seconds`): each op is timed once, when the detector is built
     (`_measured_seconds`). Multiply-adds are not time: the top-k selection, the gathers, the
     int8 kernels and each op's fixed cost count for nothing in them, and an equal-FLOP split
-    made one step of the cycle cost ~2x the others at paper size (docs/malt.md). An attention
-    to the long memory (top-k of L keys for every query: the costliest op by far, more than a
-    part's even share in bf16 and int8) always runs as two halves of its queries, so that the
-    parts can be even. Always, not where the timing says so: the halves' products (int8: their
-    activation scales) round differently from the whole's, and outputs must not depend on how
-    busy the machine was when the detector was built; which part an op runs in changes no
-    number. The encoding of the empty long memory, `empty_memory_kv`, is every stream's start
-    (a constant)."""
+    made one step of the cycle cost ~2x the others at paper size (docs/malt.md). Which part an
+    op runs in changes no number, so outputs do not depend on how busy the machine was when
+    the detector was built. (No op is split: an attention to the long memory run as two halves
+    of its queries evened a single stream's steps, but gathered its keys twice, 10-35% of 64
+    streams' throughput, and its halves round differently from the whole.) The encoding of the
+    empty long memory, `empty_memory_kv`, is every stream's start (a constant)."""
 
     def __init__(self, constants: _Constants, state: StreamState, cfg: ModelConfig, ring_size: int):
         self.constants, self.state, self.cfg, self.ring_size = constants, state, cfg, ring_size
@@ -421,20 +419,17 @@ class EncoderSchedule:
             stream.done = max(stream.done, stream.due)
 
     def _ops(self) -> list[Callable[[_EncodingBatch], None]]:
-        """Every pass of the encoder, layer by layer and sub-block by sub-block (an attention to
-        the long memory as two ops, each for half of the queries); after the pass that gives
-        f_n, the keys/values of each decoder layer that attends to f_n."""
-        model, starts, passes = self.constants.model, self.constants.latent_start, self.constants.passes
+        """Every pass of the encoder, layer by layer and sub-block by sub-block; after the pass
+        that gives f_n, the keys/values of each decoder layer that attends to f_n."""
+        model, starts = self.constants.model, self.constants.latent_start
         decoder_layers = [(stage.feature, layer) for stage in model.decoder.stages() for layer in stage.stack.layers]
         ops, long_layer, feature = [], 0, 0
-        for index, (p, queries) in enumerate(zip(passes, _pass_tokens(passes))):
+        for index, p in enumerate(self.constants.passes):
             for depth, layer in enumerate(p.stack.layers):
                 start = starts[index] if depth == 0 else None
                 if start is None:
                     ops.append(_self_op(layer, p.query if depth == 0 else index, index))
-                halves = ([slice(0, queries // 2), slice(queries // 2, queries)]
-                          if p.memory is None and queries > 1 else [slice(None)])
-                ops += [self._cross_op(layer, index, p.memory, long_layer, start, rows) for rows in halves]
+                ops.append(self._cross_op(layer, index, p.memory, long_layer, start))
                 ops.append(_ffn_op(layer, index))
                 long_layer += p.memory is None
             ops.append(_norm_op(p.stack.norm, index))
@@ -443,8 +438,7 @@ class EncoderSchedule:
                 feature += 1
         return ops
 
-    def _cross_op(self, layer, index: int, memory: Optional[int], long_layer: int, start, rows: slice):
-        # `rows`: the queries it computes, slice(None) for all of them.
+    def _cross_op(self, layer, index: int, memory: Optional[int], long_layer: int, start):
         def run(batch: _EncodingBatch) -> None:
             if memory is None:
                 k, v = self._long_kv(batch, long_layer)                                   # (B, L, D) x 2
@@ -453,14 +447,10 @@ class EncoderSchedule:
                 m, ca, allowed = batch.tokens(memory), layer.cross_attn, None
                 k, v = ca.k_proj(m), ca.v_proj(m)
             if start is None:
-                x, q = batch.tokens(index)[:, rows], None                                 # (B, Qr, D)
+                batch.computed[index] = layer.cross_block(batch.tokens(index), k, v, allowed)
             else:               # first layer on latent queries: constant input and query projection
-                x, q = (t.expand(len(batch.slots), -1, -1)[:, rows] for t in start)
-            out = layer.cross_block(x, k, v, allowed, q=q)                                # (B, Qr, D)
-            if rows == slice(None):
-                batch.computed[index] = out
-            else:               # a share of the queries, into the pass's tokens (the rest: before or after)
-                batch.tokens(index)[:, rows] = out
+                x0, q0 = (t.expand(len(batch.slots), -1, -1) for t in start)
+                batch.computed[index] = layer.cross_block(x0, k, v, allowed, q=q0)
         return run
 
     def _long_kv(self, batch: _EncodingBatch, long_layer: int) -> tuple[torch.Tensor, torch.Tensor]:

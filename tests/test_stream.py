@@ -126,7 +126,8 @@ def test_outputs_do_not_depend_on_how_busy_the_machine_was_when_the_detector_was
         monkeypatch, precision):
     """The parts are cut by each op's time, measured at build: two different measurements
     (another process on the cores) cut them differently, and change no output, not even by
-    rounding (int8: a share of an op's rows would get its own activation scale)."""
+    rounding (an op split into shares of its rows would round differently; int8: each share
+    would get its own activation scale)."""
     from vidpipe.malt import stream
 
     model = tiny_model()
