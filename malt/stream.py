@@ -447,10 +447,10 @@ class EncoderSchedule:
                 m, ca, allowed = batch.tokens(memory), layer.cross_attn, None
                 k, v = ca.k_proj(m), ca.v_proj(m)
             if start is None:
-                batch.computed[index] = layer.cross_block(batch.tokens(index), k, v, allowed)
+                x, q = batch.tokens(index), None                                          # (B, Q, D)
             else:               # first layer on latent queries: constant input and query projection
-                x0, q0 = (t.expand(len(batch.slots), -1, -1) for t in start)
-                batch.computed[index] = layer.cross_block(x0, k, v, allowed, q=q0)
+                x, q = (t.expand(len(batch.slots), -1, -1) for t in start)
+            batch.computed[index] = layer.cross_block(x, k, v, allowed, q=q)              # (B, Q, D)
         return run
 
     def _long_kv(self, batch: _EncodingBatch, long_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
